@@ -1,0 +1,83 @@
+"""Typed errors a replica (or the LoRA cache) can raise, each with a stable code.
+
+The ingress maps them to HTTP in one place (``serve_app/errors.py``); here they know nothing of
+HTTP beyond a suggested status, which is part of the contract the codes stand for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every typed error: ``code`` is stable, ``message`` is for people."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self):
+        # Ray pickles exceptions across processes; keep code and details intact.
+        return (_rebuild, (type(self), self.message, self.details, self.code))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+def _rebuild(cls, message, details, code):
+    return cls(message, details, code)
+
+
+class InvalidRequest(ServiceError):
+    code = "INVALID_REQUEST"
+    status = 400
+
+
+class LoraNotFound(ServiceError):
+    code = "LORA_NOT_FOUND"
+    status = 400
+
+
+class LoraInvalid(ServiceError):
+    """The file is not a usable safetensors LoRA (bad header, dtype, size, extension)."""
+
+    code = "LORA_INVALID"
+    status = 400
+
+
+class LoraIncompatible(ServiceError):
+    """The file's keys or shapes do not match the Wan I2V transformer."""
+
+    code = "LORA_INCOMPATIBLE"
+    status = 400
+
+
+class LoraFetchFailed(ServiceError):
+    code = "LORA_FETCH_FAILED"
+    status = 502
+
+
+class GenerationFailed(ServiceError):
+    code = "GENERATION_FAILED"
+    status = 500
+
+
+class OutOfMemory(GenerationFailed):
+    code = "OUT_OF_MEMORY"
+    status = 503
+
+
+class Canceled(ServiceError):
+    code = "CANCELED"
+    status = 409
+
+
+class ReplicaUnavailable(ServiceError):
+    code = "REPLICA_UNAVAILABLE"
+    status = 503

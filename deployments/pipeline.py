@@ -1,0 +1,245 @@
+"""Generation: a normalised spec -> video frames, with resident LoRAs, progress and cancellation.
+
+Calls the stock ``WanImageToVideoPipeline`` exactly as the reference server does (same arguments,
+CPU generator, ``max_sequence_length=512``), so results match it; what this module adds is around
+that call: the sampler, the adapter weights, per-stage timings, progress and cancel between steps,
+and the CUDA speed modes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import FaultInjection, SpeedConfig
+from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
+from .lora_files import linear_shapes, read_lora
+from .models import LoadedModel
+from .spec import GenerationSpec, Progress, adapter_name
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512  # a shorter value silently feeds CLIP tokens to the text branch
+
+
+def make_scheduler(name: str, checkpoint_scheduler):
+    """The scheduler for a sampler name: the checkpoint's UniPC, or ai-toolkit's preview sampler."""
+    if name == "unipc":
+        return checkpoint_scheduler
+    if name == "flowmatch_euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # ai-toolkit samples its Wan training previews with flow-match Euler, shift 3.0.
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8, rounded as diffusers' ``numpy_to_pil`` does."""
+    return (frames * 255).round().astype("uint8")
+
+
+class _StageClock:
+    """Accumulates the time spent in each pipeline component through forward hooks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self._open: dict[str, float] = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self, stage: str):
+        self._sync()
+        self._open[stage] = time.perf_counter()
+
+    def stop(self, stage: str):
+        self._sync()
+        began = self._open.pop(stage, None)
+        if began is not None:
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - began
+
+    def attach(self, module: torch.nn.Module, stage: str) -> list:
+        return [
+            module.register_forward_pre_hook(lambda *_: self.start(stage)),
+            module.register_forward_hook(lambda *_: self.stop(stage)),
+        ]
+
+
+@dataclass
+class Frames:
+    """The frames of one generation and how long each stage took."""
+
+    frames: np.ndarray  # (num_frames, height, width, 3) uint8
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class WanGenerator:
+    """Holds one loaded pipeline and its resident adapters; runs one generation at a time."""
+
+    def __init__(self, loaded: LoadedModel, speed: SpeedConfig | None = None, faults: FaultInjection | None = None):
+        self.loaded = loaded
+        self.pipe = loaded.pipe
+        self.device = loaded.device
+        self.speed = speed or SpeedConfig()
+        self.faults = faults or FaultInjection()
+        self._checkpoint_scheduler = self.pipe.scheduler
+        self._schedulers = {"unipc": self._checkpoint_scheduler}
+        self._shapes = linear_shapes(self.pipe.transformer)
+        self.adapters: dict[str, str] = {}  # adapter name -> ref
+        self.adapter_loads = 0
+        self._lora_enabled = False
+        self._clock: _StageClock | None = None
+        self._hooks = []
+        for module, stage in (
+            (self.pipe.text_encoder, "text_encode"),
+            (self.pipe.image_encoder, "image_encode"),
+            (self.pipe.vae.encoder, "vae_encode"),
+            (self.pipe.vae.decoder, "vae_decode"),
+            (self.pipe.transformer, "denoise"),
+        ):
+            self._hooks += [
+                module.register_forward_pre_hook(lambda *_, s=stage: self._clock and self._clock.start(s)),
+                module.register_forward_hook(lambda *_, s=stage: self._clock and self._clock.stop(s)),
+            ]
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, ref: str, path: str, max_header_bytes: int = 16 * 1024**2) -> str:
+        """Make the LoRA at ``path`` resident under a name derived from ``ref``; idempotent."""
+        name = adapter_name(ref)
+        if name in self.adapters:
+            return name
+        state_dict = read_lora(path, self._shapes, type(self.pipe), max_header_bytes)
+        try:
+            self.pipe.load_lora_weights(state_dict, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            self._drop_partial(name)
+            raise LoraIncompatible(f"LoRA could not be applied: {e}", {"ref": ref}) from e
+        self.adapters[name] = ref
+        self.adapter_loads += 1
+        self._lora_enabled = True
+        return name
+
+    def _drop_partial(self, name: str):
+        try:
+            self.pipe.delete_adapters([name])
+        except Exception:  # nothing was registered under that name
+            pass
+
+    def delete_adapter(self, ref: str) -> None:
+        name = adapter_name(ref)
+        if self.adapters.pop(name, None) is not None:
+            self.pipe.delete_adapters([name])
+
+    def _activate(self, spec: GenerationSpec) -> None:
+        """Set this request's adapters and multipliers; no LoRA means the untouched base model."""
+        if spec.loras:
+            names = [adapter_name(lora.ref) for lora in spec.loras]
+            missing = [lora.ref for lora in spec.loras if adapter_name(lora.ref) not in self.adapters]
+            if missing:
+                raise GenerationFailed(f"adapters not loaded: {missing}")
+            self.pipe.enable_lora()
+            # Always set, so a multiplier change (back to 1.0 included) takes effect.
+            self.pipe.set_adapters(names, [lora.multiplier for lora in spec.loras])
+            self._lora_enabled = True
+        elif self._lora_enabled:
+            self.pipe.disable_lora()  # restores the base output bit-exactly
+            self._lora_enabled = False
+
+    # -- generation --------------------------------------------------------------------------
+
+    def scheduler_for(self, sampler: str):
+        if sampler not in self._schedulers:
+            self._schedulers[sampler] = make_scheduler(sampler, self._checkpoint_scheduler)
+        return self._schedulers[sampler]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Frames:
+        """Run one spec to frames.
+
+        Args:
+            spec: the normalised request; its LoRAs must already be resident.
+            on_progress: called after each denoising step.
+            should_cancel: polled after each step; True stops the run with ``Canceled``.
+        Raises:
+            Canceled, OutOfMemory, GenerationFailed.
+        """
+        from PIL import Image
+
+        on_progress = on_progress or (lambda p: None)
+        clock = _StageClock(self.device)
+        t0 = time.perf_counter()
+
+        # 1. Adapters and sampler for this request.
+        self._activate(spec)
+        self.pipe.scheduler = self.scheduler_for(spec.sampler)
+
+        # 2. Inputs exactly as the reference passes them.
+        image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
+        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+        fail = self.faults.fail_prompt_substring
+        inject = bool(fail) and fail in spec.prompt
+
+        def step_end(pipe, i, t, kwargs):
+            if self.faults.step_delay_s:
+                time.sleep(self.faults.step_delay_s)
+            if inject:
+                if self.faults.fail_kind == "oom":
+                    raise torch.OutOfMemoryError("injected fault: CUDA out of memory")
+                raise RuntimeError("injected fault: weights produced NaN")
+            on_progress(Progress(stage="denoising", step=i + 1, total_steps=spec.steps))
+            if should_cancel and should_cancel():
+                raise Canceled("canceled by request", {"step": i + 1})
+            return {}
+
+        # 3. The stock pipeline call.
+        on_progress(Progress(stage="encoding", step=0, total_steps=spec.steps))
+        self._clock = clock
+        try:
+            out = self.pipe(
+                image=image,
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                height=spec.height,
+                width=spec.width,
+                num_frames=spec.num_frames,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=generator,
+                output_type="np",
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                callback_on_step_end=step_end,
+            )
+        except Canceled:
+            raise
+        except torch.OutOfMemoryError as e:
+            self._free_memory()
+            raise OutOfMemory(f"out of GPU memory: {e}") from e
+        except Exception as e:
+            self._free_memory()
+            raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
+        finally:
+            self._clock = None
+
+        frames = frames_to_uint8(out.frames[0])
+        clock.totals["total"] = time.perf_counter() - t0
+        return Frames(frames=frames, seed=spec.seed, timings={k: round(v, 4) for k, v in clock.totals.items()})
+
+    def _free_memory(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
