@@ -58,7 +58,8 @@ def adapter_name(ref: str) -> str:
 class GenerationSpec(BaseModel):
     """One prompt of a request after normalisation: every value is the one actually used."""
 
-    model_config = ConfigDict(frozen=True)
+    # bytes as base64 in JSON, so a spec round-trips through the job database.
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     prompt: str
     negative_prompt: str = ""
@@ -81,6 +82,8 @@ class GenerationSpec(BaseModel):
 
 class VideoOutput(BaseModel):
     """One encoded video, as the replica returns it."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
     format: OutputFormat
     content_type: str

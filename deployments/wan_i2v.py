@@ -1,0 +1,213 @@
+"""The GPU replica: loads the pipeline once, keeps LoRA sets resident, generates one spec at a time.
+
+A plain class; ``serve_app/app.py`` turns it into a Serve deployment. ``generate`` is a streaming
+method: it yields progress events, then the result, so the caller can record progress and cancel
+between denoising steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+from typing import AsyncIterator
+
+from ray import serve
+
+from .config import GpuConfig
+from .errors import Canceled, LoraFetchFailed, ReplicaUnavailable, ServiceError
+from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
+
+log = logging.getLogger("ray.serve")
+
+
+class LoraSet:
+    """A multiplexed 'model': one set of resident adapters. Eviction deletes what no other set uses."""
+
+    def __init__(self, replica: "WanI2VReplica", key: str, refs: list[str]):
+        self._replica = replica
+        self.key = key
+        self.refs = refs
+        self._released = False
+
+    def __del__(self):  # Serve calls this on LRU eviction; GC may call it again
+        if not self._released:
+            self._released = True
+            self._replica._release(self.key)
+
+
+class WanI2VReplica:
+    """One GPU (or CPU) worth of Wan 2.1 I2V."""
+
+    def __init__(self, cfg: GpuConfig):
+        import torch  # noqa: F401  (fail early if the replica's environment lacks torch)
+
+        from .models import load_pipeline
+        from .pipeline import WanGenerator
+
+        self.cfg = cfg
+        # One worker thread: pipeline calls, adapter loads and deletes never overlap.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan-gpu")
+        self._lock = asyncio.Lock()
+        self._resident: dict[str, list[str]] = {}
+        self.loaded = load_pipeline(cfg.model)
+        self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults)
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._cache = None
+        self.pipeline_loads = 1
+        self._warmup()
+
+    def _warmup(self):
+        """Compile and warm up before the replica reports ready (CUDA speed modes only)."""
+        warm = getattr(self.generator, "warmup", None)
+        if self.loaded.device.type == "cuda" and self.cfg.model.speed.warmup and warm is not None:
+            warm()
+
+    # -- LoRA sets (multiplexed) ----------------------------------------------------------------
+
+    def _lora_cache(self):
+        from .lora_cache import get_or_create_cache_actor
+
+        if self._cache is None:
+            self._cache = get_or_create_cache_actor(self.cfg.lora, self.cfg.fetch)
+        return self._cache
+
+    async def _resolve(self, ref: str) -> str:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(2):
+            try:
+                return await self._lora_cache().resolve.remote(ref)
+            except RayActorError as e:  # the node's cache actor died: make a new one, once
+                self._cache = None
+                if attempt:
+                    raise LoraFetchFailed(f"LoRA cache unavailable: {e}", {"ref": ref}) from e
+        raise AssertionError("unreachable")
+
+    async def load_lora_set(self, key: str) -> LoraSet:
+        """Resolve every adapter of a set through this node's cache and make it resident."""
+        refs = refs_from_key(key)
+        paths = await asyncio.gather(*(self._resolve(ref) for ref in refs))
+        loop = asyncio.get_running_loop()
+        max_header = self.cfg.lora.max_header_bytes
+        for ref, path in zip(refs, paths):
+            await loop.run_in_executor(self._executor, self.generator.load_adapter, ref, path, max_header)
+        self._resident[key] = refs
+        return LoraSet(self, key, refs)
+
+    async def get_lora_set(self, key: str) -> LoraSet:
+        """Unmultiplexed by default; ``make_deployment`` wraps it in ``serve.multiplexed``."""
+        return await self.load_lora_set(key)
+
+    def _release(self, key: str) -> None:
+        refs = self._resident.pop(key, [])
+        still_used = {r for rs in self._resident.values() for r in rs}
+        for ref in refs:
+            if ref not in still_used:
+                self._executor.submit(self.generator.delete_adapter, ref).result()
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def generate(self, spec: GenerationSpec) -> AsyncIterator[dict]:
+        """Stream ``{"progress": ...}`` events, then ``{"result": GenerationResult}``."""
+        from .media_out import CONTENT_TYPES, encode
+
+        async with self._lock:
+            if spec.loras:
+                yield {"progress": Progress(stage="loading_loras").model_dump()}
+                await self.get_lora_set(spec.lora_key)  # multiplexed: see make_deployment
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            cancel = threading.Event()
+
+            def on_progress(p: Progress):
+                loop.call_soon_threadsafe(events.put_nowait, p)
+
+            work = loop.run_in_executor(self._executor, self.generator.generate, spec, on_progress, cancel.is_set)
+            try:
+                while True:
+                    getter = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        yield {"progress": getter.result().model_dump()}
+                        continue
+                    getter.cancel()
+                    break
+                frames = work.result()  # raises the generation's typed error
+                yield {"progress": Progress(stage="encoding_video", step=spec.steps, total_steps=spec.steps).model_dump()}
+                t0 = loop.time()
+                data = await loop.run_in_executor(self._executor, encode, frames.frames, spec.fps, spec.output_format)
+                timings = {**frames.timings, "encode_video": round(loop.time() - t0, 4)}
+                n, h, w, _ = frames.frames.shape
+                video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
+                                    width=w, height=h, num_frames=n, fps=spec.fps, seed=frames.seed, data=data)
+                yield {"result": GenerationResult(video=video, timings=timings, replica=self.replica_id)}
+            except (asyncio.CancelledError, GeneratorExit):
+                # The caller canceled: stop at the next denoising step, and hold the lock until the
+                # pipeline is free so the next request never overlaps this one.
+                cancel.set()
+                await asyncio.shield(asyncio.wait({work}))
+                raise
+            except Canceled:
+                raise
+            except ServiceError:
+                raise
+
+    # -- health and introspection ----------------------------------------------------------------
+
+    def check_health(self) -> None:
+        import torch
+
+        if self.loaded.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.loaded.device)
+                torch.ones(1, device=self.loaded.device).add_(1).item()
+            except Exception as e:
+                raise ReplicaUnavailable(f"GPU is not usable: {e}") from e
+
+    def stats(self) -> dict:
+        return {
+            "replica": self.replica_id,
+            "pipeline_loads": self.pipeline_loads,
+            "adapter_loads": self.generator.adapter_loads,
+            "resident_adapters": sorted(self.generator.adapters.values()),
+            "resident_sets": sorted(self._resident),
+            "device": str(self.loaded.device),
+            "pid": os.getpid(),
+        }
+
+
+def make_deployment(cfg: GpuConfig):
+    """The Serve deployment of this replica, sized and multiplexed from the config."""
+    r = cfg.replica
+
+    class WanI2V(WanI2VReplica):
+        @serve.multiplexed(max_num_models_per_replica=r.max_loras_per_replica)
+        async def get_lora_set(self, key: str) -> LoraSet:
+            return await self.load_lora_set(key)
+
+    autoscaling = None
+    if r.max_replicas > r.min_replicas:
+        autoscaling = {
+            "min_replicas": r.min_replicas,
+            "max_replicas": r.max_replicas,
+            "initial_replicas": r.initial_replicas if r.initial_replicas is not None else r.min_replicas,
+            "target_ongoing_requests": r.target_ongoing_requests,
+            "upscale_delay_s": r.upscale_delay_s,
+            "downscale_delay_s": r.downscale_delay_s,
+        }
+    return serve.deployment(
+        WanI2V,
+        name="WanI2V",
+        # One generation at a time, so adapters never change under a running request.
+        max_ongoing_requests=1,
+        num_replicas=None if autoscaling else r.min_replicas,
+        autoscaling_config=autoscaling,
+        ray_actor_options={"num_gpus": r.num_gpus, "num_cpus": r.num_cpus},
+        health_check_period_s=r.health_check_period_s,
+        health_check_timeout_s=r.health_check_timeout_s,
+        graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
+    )

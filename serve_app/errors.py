@@ -1,0 +1,95 @@
+"""Every typed error, ours and the replica's, mapped to one HTTP error shape, in one place.
+
+Shape (the reference's): ``{"detail": {"error": {"code", "message", "details"}}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import InvalidRequest, ServiceError
+
+
+class ApiError(ServiceError):
+    """An error raised by the HTTP floor, with its status."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, details, code)
+        self.status = status
+        self.headers = headers or {}
+
+    def __reduce__(self):
+        return (ApiError, (self.status, self.code, self.message, self.details, self.headers))
+
+
+def not_found(request_id: str) -> ApiError:
+    return ApiError(404, "REQUEST_NOT_FOUND", f"Request not found: {request_id}", {"request_id": request_id})
+
+
+def limit(code: str, message: str, **details) -> ApiError:
+    return ApiError(400, code, message, details)
+
+
+def body(code: str, message: str, details: dict[str, Any] | None = None) -> dict:
+    return {"detail": {"error": {"code": code, "message": message, "details": details or {}}}}
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    status = getattr(err, "status", 500)
+    if isinstance(err, InvalidRequest):
+        status = 400
+    headers = getattr(err, "headers", None) or {}
+    return JSONResponse(status_code=status, content=body(err.code, err.message, _jsonable(err.details)), headers=headers)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+_STATUS_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "REQUEST_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "QUEUE_FULL",
+}
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into the one shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        message = f"invalid request: {'.'.join(first['loc'])}: {first['msg']}"
+        return JSONResponse(status_code=422, content=body("VALIDATION_ERROR", message, {"errors": errors[:20]}))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.detail, dict) and "error" in exc.detail:
+            return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail})
+        code = _STATUS_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
+        return JSONResponse(status_code=exc.status_code, content=body(code, str(exc.detail)), headers=exc.headers)

@@ -1,0 +1,152 @@
+"""HTTP request -> generation specs, with the reference server's semantics and our limits.
+
+Every normalised value (snapped sizes, 4k+1 frames, resolved seeds) is the one the spec carries
+and the result reports.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from deployments.config import FetchConfig
+from deployments.spec import (
+    OUTPUT_FORMATS,
+    SAMPLERS,
+    GenerationSpec,
+    LoraRef,
+    snap_frames,
+    snap_size,
+)
+
+from .config import AppConfig
+from .errors import ApiError, limit
+from .media_in import prepare_ctrl_image
+from .schemas import InferenceRequest, PromptIn
+
+TRIGGER = "[trigger]"
+
+
+def check_model(req: InferenceRequest, cfg: AppConfig) -> None:
+    if req.model != cfg.gpu.model.model_id:
+        raise ApiError(400, "MODEL_NOT_FOUND", f"Model '{req.model}' is not supported",
+                       {"supported_models": [cfg.gpu.model.model_id]})
+
+
+def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
+    """The request's LoRAs, checked (count, MoE field, duplicates, reference syntax)."""
+    from deployments.lora_cache import validate_ref
+
+    if len(req.loras) > cfg.limits.max_loras:
+        raise limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",
+                    limit=cfg.limits.max_loras, value=len(req.loras))
+    if any(lora.transformer is not None for lora in req.loras):
+        raise ApiError(400, "MOE_FORMAT_NOT_SUPPORTED",
+                       f"Model '{req.model}' does not support MoE LoRA format (transformer must be null)")
+    seen: set[str] = set()
+    refs = []
+    for i, lora in enumerate(req.loras):
+        path = lora.path.strip()
+        if path in seen:
+            raise ApiError(400, "DUPLICATE_LORA", f"LoRA {path!r} is listed twice", {"index": i})
+        seen.add(path)
+        validate_ref(path, cfg.gpu.lora)
+        refs.append(LoraRef(ref=path, multiplier=lora.network_multiplier))
+    return tuple(refs)
+
+
+def _choice(value: str | None, default: str, allowed: tuple[str, ...], code: str, what: str, index: int) -> str:
+    chosen = (value or default).strip().lower()
+    if chosen not in allowed:
+        raise ApiError(400, code, f"unknown {what} {value!r}; use one of {list(allowed)}",
+                       {"prompt_index": index, "allowed": list(allowed)})
+    return chosen
+
+
+def prompt_text(p: PromptIn, req: InferenceRequest) -> str:
+    """Every literal [trigger] replaced by the prompt's trigger word, else the request's (not in neg)."""
+    word = p.trigger_word if p.trigger_word is not None else req.trigger_word
+    return p.prompt.replace(TRIGGER, word) if word is not None else p.prompt
+
+
+def resolve_seed(seed: int | None, index: int, base_seed: int) -> int:
+    if seed is None:
+        return base_seed + index
+    if seed == -1:
+        return secrets.randbelow(2**32)
+    return seed
+
+
+def check_sizes(index: int, width: int, height: int, frames: int, steps: int, cfg: AppConfig) -> None:
+    lim = cfg.limits
+    long_side, short_side = max(width, height), min(width, height)
+    if short_side < lim.min_side or long_side > lim.max_long_side or short_side > lim.max_short_side:
+        raise limit("SIZE_OUT_OF_RANGE",
+                    f"{width}x{height} (after snapping to 16) is outside {lim.min_side}..{lim.max_long_side} "
+                    f"on the long side and {lim.min_side}..{lim.max_short_side} on the short side",
+                    prompt_index=index, width=width, height=height)
+    if frames > lim.max_frames:
+        raise limit("FRAMES_OUT_OF_RANGE", f"num_frames {frames} (after snapping to 4k+1) exceeds {lim.max_frames}",
+                    prompt_index=index, value=frames, limit=lim.max_frames)
+    if steps > lim.max_steps:
+        raise limit("STEPS_OUT_OF_RANGE", f"sample_steps {steps} exceeds {lim.max_steps}",
+                    prompt_index=index, value=steps, limit=lim.max_steps)
+    work = width * height * frames * steps
+    if work > lim.max_work:
+        raise limit("WORK_TOO_LARGE", f"width x height x frames x steps = {work} exceeds {lim.max_work}",
+                    prompt_index=index, value=work, limit=lim.max_work)
+
+
+def check_request_shape(req: InferenceRequest, cfg: AppConfig) -> None:
+    """Cheap checks that need no image: model, counts, prompt lengths, choices, sizes."""
+    check_model(req, cfg)
+    if len(req.prompts) > cfg.limits.max_prompts:
+        raise limit("TOO_MANY_PROMPTS", f"at most {cfg.limits.max_prompts} prompts per request",
+                    limit=cfg.limits.max_prompts, value=len(req.prompts))
+    d = cfg.defaults
+    for i, p in enumerate(req.prompts):
+        for field, text in (("prompt", p.prompt), ("neg", p.neg)):
+            if len(text) > cfg.limits.max_prompt_chars:
+                raise limit("PROMPT_TOO_LONG", f"{field} of prompt {i} is longer than {cfg.limits.max_prompt_chars} "
+                            "characters", prompt_index=i, field=field, limit=cfg.limits.max_prompt_chars)
+        _choice(p.sampler or req.sampler, d.sampler, SAMPLERS, "SAMPLER_NOT_SUPPORTED", "sampler", i)
+        _choice(p.output_format or req.output_format, d.output_format, OUTPUT_FORMATS,
+                "OUTPUT_FORMAT_NOT_SUPPORTED", "output_format", i)
+        width = snap_size(p.width if p.width is not None else d.width)
+        height = snap_size(p.height if p.height is not None else d.height)
+        frames = snap_frames(p.num_frames if p.num_frames is not None else d.num_frames)
+        steps = p.sample_steps if p.sample_steps is not None else d.sample_steps
+        check_sizes(i, width, height, frames, steps, cfg)
+        if not p.ctrl_img:
+            raise ApiError(400, "CONTROL_IMAGE_REQUIRED",
+                           f"Model '{req.model}' requires a control image for prompt {i}",
+                           {"model": req.model, "prompt_index": i})
+
+
+def to_specs(req: InferenceRequest, cfg: AppConfig, fetch: FetchConfig | None = None) -> list[GenerationSpec]:
+    """Validate and normalise a whole request; raises ApiError (4xx) on the first problem."""
+    check_request_shape(req, cfg)
+    loras = lora_refs(req, cfg)
+    d = cfg.defaults
+    specs = []
+    for i, p in enumerate(req.prompts):
+        width = snap_size(p.width if p.width is not None else d.width)
+        height = snap_size(p.height if p.height is not None else d.height)
+        specs.append(
+            GenerationSpec(
+                prompt=prompt_text(p, req),
+                negative_prompt=p.neg if p.neg is not None else d.negative_prompt,
+                width=width,
+                height=height,
+                num_frames=snap_frames(p.num_frames if p.num_frames is not None else d.num_frames),
+                fps=p.fps if p.fps is not None else d.fps,
+                steps=p.sample_steps if p.sample_steps is not None else d.sample_steps,
+                guidance_scale=p.guidance_scale if p.guidance_scale is not None else d.guidance_scale,
+                seed=resolve_seed(p.seed, i, d.base_seed),
+                sampler=_choice(p.sampler or req.sampler, d.sampler, SAMPLERS, "SAMPLER_NOT_SUPPORTED", "sampler", i),
+                output_format=_choice(p.output_format or req.output_format, d.output_format, OUTPUT_FORMATS,
+                                      "OUTPUT_FORMAT_NOT_SUPPORTED", "output_format", i),
+                image_png=prepare_ctrl_image(p.ctrl_img, width, height, i, cfg.limits, fetch or cfg.gpu.fetch),
+                loras=loras,
+            )
+        )
+    return specs
