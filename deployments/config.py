@@ -81,7 +81,10 @@ class FaultInjection(_Strict):
         None, description="a prompt containing this raises fail_kind inside the replica"
     )
     fail_kind: Literal["oom", "bad_weights"] = "oom"
-    step_delay_s: float = Field(0.0, description="sleep per denoising step, to make jobs slow in tests")
+    slow_prompt_substring: str | None = Field(
+        None, description="a prompt containing this sleeps step_delay_s after each denoising step"
+    )
+    step_delay_s: float = Field(0.0, description="the sleep per step of a slow prompt")
 
 
 class ReplicaConfig(_Strict):

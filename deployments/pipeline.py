@@ -192,12 +192,13 @@ class WanGenerator:
         # 2. Inputs exactly as the reference passes them.
         image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-        fail = self.faults.fail_prompt_substring
+        fail, slow = self.faults.fail_prompt_substring, self.faults.slow_prompt_substring
         inject = bool(fail) and fail in spec.prompt
+        delay = self.faults.step_delay_s if slow and slow in spec.prompt else 0.0
 
         def step_end(pipe, i, t, kwargs):
-            if self.faults.step_delay_s:
-                time.sleep(self.faults.step_delay_s)
+            if delay:
+                time.sleep(delay)
             if inject:
                 if self.faults.fail_kind == "oom":
                     raise torch.OutOfMemoryError("injected fault: CUDA out of memory")

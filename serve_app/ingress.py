@@ -4,7 +4,6 @@ Path of a request: HTTP -> ``InferenceRequest`` -> ``normalize.to_specs`` -> a d
 ``Dispatcher`` streams each spec through a GPU replica -> video files + job "succeeded".
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib

@@ -49,7 +49,7 @@ def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
         if path in seen:
             raise ApiError(400, "DUPLICATE_LORA", f"LoRA {path!r} is listed twice", {"index": i})
         seen.add(path)
-        validate_ref(path, cfg.gpu.lora)
+        validate_ref(path, cfg.gpu.fetch)
         refs.append(LoraRef(ref=path, multiplier=lora.network_multiplier))
     return tuple(refs)
 
