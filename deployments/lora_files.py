@@ -185,5 +185,5 @@ def read_lora(path: str | os.PathLike, shapes: Mapping[str, tuple[int, int]], pi
     raw = load_state_dict(path, max_header_bytes)
     detect_format(raw)
     converted = to_diffusers(raw, pipeline_cls)
-    pass
+    check_fits(converted, shapes)
     return converted

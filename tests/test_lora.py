@@ -1,0 +1,520 @@
+"""LoRA adapters on the real tiny pipeline: every accepted format does exactly W + m * dW.
+
+The expected result is always computed independently: a pipeline loaded separately, never shown a
+LoRA, with the dense deltas merged into a copy of its transformer by hand. The generators under
+test load their own pipelines too, so nothing here touches the session-shared ``generator``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.config import ModelConfig
+from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
+from deployments.lora_files import detect_format, linear_shapes, load_state_dict, read_header
+from deployments.models import load_pipeline
+from deployments.pipeline import WanGenerator
+from deployments.spec import LoraRef, adapter_name
+
+from .lora_factory import (
+    FORMATS,
+    file_keys,
+    forward,
+    make_lora,
+    merge_into,
+    merged_copy,
+    save_state_dict,
+    transformer_inputs,
+    write_raw,
+)
+
+ATOL = 1e-5
+VISIBLE = 1e-2  # a LoRA must move the transformer output at least this much
+
+
+def _load(model_cache):
+    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def base(model_cache):
+    """A pipeline that never sees a LoRA: the reference for every comparison."""
+    return _load(model_cache)
+
+
+@pytest.fixture(scope="module")
+def base_gen(base):
+    return WanGenerator(base)
+
+
+@pytest.fixture(scope="module")
+def shapes(base):
+    return linear_shapes(base.pipe.transformer)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return transformer_inputs(seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_out(base, inputs):
+    return forward(base.pipe.transformer, inputs)
+
+
+@pytest.fixture(scope="module")
+def base_frames(base_gen, small_spec_module):
+    return base_gen.generate(small_spec_module()).frames
+
+
+@pytest.fixture(scope="module")
+def small_spec_module():
+    """``small_spec`` for module-scoped fixtures (the conftest one is function-scoped)."""
+    from deployments.spec import GenerationSpec
+
+    from .conftest import make_image, png_bytes
+
+    image = png_bytes(make_image(64, 48))
+
+    def make(**overrides):
+        values = dict(
+            prompt="a runner on a beach",
+            width=64,
+            height=48,
+            num_frames=5,
+            fps=8,
+            steps=2,
+            guidance_scale=4.0,
+            seed=42,
+            image_png=image,
+        )
+        values.update(overrides)
+        return GenerationSpec(**values)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def module_gen(model_cache):
+    """The generator under test, on its own pipeline (shared by this module's tests)."""
+    return WanGenerator(_load(model_cache))
+
+
+@pytest.fixture
+def gen(module_gen):
+    """``module_gen``, left with no adapter resident and LoRA disabled after each test."""
+    yield module_gen
+    for ref in list(module_gen.adapters.values()):
+        module_gen.delete_adapter(ref)
+    module_gen._activate(_NoLora())
+    assert module_gen.adapters == {}
+    assert not getattr(module_gen.pipe.transformer, "peft_config", {})
+
+
+class _NoLora:
+    loras = ()
+
+
+def _spec_with(small_spec, *pairs):
+    return small_spec(loras=tuple(LoraRef(ref=ref, multiplier=m) for ref, m in pairs))
+
+
+def _lora_forward(gen, small_spec, inputs, *pairs):
+    gen._activate(_spec_with(small_spec, *pairs))
+    return forward(gen.pipe.transformer, inputs)
+
+
+def _maxdiff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+# -- 1. each format == hand merge ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multiplier", [1.0, -0.7])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_single_lora_equals_hand_merge(gen, base, base_out, shapes, inputs, small_spec, tmp_path, fmt, multiplier):
+    lora = make_lora(tmp_path / f"{fmt}.safetensors", fmt, shapes, seed=1)
+    assert len(lora.deltas) == 24  # 12 Linears x 2 blocks, all of them targeted
+    gen.load_adapter(f"{fmt}.safetensors", str(lora.path))
+
+    out = _lora_forward(gen, small_spec, inputs, (f"{fmt}.safetensors", multiplier))
+    expected = forward(merged_copy(base.pipe.transformer, [(lora, multiplier)]), inputs)
+
+    assert _maxdiff(out, expected) <= ATOL
+    assert _maxdiff(out, base_out) > VISIBLE
+
+
+@pytest.mark.parametrize("multiplier", [1.0, -0.7])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_single_lora_frames_equal_hand_merged_pipeline(
+    gen, model_cache, base_frames, shapes, small_spec, tmp_path, fmt, multiplier
+):
+    lora = make_lora(tmp_path / f"{fmt}.safetensors", fmt, shapes, seed=2)
+    gen.load_adapter("style", str(lora.path))
+    frames = gen.generate(_spec_with(small_spec, ("style", multiplier))).frames
+
+    merged = _load(model_cache)
+    merge_into(merged.pipe.transformer, [(lora, multiplier)])
+    expected = WanGenerator(merged).generate(small_spec()).frames
+
+    # Float differences of ~1e-7 may flip a rounding to uint8, never more than one level.
+    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(frames.astype(int) - base_frames.astype(int)).max() > 1
+
+
+def test_kohya_alpha_is_applied(gen, base, shapes, inputs, small_spec, tmp_path):
+    """The same A/B with alpha = rank/2 must act like the unscaled file at half strength."""
+    kohya = make_lora(tmp_path / "k.safetensors", "kohya", shapes, seed=3, rank=4, alpha=2.0)
+    plain = make_lora(tmp_path / "p.safetensors", "diffusers", shapes, seed=3, rank=4)
+    gen.load_adapter("k", str(kohya.path))
+    gen.load_adapter("p", str(plain.path))
+    assert _maxdiff(_lora_forward(gen, small_spec, inputs, ("k", 1.0)), _lora_forward(gen, small_spec, inputs, ("p", 0.5))) <= ATOL
+
+
+# -- 2. stacked LoRAs ---------------------------------------------------------------------------
+
+
+def test_stacked_loras_equal_hand_merged_sum(gen, base, base_out, shapes, inputs, small_spec, tmp_path):
+    a = make_lora(tmp_path / "a.safetensors", "ai-toolkit", shapes, seed=10, rank=4)
+    k = make_lora(tmp_path / "k.safetensors", "kohya", shapes, seed=11, rank=8, alpha=4.0)
+    d = make_lora(tmp_path / "d.safetensors", "diffusers", shapes, seed=12, rank=2, targets=["self_attn.q", "ffn.2"])
+    for name, lora in (("a", a), ("k", k), ("d", d)):
+        gen.load_adapter(name, str(lora.path))
+
+    two = _lora_forward(gen, small_spec, inputs, ("a", 0.8), ("k", -0.5))
+    assert _maxdiff(two, forward(merged_copy(base.pipe.transformer, [(a, 0.8), (k, -0.5)]), inputs)) <= ATOL
+
+    three = _lora_forward(gen, small_spec, inputs, ("k", 1.3), ("d", 1.0), ("a", -1.1))
+    expected = forward(merged_copy(base.pipe.transformer, [(k, 1.3), (d, 1.0), (a, -1.1)]), inputs)
+    assert _maxdiff(three, expected) <= ATOL
+
+    # Afterwards a single-LoRA request has only that adapter active.
+    one = _lora_forward(gen, small_spec, inputs, ("d", 0.6))
+    assert _maxdiff(one, forward(merged_copy(base.pipe.transformer, [(d, 0.6)]), inputs)) <= ATOL
+    assert _maxdiff(one, base_out) > VISIBLE
+
+
+# -- 3. no LoRA after loading == base ----------------------------------------------------------
+
+
+def test_no_lora_request_after_loading_is_bit_identical(model_cache, base_frames, shapes, small_spec, tmp_path):
+    fresh = WanGenerator(_load(model_cache))  # this test needs a generator that has never loaded
+    before = fresh.generate(small_spec()).frames
+    assert np.array_equal(before, base_frames)
+
+    for i, fmt in enumerate(FORMATS):
+        fresh.load_adapter(fmt, str(make_lora(tmp_path / f"{fmt}.safetensors", fmt, shapes, seed=20 + i).path))
+    with_lora = fresh.generate(_spec_with(small_spec, ("kohya", 1.0), ("diffusers", 0.5))).frames
+    assert not np.array_equal(with_lora, before)
+
+    assert np.array_equal(fresh.generate(small_spec()).frames, before)
+    # ... also right after loading another adapter, with no LoRA request in between
+    fresh.load_adapter("late", str(make_lora(tmp_path / "late.safetensors", "ai-toolkit", shapes, seed=29).path))
+    assert np.array_equal(fresh.generate(small_spec()).frames, before)
+
+    for ref in ("ai-toolkit", "kohya", "diffusers", "late"):
+        fresh.delete_adapter(ref)
+    assert fresh.adapters == {}
+    assert np.array_equal(fresh.generate(small_spec()).frames, before)
+
+
+def test_no_lora_forward_is_bit_identical(gen, base_out, shapes, inputs, small_spec, tmp_path):
+    gen.load_adapter("a", str(make_lora(tmp_path / "a.safetensors", "ai-toolkit", shapes, seed=30).path))
+    assert _maxdiff(_lora_forward(gen, small_spec, inputs, ("a", 1.0)), base_out) > VISIBLE
+    gen._activate(small_spec())
+    assert torch.equal(forward(gen.pipe.transformer, inputs), base_out)
+
+
+# -- 4. multiplier changes ----------------------------------------------------------------------
+
+
+def test_multiplier_change_takes_effect_and_back(gen, base, shapes, inputs, small_spec, tmp_path):
+    lora = make_lora(tmp_path / "m.safetensors", "ai-toolkit", shapes, seed=40)
+    gen.load_adapter("m", str(lora.path))
+
+    half = gen.generate(_spec_with(small_spec, ("m", 0.5))).frames
+    full = gen.generate(_spec_with(small_spec, ("m", 1.0))).frames
+    half_again = gen.generate(_spec_with(small_spec, ("m", 0.5))).frames
+    full_again = gen.generate(_spec_with(small_spec, ("m", 1.0))).frames
+    assert not np.array_equal(half, full)
+    assert np.array_equal(half, half_again)
+    assert np.array_equal(full, full_again)  # a change back to 1.0 is not dropped
+
+    # The same at the transformer, against the hand merge at each strength.
+    for m in (0.5, 1.0, 0.5, 1.0):
+        expected = forward(merged_copy(base.pipe.transformer, [(lora, m)]), inputs)
+        assert _maxdiff(_lora_forward(gen, small_spec, inputs, ("m", m)), expected) <= ATOL
+
+
+# -- 5. adapters never reload the base ----------------------------------------------------------
+
+
+def test_adapter_loads_keep_the_base_pipeline(gen, base, shapes, small_spec, tmp_path):
+    pipe, transformer = gen.pipe, gen.pipe.transformer
+    loads = gen.adapter_loads
+    a = make_lora(tmp_path / "a.safetensors", "ai-toolkit", shapes, seed=50)
+    k = make_lora(tmp_path / "k.safetensors", "kohya", shapes, seed=51)
+
+    assert gen.load_adapter("a", str(a.path)) == adapter_name("a")
+    assert gen.load_adapter("a", str(a.path)) == adapter_name("a")  # resident: no second load
+    assert gen.load_adapter("k", str(k.path)) == adapter_name("k")
+    assert gen.adapter_loads == loads + 2
+    assert gen.adapters == {adapter_name("a"): "a", adapter_name("k"): "k"}
+
+    for pairs in ([("a", 1.0)], [("k", 0.3)], [("a", 1.0), ("k", -1.0)], []):
+        gen.generate(_spec_with(small_spec, *pairs))
+    assert gen.pipe is pipe and gen.pipe.transformer is transformer
+    assert gen.adapter_loads == loads + 2
+
+    # Adapters live beside the base weights, which stay untouched (nothing is fused).
+    plain = dict(base.pipe.transformer.named_parameters())
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            continue
+        assert torch.equal(param, plain[name.replace(".base_layer", "")]), name
+
+    gen.delete_adapter("a")
+    assert gen.load_adapter("a", str(a.path)) == adapter_name("a")  # evicted, so loaded again
+    assert gen.adapter_loads == loads + 3
+    assert gen.pipe.transformer is transformer
+
+
+def test_request_for_an_adapter_not_loaded_fails(gen, small_spec):
+    with pytest.raises(GenerationFailed, match="not loaded"):
+        gen._activate(_spec_with(small_spec, ("never-loaded", 1.0)))
+
+
+# -- 6. rejections, with nothing half applied ---------------------------------------------------
+
+
+def _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec):
+    assert gen.adapters == {}
+    assert gen.adapter_loads == loads
+    assert not getattr(gen.pipe.transformer, "peft_config", {})
+    gen._activate(small_spec())
+    assert torch.equal(forward(gen.pipe.transformer, inputs), base_out)
+    assert np.array_equal(gen.generate(small_spec()).frames, base_frames)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nonexistent_blocks_are_rejected_whole(gen, base_out, base_frames, shapes, inputs, small_spec, tmp_path, fmt):
+    # A 40-block LoRA on the 2-block model: blocks 0 and 1 would fit, block 39 does not.
+    lora = make_lora(tmp_path / "big.safetensors", fmt, shapes, seed=60, blocks=[0, 1, 39])
+    loads = gen.adapter_loads
+    with pytest.raises(LoraIncompatible) as err:
+        gen.load_adapter("big", str(lora.path))
+    unmatched = err.value.details["unmatched_keys"]
+    assert unmatched and all(".blocks.39." in key for key in unmatched)
+    assert err.value.details["unmatched_count"] == 24  # 12 layers x (A, B)
+    _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_wrong_shapes_are_rejected(gen, base_out, base_frames, shapes, inputs, small_spec, tmp_path, fmt):
+    lora = make_lora(tmp_path / "ok.safetensors", fmt, shapes, seed=61)
+    sd = dict(lora.state_dict)
+    key_a, _, _ = file_keys(fmt, 1, "ffn.2")  # Linear(32, 16): give it an A made for in=20
+    sd[key_a] = torch.randn(4, 20)
+    path = save_state_dict(tmp_path / "bad.safetensors", sd)
+    loads = gen.adapter_loads
+    with pytest.raises(LoraIncompatible) as err:
+        gen.load_adapter("bad", str(path))
+    mismatches = err.value.details["shape_mismatches"]
+    assert len(mismatches) == 1 and "blocks.1.ffn.net.2.lora_A" in mismatches[0]
+    _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec)
+
+
+def _diffusers_pair(block=0, module="attn1.to_q", rank=4, fan_in=16, fan_out=16):
+    stem = f"transformer.blocks.{block}.{module}"
+    return {f"{stem}.lora_A.weight": torch.randn(rank, fan_in), f"{stem}.lora_B.weight": torch.randn(fan_out, rank)}
+
+
+def _bad_state_dicts():
+    ok = _diffusers_pair(0, "attn1.to_k")
+    lone_b = {k: v for k, v in _diffusers_pair(0, "attn1.to_q").items() if "lora_B" in k}
+    lone_a = {k: v for k, v in _diffusers_pair(1, "attn1.to_q").items() if "lora_A" in k}
+    rank = _diffusers_pair(0, "attn1.to_q")
+    rank["transformer.blocks.0.attn1.to_q.lora_B.weight"] = torch.randn(16, 8)
+    return {
+        # loads next to a randomly initialised lora_A if let through: garbage output
+        "lone lora_B": ({**ok, **lone_b}, "unmatched_keys"),
+        "lone lora_A": ({**ok, **lone_a}, "unmatched_keys"),
+        "rank mismatch": (rank, "shape_mismatches"),
+        "full weight, not a LoRA": ({**ok, "transformer.blocks.0.attn1.to_q.weight": torch.randn(16, 16)}, "unmatched_keys"),
+        "other component": ({**ok, "text_encoder.encoder.block.0.lora_A.weight": torch.randn(4, 32)}, "unmatched_keys"),
+        "unknown layer name": ({"transformer.blocks.0.attn1.to_z.lora_A.weight": torch.randn(4, 16)}, "unmatched_keys"),
+        "unrecognised prefix": ({"model.layers.0.q_proj.lora_A.weight": torch.randn(4, 16)}, "unmatched_keys"),
+        "unplaceable ai-toolkit key": ({"diffusion_model.blocks.0.self_attn.z.lora_A.weight": torch.randn(4, 16)}, None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_state_dicts()))
+def test_incompatible_keys_are_rejected(gen, base_out, base_frames, inputs, small_spec, tmp_path, case):
+    torch.manual_seed(0)
+    state_dict, detail = _bad_state_dicts()[case]
+    path = save_state_dict(tmp_path / "x.safetensors", state_dict)
+    loads = gen.adapter_loads
+    with pytest.raises(LoraIncompatible) as err:
+        gen.load_adapter("x", str(path))
+    if detail:
+        assert err.value.details[detail], err.value.details
+    _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec)
+
+
+def _invalid_files(tmp_path, shapes):
+    lora = make_lora(tmp_path / "good.safetensors", "ai-toolkit", shapes, seed=70)
+    header = read_header(lora.path)
+    first = next(iter(header))
+    raw_len = struct.unpack("<Q", lora.path.read_bytes()[:8])[0]
+    (tmp_path / "lora.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "lora.pt").write_bytes(lora.path.read_bytes())  # a good file, wrong extension
+    (tmp_path / "garbage.safetensors").write_bytes(b"this is not a safetensors file at all" * 4)
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    truncated = lora.path.read_bytes()[: 8 + raw_len + 16]  # header intact, data cut off
+    (tmp_path / "truncated.safetensors").write_bytes(truncated)
+    body = lora.path.read_bytes()[8 + raw_len :]
+    return {
+        "bin": tmp_path / "lora.bin",
+        "pt": tmp_path / "lora.pt",
+        "ints": save_state_dict(tmp_path / "ints.safetensors", {k: torch.ones(2, 2, dtype=torch.int64) for k in lora.state_dict}),
+        "garbage": tmp_path / "garbage.safetensors",
+        "short": tmp_path / "short.safetensors",
+        "header beyond file": write_raw(tmp_path / "long.safetensors", {first: header[first]}, b"\0" * 16, header_len=10**6),
+        "truncated data": tmp_path / "truncated.safetensors",
+        "offsets not a pair": write_raw(tmp_path / "off.safetensors", {first: {**header[first], "data_offsets": 5}}, body),
+        "size disagrees with shape": write_raw(
+            tmp_path / "size.safetensors", {first: {**header[first], "shape": [3, 3]}}, body
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bin",
+        "pt",
+        "ints",
+        "garbage",
+        "short",
+        "header beyond file",
+        "truncated data",
+        "offsets not a pair",
+        "size disagrees with shape",
+    ],
+)
+def test_invalid_files_are_rejected(gen, base_out, base_frames, shapes, inputs, small_spec, tmp_path, case):
+    path = _invalid_files(tmp_path, shapes)[case]
+    loads = gen.adapter_loads
+    with pytest.raises(LoraInvalid):
+        gen.load_adapter("x", str(path))
+    _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec)
+
+
+def test_missing_file_is_not_found(gen, tmp_path):
+    with pytest.raises(LoraNotFound):
+        gen.load_adapter("x", str(tmp_path / "absent.safetensors"))
+    assert gen.adapters == {}
+
+
+# -- 7. detect_format and read_header -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_detect_format_of_each_writer(shapes, tmp_path, fmt):
+    lora = make_lora(tmp_path / "x.safetensors", fmt, shapes, seed=80)
+    assert detect_format(lora.state_dict) == fmt
+    assert detect_format(read_header(lora.path)) == fmt  # works on header keys alone
+
+
+@pytest.mark.parametrize(
+    "keys, fmt",
+    [
+        (["diffusion_model.blocks.0.self_attn.q.lora_A.weight"], "ai-toolkit"),
+        (["diffusion_model.blocks.0.self_attn.q.lora_down.weight"], "kohya"),
+        (["diffusion_model.blocks.0.self_attn.q.alpha", "diffusion_model.blocks.0.self_attn.q.lora_A.weight"], "kohya"),
+        (["lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.alpha"], "musubi"),
+        (["transformer.blocks.0.attn1.to_q.lora_A.weight"], "diffusers"),
+    ],
+)
+def test_detect_format_from_key_names(keys, fmt):
+    assert detect_format(dict.fromkeys(keys)) == fmt
+
+
+def test_detect_format_rejects_unknown_names():
+    keys = [f"unet.down_blocks.{i}.lora.up.weight" for i in range(15)]
+    with pytest.raises(LoraIncompatible) as err:
+        detect_format(dict.fromkeys(keys))
+    assert err.value.details["unmatched_keys"] == keys[:10]
+    assert err.value.details["unmatched_count"] == 15
+    assert err.value.code == "LORA_INCOMPATIBLE"
+
+
+def test_read_header_of_a_good_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(4, 16), "b": torch.zeros(16, 4, dtype=torch.bfloat16)}, str(path), metadata={"ss_rank": "4"})
+    header = read_header(path)
+    assert set(header) == {"a", "b"}  # __metadata__ is not a tensor
+    assert header["a"]["dtype"] == "F32" and header["a"]["shape"] == [4, 16]
+    assert header["b"]["dtype"] == "BF16"
+    assert set(load_state_dict(path)) == {"a", "b"}
+
+
+def _entry(**over):
+    return {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], **over}}
+
+
+@pytest.mark.parametrize(
+    "header, header_len, data",
+    [
+        pytest.param(_entry(), 10**9, b"\0" * 4, id="length-beyond-file"),
+        pytest.param(_entry(), None, b"", id="offsets-beyond-data"),
+        pytest.param(["a", "b"], None, b"", id="header-not-object"),
+        pytest.param({"__metadata__": {"k": "v"}}, None, b"", id="no-tensors"),
+        pytest.param(_entry(dtype="I32"), None, b"\0" * 4, id="int-dtype"),
+        pytest.param(_entry(dtype="BOOL"), None, b"\0" * 4, id="bool-dtype"),
+        pytest.param(_entry(dtype=["F32"]), None, b"\0" * 4, id="dtype-not-string"),
+        pytest.param(_entry(data_offsets=4), None, b"\0" * 4, id="offsets-int"),
+        pytest.param(_entry(data_offsets=["0", "4"]), None, b"\0" * 4, id="offsets-strings"),
+        pytest.param(_entry(data_offsets=[0, 4, 8]), None, b"\0" * 8, id="offsets-three"),
+        pytest.param(_entry(data_offsets=[4, 0]), None, b"\0" * 4, id="offsets-reversed"),
+        pytest.param({"a": "F32"}, None, b"", id="entry-not-object"),
+        pytest.param({"a": {"shape": [1], "data_offsets": [0, 4]}}, None, b"\0" * 4, id="no-dtype"),
+    ],
+)
+def test_read_header_rejects_malformed(tmp_path, header, header_len, data):
+    path = write_raw(tmp_path / "x.safetensors", header, data, header_len=header_len)
+    with pytest.raises(LoraInvalid) as err:
+        read_header(path)
+    assert err.value.code == "LORA_INVALID"
+    assert err.value.details["file"] == "x.safetensors"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x01\x02\x03", b"garbage bytes, not a header at all", struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc", struct.pack("<Q", 4) + b"{no "],
+    ids=["empty", "short", "garbage", "not-utf8", "not-json"],
+)
+def test_read_header_rejects_garbage(tmp_path, content):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(LoraInvalid):
+        read_header(path)
+
+
+def test_read_header_limits(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", _entry(), b"\0" * 4)
+    read_header(path)
+    with pytest.raises(LoraInvalid) as err:
+        read_header(path, max_header_bytes=16)
+    assert err.value.details["header_bytes"] > 16
+    with pytest.raises(LoraInvalid):
+        read_header(tmp_path / "x.ckpt")  # extension is checked before anything is opened
+    with pytest.raises(LoraNotFound):
+        read_header(tmp_path / "absent.safetensors")
