@@ -85,3 +85,132 @@ def small_spec():
         return GenerationSpec(**values)
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# The real Serve app over HTTP: one local Ray cluster and one default app per session
+# ---------------------------------------------------------------------------------------------
+
+FAIL_PROMPT = "INJECT_FAULT"
+SLOW_PROMPT = "SLOWLY"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppUnderTest:
+    """One deployed Serve app: its config args, base URL and an HTTP client with small helpers."""
+
+    def __init__(self, name: str, base_url: str, args: dict):
+        import httpx
+
+        self.name = name
+        self.base_url = base_url
+        self.args = args
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+
+    def submit(self, request: dict, headers: dict | None = None):
+        return self.http.post("/v1/inference", json=request, headers=headers or {})
+
+    def wait(self, request_id: str, timeout: float = 120, headers: dict | None = None,
+             until: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict:
+        import time
+
+        deadline = time.time() + timeout
+        while True:
+            status = self.http.get(f"/v1/requests/{request_id}/status", headers=headers or {}).json()
+            if status["status"] in until:
+                return status
+            if time.time() > deadline:
+                raise AssertionError(f"job {request_id} still {status} after {timeout}s")
+            time.sleep(0.1)
+
+    def run(self, request: dict, headers: dict | None = None, timeout: float = 120) -> dict:
+        """Submit, wait, return the result (asserting the submit was accepted)."""
+        r = self.submit(request, headers)
+        assert r.status_code == 200, r.text
+        rid = r.json()["request_id"]
+        self.wait(rid, timeout, headers)
+        return self.http.get(f"/v1/requests/{rid}/result", headers=headers or {}).json()
+
+    def replica_stats(self) -> dict:
+        from ray import serve
+
+        return serve.get_deployment_handle("WanI2V", self.name).stats.remote().result()
+
+
+@pytest.fixture(scope="session")
+def serve_env(tmp_path_factory, model_cache):
+    """A local Ray cluster with Serve on a free loopback port, and a function that deploys app variants."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    lora_root = root / "loras"
+    lora_root.mkdir()
+    port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=False, namespace="wan-tests", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def args_for(name: str, **overrides) -> dict:
+        base = {
+            "gpu": {
+                "model": {"source": "tiny", "device": "cpu", "cache_dir": str(model_cache)},
+                "replica": {
+                    "num_gpus": 0,
+                    "num_cpus": 0.5,
+                    "faults": {"fail_prompt_substring": FAIL_PROMPT, "fail_kind": "oom",
+                               "slow_prompt_substring": SLOW_PROMPT, "step_delay_s": 0.25},
+                },
+                "lora": {"root": str(lora_root), "cache_dir": str(root / name / "lora-cache")},
+                "fetch": {"allow_http": True, "allowed_hosts": ["127.0.0.1"]},
+            },
+            "storage": {"outputs_dir": str(root / name / "videos"), "jobs_db": str(root / name / "jobs.sqlite3")},
+            "jobs": {"lease_s": 3.0, "sweep_interval_s": 0.5},
+        }
+        return _merge(base, overrides)
+
+    def deploy(name: str, route_prefix: str, args: dict) -> AppUnderTest:
+        serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        return AppUnderTest(name, f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}", args)
+
+    env = type("ServeEnv", (), {})()
+    env.port, env.root, env.lora_root = port, root, lora_root
+    env.args_for, env.deploy = args_for, deploy
+    yield env
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="session")
+def app(serve_env) -> AppUnderTest:
+    """The default app (open, tiny model, CPU), mounted at /."""
+    return serve_env.deploy("wan-i2v", "/", serve_env.args_for("wan-i2v"))
+
+
+def b64_png(width: int = 64, height: int = 48, seed: int = 0) -> str:
+    import base64
+
+    return base64.b64encode(png_bytes(make_image(width, height, seed))).decode()
+
+
+def small_request(**prompt_overrides) -> dict:
+    """A valid request that runs in well under a second on the tiny model."""
+    prompt = {"prompt": "a runner on a beach", "width": 64, "height": 48, "num_frames": 5, "sample_steps": 2,
+              "ctrl_img": b64_png()}
+    prompt.update(prompt_overrides)
+    return {"model": "wan21_i2v_14b480p", "prompts": [prompt], "loras": []}

@@ -1,0 +1,263 @@
+"""The Serve application over HTTP: real Ray cluster, real Serve app, real tiny pipeline."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from tests.conftest import SLOW_PROMPT, b64_png, small_request
+from tests.http_server import LocalServer
+
+
+def _download(app, result: dict, n: int = 0):
+    r = app.http.get(f"/v1/requests/{result['request_id']}/outputs/{n}")
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _core_bytes(app, generator, request: dict, index: int = 0, lora_paths: dict | None = None) -> bytes:
+    """What the generation core alone makes of the same request: normalise, generate, encode."""
+    from deployments.media_out import encode
+    from serve_app.config import AppConfig
+    from serve_app.normalize import to_specs
+    from serve_app.schemas import InferenceRequest
+
+    spec = to_specs(InferenceRequest.model_validate(request), AppConfig.model_validate(app.args))[index]
+    loaded = []
+    try:
+        for lora in spec.loras:
+            generator.load_adapter(lora.ref, str(lora_paths[lora.ref]))
+            loaded.append(lora.ref)
+        frames = generator.generate(spec)
+    finally:
+        for ref in loaded:
+            generator.delete_adapter(ref)
+    return encode(frames.frames, spec.fps, spec.output_format)
+
+
+def test_health_and_models(app):
+    assert app.http.get("/health").json() == {"status": "healthy"}
+    models = app.http.get("/v1/models").json()["models"]
+    assert [m["id"] for m in models] == ["wan21_i2v_14b480p"]
+    m = models[0]
+    assert (m["default_width"], m["default_height"], m["default_num_frames"], m["default_fps"]) == (832, 480, 41, 16)
+    assert (m["default_steps"], m["default_guidance_scale"], m["resolution_divisor"]) == (25, 4.0, 16)
+    assert m["requires_control_image"] and m["is_video_model"]
+    assert set(m["samplers"]) == {"unipc", "flowmatch_euler"} and set(m["output_formats"]) == {"mp4", "webp"}
+    assert app.http.get("/docs").status_code == 200
+    assert "/v1/inference" in app.http.get("/openapi.json").json()["paths"]
+
+
+def test_submit_progress_result_download(app):
+    request = small_request(prompt=f"{SLOW_PROMPT} a runner", sample_steps=4, width=70, num_frames=6)
+    r = app.submit(request)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "queued" and body["request_id"]
+    assert body["status_url"].endswith(f"/v1/requests/{body['request_id']}/status")
+    seen_steps = set()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status = app.http.get(f"/v1/requests/{body['request_id']}/status").json()
+        if status["status"] == "in_progress" and status["progress"]["stage"] == "denoising":
+            seen_steps.add(status["progress"]["step"])
+            assert status["progress"]["total_steps"] == 4 and status["progress"]["num_prompts"] == 1
+        if status["status"] == "succeeded":
+            break
+        time.sleep(0.05)
+    assert status["status"] == "succeeded", status
+    assert seen_steps, "progress never showed a denoising step"
+    result = app.http.get(f"/v1/requests/{body['request_id']}/result").json()
+    (video,) = result["outputs"]["videos"]
+    # normalised values are reported: 70 -> 64, 6 frames -> 5
+    assert (video["width"], video["height"], video["num_frames"], video["fps"], video["seed"]) == (64, 48, 5, 16, 42)
+    assert video["format"] == "mp4" and video["url"].endswith(f"/v1/requests/{body['request_id']}/outputs/0")
+    timings = result["metadata"]["timings"][0]
+    for stage in ("text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "encode_video"):
+        assert timings[stage] >= 0
+    data = _download(app, result)
+    assert data.headers["content-type"] == "video/mp4"
+    frames = iio.imread(io.BytesIO(data.content), index=None, extension=".mp4")
+    assert frames.shape == (5, 48, 64, 3)
+
+
+def test_several_prompts_each_with_its_output(app):
+    request = small_request()
+    request["prompts"].append({**request["prompts"][0], "prompt": "a cat", "output_format": "webp", "fps": 8})
+    result = app.run(request)
+    assert result["status"] == "succeeded"
+    first, second = result["outputs"]["videos"]
+    assert (first["format"], first["seed"]) == ("mp4", 42)
+    assert (second["format"], second["seed"], second["fps"]) == ("webp", 43, 8)  # seed 42 + prompt index
+    assert _download(app, result, 1).headers["content-type"] == "image/webp"
+
+
+@pytest.mark.parametrize("fmt", ["webp", "mp4"])
+def test_served_output_equals_the_generation_core(app, generator, fmt):
+    request = small_request(output_format=fmt, seed=7, sample_steps=3, sampler="flowmatch_euler")
+    result = app.run(request)
+    assert result["status"] == "succeeded", result
+    assert _download(app, result).content == _core_bytes(app, generator, request)
+
+
+@pytest.fixture(scope="module")
+def loras(serve_env, loaded_model):
+    """Two LoRA files in the app's LoRA root (ai-toolkit and kohya formats)."""
+    from deployments.lora_files import linear_shapes
+    from tests.lora_factory import make_lora
+
+    shapes = linear_shapes(loaded_model.pipe.transformer)
+    sub = serve_env.lora_root / "my_wan_job"
+    sub.mkdir(exist_ok=True)
+    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", shapes, seed=1)
+    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", shapes, seed=2)
+    return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
+
+
+def test_loras_by_path_by_url_and_stacked_without_reloading_the_base(app, generator, loras):
+    base = app.run(small_request(output_format="webp"))
+    before = app.replica_stats()
+
+    def lora_request(*items):
+        return {**small_request(output_format="webp"),
+                "loras": [{"path": p, "network_multiplier": m} for p, m in items]}
+
+    by_path = lora_request(("my_wan_job/my_wan_job.safetensors", 0.8))
+    out_path = _download(app, app.run(by_path)).content
+    assert out_path == _core_bytes(app, generator, by_path, lora_paths=loras)
+    assert out_path != _download(app, base).content
+
+    with LocalServer() as srv:
+        url = srv.add("/loras/remote.safetensors", loras["style_b.safetensors"].read_bytes())
+        by_url = lora_request((url, 1.0))
+        out_url = _download(app, app.run(by_url)).content
+        assert out_url == _core_bytes(app, generator, by_url, lora_paths={url: loras["style_b.safetensors"]})
+        assert srv.count("/loras/remote.safetensors") == 1
+
+        stacked = lora_request(("my_wan_job/my_wan_job.safetensors", 0.5), ("style_b.safetensors", -0.7))
+        out_stacked = _download(app, app.run(stacked)).content
+        assert out_stacked == _core_bytes(app, generator, stacked, lora_paths=loras)
+        assert len({out_path, out_url, out_stacked}) == 3
+
+        after = app.replica_stats()
+        assert after["pipeline_loads"] == before["pipeline_loads"] == 1
+        loads = after["adapter_loads"]
+        # Repeats and a multiplier change load nothing; the URL is fetched once per node.
+        app.run(by_path)
+        changed = lora_request(("my_wan_job/my_wan_job.safetensors", 1.0))
+        out_changed = _download(app, app.run(changed)).content
+        assert out_changed != out_path
+        assert app.replica_stats()["adapter_loads"] == loads
+        app.run(by_url)
+        assert srv.count("/loras/remote.safetensors") == 1
+
+
+def test_lora_errors_fail_the_job_or_the_submit_clearly(app, serve_env, loras):
+    r = app.submit({**small_request(), "loras": [{"path": "missing/nothing.safetensors"}]})
+    if r.status_code == 200:
+        status = app.wait(r.json()["request_id"])
+        assert status["status"] == "failed" and status["error"]["code"] == "LORA_NOT_FOUND"
+    else:
+        assert r.status_code == 400 and r.json()["detail"]["error"]["code"] == "LORA_NOT_FOUND"
+    bad = serve_env.lora_root / "wrong_blocks.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"diffusion_model.blocks.39.self_attn.q.lora_A.weight": torch.zeros(4, 16),
+               "diffusion_model.blocks.39.self_attn.q.lora_B.weight": torch.zeros(16, 4)}, str(bad))
+    r = app.submit({**small_request(), "loras": [{"path": "wrong_blocks.safetensors"}]})
+    assert r.status_code == 200
+    status = app.wait(r.json()["request_id"])
+    assert status["status"] == "failed" and status["error"]["code"] == "LORA_INCOMPATIBLE"
+    assert "blocks.39" in str(status["error"]["details"])
+    # the replica is fine afterwards
+    assert app.run(small_request())["status"] == "succeeded"
+
+
+def _wait_step(app, request_id: str, min_step: int = 1, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = app.http.get(f"/v1/requests/{request_id}/status").json()
+        if status["status"] == "in_progress" and status["progress"]["step"] >= min_step:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {request_id} never reached step {min_step}")
+
+
+def test_cancel_running_and_queued_jobs(app):
+    slow = small_request(prompt=f"{SLOW_PROMPT} slow", sample_steps=40)
+    running = app.submit(slow).json()["request_id"]
+    queued = app.submit(slow).json()["request_id"]
+    _wait_step(app, running)
+    assert app.http.get(f"/v1/requests/{queued}/status").json()["status"] == "in_queue"
+    r = app.http.post(f"/v1/requests/{queued}/cancel")
+    assert r.status_code == 200
+    assert app.wait(queued, timeout=20)["status"] == "canceled"
+    t0 = time.time()
+    app.http.post(f"/v1/requests/{running}/cancel")
+    final = app.wait(running, timeout=20)
+    assert final["status"] == "canceled" and final["error"]["code"] == "CANCELED"
+    assert final["progress"]["step"] < 40
+    assert time.time() - t0 < 10
+    # the replica is free for the next job right away
+    assert app.run(small_request(), timeout=30)["status"] == "succeeded"
+    # canceling a finished job changes nothing
+    assert app.http.post(f"/v1/requests/{running}/cancel").json()["status"] == "canceled"
+
+
+def test_unknown_request_is_404(app):
+    r = app.http.get("/v1/requests/does-not-exist/status")
+    assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "REQUEST_NOT_FOUND"
+    r = app.http.get("/v1/requests/does-not-exist/outputs/0")
+    assert r.status_code == 404
+
+
+def test_restart_keeps_results_and_runs_queued_jobs(serve_env):
+    from ray import serve
+
+    args = serve_env.args_for("restart")
+    app = serve_env.deploy("restart", "/restart", args)
+    done = app.run(small_request())
+    slow = small_request(prompt=f"{SLOW_PROMPT} across a restart", sample_steps=12)
+    running = app.submit(slow).json()["request_id"]
+    queued = app.submit(small_request(seed=5)).json()["request_id"]
+    _wait_step(app, running)
+    serve.delete("restart")
+    app = serve_env.deploy("restart", "/restart", args)
+    again = app.http.get(f"/v1/requests/{done['request_id']}/result").json()
+    assert again["status"] == "succeeded" and again["outputs"] == done["outputs"]
+    assert _download(app, again).content
+    for rid in (running, queued):
+        final = app.wait(rid, timeout=90)
+        assert final["status"] == "succeeded", final
+    assert app.http.get(f"/v1/requests/{running}/status").json()["attempts"] == 2
+    serve.delete("restart")
+
+
+def test_seed_page_example_works_as_written(app, loras):
+    """The model page's request, verbatim but for a reachable image (832x480, 41 frames, 25 steps)."""
+    from tests.conftest import make_image, png_bytes
+
+    with LocalServer() as srv:
+        url = srv.add("/first_frame.png", png_bytes(make_image(1024, 768, seed=3)), headers={"Content-Type": "image/png"})
+        request = {
+            "model": "wan21_i2v_14b480p",
+            "trigger_word": "sks",
+            "prompts": [{
+                "prompt": "[trigger] a cinematic shot of a runner on a beach, handheld camera",
+                "neg": "", "seed": 42, "width": 832, "height": 480, "num_frames": 41, "fps": 16,
+                "sample_steps": 25, "guidance_scale": 4.0, "ctrl_img": url,
+            }],
+            "loras": [{"path": "my_wan_job/my_wan_job.safetensors", "network_multiplier": 1.0}],
+        }
+        result = app.run(request, timeout=900)
+    assert result["status"] == "succeeded", result
+    (video,) = result["outputs"]["videos"]
+    assert (video["width"], video["height"], video["num_frames"], video["fps"], video["seed"]) == (832, 480, 41, 16, 42)
+    frames = iio.imread(io.BytesIO(_download(app, result).content), index=None, extension=".mp4")
+    assert frames.shape == (41, 480, 832, 3)
+    assert np.ptp(frames) > 0
