@@ -1,0 +1,280 @@
+"""A small synchronous Python client for the Wan I2V service (create -> poll -> download).
+
+Needs only httpx, so it can be used from a machine without torch or Ray::
+
+    from serve_app.client import WanClient, build_request
+
+    with WanClient("http://127.0.0.1:8000", api_key="...") as client:
+        job = client.submit(build_request("first_frame.png", "a runner on a beach",
+                                          loras=[("my_job/my_job.safetensors", 1.0)], seed=7))
+        result = client.wait(job["request_id"], on_progress=print)
+        client.download(job["request_id"], 0, "out.mp4")
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import httpx
+
+DEFAULT_MODEL = "wan21_i2v_14b480p"
+FINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+# The optional per-prompt fields of the reference request (serve_app.schemas.PromptIn); the server
+# silently ignores unknown fields, so build_request refuses them instead of letting a typo pass.
+PROMPT_FIELDS = (
+    "neg",
+    "trigger_word",
+    "width",
+    "height",
+    "num_frames",
+    "fps",
+    "sample_steps",
+    "guidance_scale",
+    "seed",
+    "sampler",
+    "output_format",
+)
+
+# Polling survives this many consecutive transient failures (connection errors, 502/503/504).
+_TRANSIENT_STATUSES = (502, 503, 504)
+_MAX_TRANSIENT = 10
+
+
+class WanApiError(Exception):
+    """An error answered by the server: HTTP status plus the body's stable code, message and details."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 retry_after: float | None = None):
+        super().__init__(f"{code} ({status}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.retry_after = retry_after  # seconds, from Retry-After (sent with 429)
+
+
+def parse_error(response: httpx.Response) -> WanApiError:
+    """The WanApiError for an error response, whatever its body looks like.
+
+    The service answers ``{"detail": {"error": {"code", "message", "details"}}}``; a proxy in front of
+    it may answer plain text or FastAPI's ``{"detail": "..."}``, which get ``HTTP_<status>``.
+    """
+    status = response.status_code
+    code, message, details = f"HTTP_{status}", response.reason_phrase or "error", {}
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+        text = response.text.strip()
+        if text:
+            message = text[:500]
+    detail = body.get("detail") if isinstance(body, dict) else None
+    error = detail.get("error") if isinstance(detail, dict) else None
+    if isinstance(error, dict):
+        code = str(error.get("code") or code)
+        message = str(error.get("message") or message)
+        details = error.get("details") if isinstance(error.get("details"), dict) else {}
+    elif detail is not None:
+        message = detail if isinstance(detail, str) else str(detail)[:500]
+    return WanApiError(status, code, message, details, _retry_after(response.headers.get("retry-after")))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def check(response: httpx.Response) -> httpx.Response:
+    """Return ``response`` if it succeeded, else raise its WanApiError."""
+    if response.is_success:
+        return response
+    response.read()  # a streamed response has no body yet; reading twice is a no-op
+    raise parse_error(response)
+
+
+def parse_lora(value: str) -> tuple[str, float]:
+    """``REF[:SCALE]`` -> (ref, scale); splits on the last ':' only if what follows is a number.
+
+    ``https://host/x.safetensors:0.8`` -> ("https://host/x.safetensors", 0.8);
+    ``https://host/x.safetensors`` -> (..., 1.0); ``hf://org/repo/x.safetensors`` keeps its ':'.
+    """
+    ref, sep, tail = value.rpartition(":")
+    scale = 1.0
+    if sep:
+        try:
+            parsed = float(tail)
+        except ValueError:
+            parsed = None
+        if parsed is not None and math.isfinite(parsed):  # "x:nan" is a name, never a scale
+            value, scale = ref, parsed
+    if not value.strip():
+        raise ValueError("empty LoRA reference")
+    return value, scale
+
+
+def encode_image(image: str | os.PathLike) -> str:
+    """A ctrl_img value: http(s) URLs and data: URIs pass through; a local file becomes base64."""
+    text = str(image)
+    if text.lower().startswith(("http://", "https://", "data:")):
+        return text
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {text!r} (give a local file or an http(s) URL)")
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def build_request(image: str | os.PathLike, prompt: str,
+                  loras: Iterable[tuple[str, float] | str] = (), model: str = DEFAULT_MODEL,
+                  **prompt_fields: Any) -> dict[str, Any]:
+    """A one-prompt request in the reference shape.
+
+    Args:
+        image: the first frame: a local file (sent as base64), an http(s) URL or a data: URI.
+        prompt: the text prompt.
+        loras: ``(ref, scale)`` pairs (or bare refs, scale 1.0).
+        model: the model id.
+        **prompt_fields: any of PROMPT_FIELDS (e.g. ``width=832, seed=7, sample_steps=25``);
+            None values are left out so the server's defaults apply.
+    Returns:
+        ``{"model", "prompts": [{"prompt", "ctrl_img", ...}], "loras": [{"path", "network_multiplier"}]}``
+    """
+    unknown = sorted(set(prompt_fields) - set(PROMPT_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown prompt field(s) {unknown}; expected some of {list(PROMPT_FIELDS)}")
+    entry: dict[str, Any] = {"prompt": prompt, "ctrl_img": encode_image(image)}
+    entry.update({k: v for k, v in prompt_fields.items() if v is not None})
+    lora_list = []
+    for lora in loras:
+        ref, scale = (lora, 1.0) if isinstance(lora, str) else lora
+        lora_list.append({"path": ref, "network_multiplier": float(scale)})
+    return {"model": model, "prompts": [entry], "loras": lora_list}
+
+
+class WanClient:
+    """The service's HTTP API, one method per route; every error answer raises WanApiError."""
+
+    build_request = staticmethod(build_request)
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None):
+        """
+        Args:
+            base_url: e.g. ``http://127.0.0.1:8000`` (the Serve route prefix included, if any).
+            api_key: sent as ``Authorization: Bearer <key>`` when given.
+            timeout: seconds per HTTP call (a video download gets this per read, not in total).
+            transport: an httpx transport, for callers that need their own (proxies, retries).
+        """
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                  transport=transport, follow_redirects=True)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "WanClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs) -> Any:
+        return check(self._http.request(method, path, **kwargs)).json()
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    def submit(self, request: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/inference -> ``{request_id, status, status_url, result_url, cancel_url, created_at}``."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/inference", json=request, headers=headers)
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        """GET /v1/requests/{id}/status -> ``{status, progress, error, ...}``."""
+        return self._call("GET", f"/v1/requests/{request_id}/status")
+
+    def result(self, request_id: str) -> dict[str, Any]:
+        """GET /v1/requests/{id}/result -> ``{status, outputs: {videos: [...]}, error, metadata, ...}``."""
+        return self._call("GET", f"/v1/requests/{request_id}/result")
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        """POST /v1/requests/{id}/cancel -> the status after the cancel request."""
+        return self._call("POST", f"/v1/requests/{request_id}/cancel")
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models -> ``{models: [...]}``."""
+        return self._call("GET", "/v1/models")
+
+    def health(self) -> dict[str, Any]:
+        """GET /health."""
+        return self._call("GET", "/health")
+
+    def download(self, request_id: str, n: int, path: str | os.PathLike) -> Path:
+        """Stream output ``n`` of a request to ``path`` (written whole or not at all); returns the path."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._http.stream("GET", f"/v1/requests/{request_id}/outputs/{n}") as response:
+            check(response)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.part-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in response.iter_bytes():
+                        f.write(chunk)
+                os.replace(tmp, target)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        return target
+
+    def wait(self, request_id: str, poll_s: float = 1.0,
+             on_progress: Callable[[dict[str, Any]], None] | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Poll the status until the job is final and return its result (which may be failed or canceled).
+
+        Args:
+            request_id: the job.
+            poll_s: seconds between polls.
+            on_progress: called with every status dict seen, the final one included.
+            timeout: give up after this many seconds (TimeoutError); the job keeps running.
+        Returns:
+            The result dict; check ``result["status"]`` and ``result["error"]``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        transient = 0
+        while True:
+            try:
+                status = self.status(request_id)
+                transient = 0
+            except (httpx.TransportError, WanApiError) as e:
+                # A restarting proxy or replica is not the job failing: keep polling a while.
+                if isinstance(e, WanApiError) and e.status not in _TRANSIENT_STATUSES:
+                    raise
+                transient += 1
+                if transient > _MAX_TRANSIENT:
+                    raise
+                status = None
+            if status is not None:
+                if on_progress is not None:
+                    on_progress(status)
+                if status["status"] in FINAL_STATUSES:
+                    return self.result(request_id)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {request_id} not finished after {timeout}s")
+            time.sleep(poll_s)
