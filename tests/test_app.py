@@ -261,3 +261,35 @@ def test_seed_page_example_works_as_written(app, loras):
     frames = iio.imread(io.BytesIO(_download(app, result).content), index=None, extension=".mp4")
     assert frames.shape == (41, 480, 832, 3)
     assert np.ptp(frames) > 0
+
+
+def test_evicted_lora_sets_are_deleted_from_the_pipeline(serve_env, loras):
+    from ray import serve
+
+    args = serve_env.args_for("evict", gpu={"replica": {"max_loras_per_replica": 1}})
+    app = serve_env.deploy("evict", "/evict", args)
+    try:
+        for ref in ("my_wan_job/my_wan_job.safetensors", "style_b.safetensors"):
+            result = app.run({**small_request(), "loras": [{"path": ref}]})
+            assert result["status"] == "succeeded", result
+            assert app.replica_stats()["resident_adapters"] == [ref]
+    finally:
+        serve.delete("evict")
+
+
+def test_cli_submits_shows_progress_and_downloads(app, tmp_path, capsys):
+    from serve_app.cli import main
+    from tests.conftest import make_image
+
+    image = tmp_path / "first.png"
+    make_image(80, 60).save(image)
+    out = tmp_path / "video.webp"
+    code = main(["submit", "--server", app.base_url, "--image", str(image), "--prompt", "a runner",
+                 "--width", "64", "--height", "48", "--frames", "5", "--steps", "2", "--format", "webp",
+                 "--out", str(out), "--poll", "0.1"])
+    assert code == 0
+    assert str(out) in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(out) as video:
+        assert (video.size, video.n_frames) == ((64, 48), 5)
