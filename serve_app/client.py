@@ -237,6 +237,7 @@ class WanClient:
                 with os.fdopen(fd, "wb") as f:
                     for chunk in response.iter_bytes():
                         f.write(chunk)
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; a downloaded video is an ordinary file
                 os.replace(tmp, target)
             except BaseException:
                 os.unlink(tmp)

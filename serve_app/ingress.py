@@ -255,6 +255,7 @@ class Dispatcher:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
         with os.fdopen(fd, "wb") as f:
             f.write(video.data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file is a normal output
         os.replace(tmp, path)  # atomic: a download never sees half a file
         output = {"format": video.format, "width": video.width, "height": video.height,
                   "num_frames": video.num_frames, "fps": video.fps, "seed": video.seed,
