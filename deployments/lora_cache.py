@@ -1,0 +1,355 @@
+"""The per-node LoRA cache: turn a LoRA reference into a verified local file, fetching it at most once.
+
+References (``LoraRef.ref``):
+  * ``path/to/x.safetensors``: relative to ``LoraCacheConfig.root``, never outside it (checked on the
+    real path, so symlinks cannot lead out); verified in place, not copied.
+  * ``https://...`` (``http://`` with ``FetchConfig.allow_http``), Hugging Face ``/blob/`` page URLs
+    rewritten to ``/resolve/``, and ``hf://owner/repo[@rev]/path.safetensors``.
+  * ``s3://`` / ``gs://`` through fsspec, only where fsspec and its backend are installed.
+
+Downloads land in ``cache_dir/<sha256 of the normalised URL>.safetensors``: streamed into a temp file
+in the same directory, header-checked, fsync'ed, then ``os.replace``'d, so the final name only ever
+names a complete, verified file. Files are evicted least-recently-used (by an explicitly set access
+time) to stay under ``disk_quota_bytes``.
+
+``LoraStore`` is the plain, blocking implementation; ``LoraCacheActor`` wraps it as one async Ray
+actor per node so concurrent requests for one reference share one download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .config import FetchConfig, LoraCacheConfig
+from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound
+from .fetch import FetchError, FetchFailed, check_url, fetch_to_file, normalize_lora_url
+from .lora_files import read_header
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+TEMP_PREFIX = ".part-"  # temp downloads; a leading dot keeps them out of the *.safetensors listing
+FSSPEC_SCHEMES = ("s3", "gs")
+ACTOR_NAMESPACE = "wan-i2v"
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+class LoraRefInvalid(LoraInvalid):
+    """The reference itself is unusable: escapes the root, wrong suffix, malformed."""
+
+    code = "LORA_REF_INVALID"
+    status = 400
+
+
+class LoraSchemeUnsupported(LoraRefInvalid):
+    code = "LORA_SCHEME_UNSUPPORTED"
+    status = 400
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference syntax (no filesystem, no network): usable by the ingress at submit time
+
+
+def _scheme(ref: str) -> str | None:
+    m = _SCHEME_RE.match(ref)
+    return m.group(1).lower() if m else None
+
+
+def _fsspec_supports(scheme: str) -> bool:
+    if importlib.util.find_spec("fsspec") is None:
+        return False
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)  # imports s3fs / gcsfs: ImportError when absent
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def _check_relative(ref: str) -> None:
+    if not ref or "\x00" in ref or "\\" in ref:
+        raise LoraRefInvalid(f"invalid LoRA path {ref!r}", {"ref": ref})
+    if ref.startswith("/") or ref.startswith("~"):
+        raise LoraRefInvalid(f"LoRA path {ref!r} must be relative to the LoRA root", {"ref": ref})
+    # Any '..' is refused, even one that would stay inside: simpler to reason about than normalising.
+    if any(part in ("..",) for part in ref.split("/")):
+        raise LoraRefInvalid(f"LoRA path {ref!r} must not contain '..'", {"ref": ref})
+
+
+def _check_suffix(path: str, ref: str) -> None:
+    if not path.lower().endswith(SUFFIX):
+        raise LoraRefInvalid(f"only {SUFFIX} LoRA files are accepted, got {ref!r}", {"ref": ref})
+
+
+def validate_ref(ref: str, fetch_cfg: FetchConfig | None = None) -> None:
+    """Pure syntax check of one LoRA reference (no filesystem, no DNS), for submit time.
+
+    Raises:
+        LoraRefInvalid (LORA_REF_INVALID), LoraSchemeUnsupported (LORA_SCHEME_UNSUPPORTED),
+        UrlNotAllowed (URL_NOT_ALLOWED: credentials, private address literals, http when not allowed).
+    """
+    fetch_cfg = fetch_cfg or FetchConfig()
+    if not isinstance(ref, str) or len(ref) > 4096:
+        raise LoraRefInvalid("LoRA reference must be a string of at most 4096 characters", {})
+    scheme = _scheme(ref)
+    if scheme is None:
+        _check_relative(ref)
+        _check_suffix(ref, ref)
+        return
+    if scheme in FSSPEC_SCHEMES:
+        if not _fsspec_supports(scheme):
+            raise LoraSchemeUnsupported(
+                f"{scheme}:// LoRA references need fsspec with its {scheme} backend installed", {"ref": ref}
+            )
+        if "@" in ref.split("/", 3)[2]:
+            raise LoraRefInvalid("credentials in LoRA references are not allowed", {"scheme": scheme})
+        _check_suffix(ref.split("?", 1)[0], ref)
+        return
+    if scheme not in ("https", "http", "hf"):
+        raise LoraSchemeUnsupported(f"LoRA references with scheme {scheme!r} are not supported", {"scheme": scheme})
+    url = normalize_lora_url(ref)
+    check_url(url, fetch_cfg)
+    _check_suffix(url.split("?", 1)[0].split("#", 1)[0], ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class LoraStore:
+    """Resolve LoRA references to verified local files; blocking, thread-safe."""
+
+    def __init__(self, cfg: LoraCacheConfig, fetch_cfg: FetchConfig, hf_token: str | None = None):
+        self.cfg = cfg
+        self.fetch_cfg = fetch_cfg
+        self._hf_token = hf_token
+        self.root = Path(os.path.realpath(cfg.root))
+        self.cache_dir = Path(cfg.cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # eviction and counters; downloads run outside it
+        self.counts = {"fetches": 0, "hits": 0, "local": 0, "evictions": 0, "failures": 0}
+        self._clean_temps()
+
+    # -- public ---------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """A local path of a verified ``.safetensors`` file for ``ref``.
+
+        Raises:
+            LoraRefInvalid, LoraSchemeUnsupported, LoraNotFound, LoraInvalid, LoraFetchFailed,
+            UrlNotAllowed, FetchTooLarge.
+        """
+        validate_ref(ref, self.fetch_cfg)
+        scheme = _scheme(ref)
+        if scheme is None:
+            return self._resolve_local(ref)
+        url = ref if scheme in FSSPEC_SCHEMES else normalize_lora_url(ref)
+        return self._resolve_remote(url)
+
+    def cache_path(self, ref: str) -> Path:
+        """Where a remote reference is (or would be) cached."""
+        scheme = _scheme(ref)
+        url = ref if scheme in FSSPEC_SCHEMES else normalize_lora_url(ref)
+        return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest() + SUFFIX)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    # -- local root -----------------------------------------------------------------------------
+    def _resolve_local(self, ref: str) -> str:
+        real = os.path.realpath(self.root / ref)
+        # Checked on the real path: a symlink inside the root that points out is refused here.
+        if os.path.commonpath([str(self.root), real]) != str(self.root):
+            raise LoraRefInvalid(f"LoRA path {ref!r} leads outside the LoRA root", {"ref": ref})
+        _check_suffix(real, ref)
+        if not os.path.isfile(real):
+            raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
+        read_header(real, self.cfg.max_header_bytes)
+        with self._lock:
+            self.counts["local"] += 1
+        return real
+
+    # -- downloads ------------------------------------------------------------------------------
+    def _resolve_remote(self, url: str) -> str:
+        final = self.cache_path(url)
+        if self._touch(final):
+            with self._lock:
+                self.counts["hits"] += 1
+            return str(final)
+        tmp = self.cache_dir / f"{TEMP_PREFIX}{final.stem[:16]}-{uuid.uuid4().hex}{SUFFIX}"
+        try:
+            self._download(url, tmp)
+            read_header(tmp, self.cfg.max_header_bytes)  # before the rename: a bad file never gets the name
+            os.replace(tmp, final)
+        except BaseException:
+            with self._lock:
+                self.counts["failures"] += 1
+            tmp.unlink(missing_ok=True)
+            raise
+        os.utime(final)
+        with self._lock:
+            self.counts["fetches"] += 1
+        self._evict(keep=final)
+        return str(final)
+
+    def _download(self, url: str, tmp: Path) -> None:
+        scheme = _scheme(url)
+        if scheme in FSSPEC_SCHEMES:
+            self._download_fsspec(url, tmp)
+            return
+        headers = {}
+        if self._hf_token and url.startswith("https://huggingface.co/"):
+            headers["Authorization"] = f"Bearer {self._hf_token}"  # dropped by fetch on a cross-host redirect
+        try:
+            fetch_to_file(url, tmp, self.fetch_cfg, self.cfg.max_file_bytes, headers)
+        except FetchFailed as e:
+            upstream = e.details.get("upstream_status")
+            if upstream in (401, 403, 404, 410):
+                raise LoraNotFound(f"LoRA URL answered HTTP {upstream}: {e.details.get('url')}", e.details) from e
+            raise LoraFetchFailed(f"cannot download LoRA: {e.message}", e.details) from e
+
+    def _download_fsspec(self, url: str, tmp: Path) -> None:
+        """Object-store download; the address checks do not apply (the SDK talks to its own endpoints)."""
+        import fsspec
+
+        from .fetch import FetchTooLarge
+
+        total = 0
+        try:
+            with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1024 * 1024):
+                    total += len(chunk)
+                    if total > self.cfg.max_file_bytes:
+                        limit = self.cfg.max_file_bytes
+                        raise FetchTooLarge(f"LoRA is larger than {limit} bytes", {"limit": limit})
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except FileNotFoundError as e:
+            raise LoraNotFound(f"LoRA not found: {url}", {"url": url}) from e
+        except (FetchError, LoraInvalid):
+            raise
+        except Exception as e:  # each fsspec backend raises its own error types
+            raise LoraFetchFailed(f"cannot download LoRA {url}: {type(e).__name__}: {e}", {"url": url}) from e
+
+    # -- disk housekeeping ----------------------------------------------------------------------
+    def _touch(self, path: Path) -> bool:
+        """Mark a cached file used now; False if it is not there. Explicit, since mounts may be noatime."""
+        try:
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _clean_temps(self) -> None:
+        """Remove temp files a crashed process left; this store owns ``cache_dir`` on this node."""
+        for p in self.cache_dir.glob(f"{TEMP_PREFIX}*"):
+            p.unlink(missing_ok=True)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete least-recently-used cached files until the total is under quota, never ``keep``."""
+        with self._lock:
+            files = []
+            for p in self.cache_dir.glob(f"*{SUFFIX}"):
+                if p.name.startswith(TEMP_PREFIX):
+                    continue
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_atime, st.st_size, p))
+            total = sum(size for _, size, _ in files)
+            for _, size, p in sorted(files, key=lambda f: f[0]):
+                if total <= self.cfg.disk_quota_bytes:
+                    break
+                if p == keep:
+                    continue
+                # A replica that already opened the file keeps reading it (POSIX unlink semantics).
+                p.unlink(missing_ok=True)
+                total -= size
+                self.counts["evictions"] += 1
+                log.info("evicted cached LoRA %s (%d bytes)", p.name, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-node actor
+
+
+class LoraCacheActor:
+    """Async Ray actor around :class:`LoraStore`: one per node; concurrent resolves of one ref share a fetch.
+
+    A plain class, made an actor by :func:`get_or_create_cache_actor` (so importing this module
+    does not need Ray, and tests can drive it directly under asyncio).
+    """
+
+    def __init__(self, lora_cfg: LoraCacheConfig | dict, fetch_cfg: FetchConfig | dict, hf_token: str | None = None):
+        self._lora_cfg = LoraCacheConfig.model_validate(lora_cfg)
+        self._fetch_cfg = FetchConfig.model_validate(fetch_cfg)
+        self._store = LoraStore(self._lora_cfg, self._fetch_cfg, hf_token)
+        self._inflight: dict[str, asyncio.Future[str]] = {}
+        self._merged = 0
+
+    async def resolve(self, ref: str) -> str:
+        """Local path for ``ref``; raises the store's typed errors."""
+        scheme = _scheme(ref)
+        key = ref if scheme in (None, *FSSPEC_SCHEMES) else normalize_lora_url(ref)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self._store.resolve, ref))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        else:
+            self._merged += 1
+        # shield: one canceled caller must not cancel the download the others wait for.
+        return await asyncio.shield(task)
+
+    async def stats(self) -> dict[str, int]:
+        return {**self._store.stats(), "merged": self._merged, "inflight": len(self._inflight)}
+
+    async def config(self) -> dict[str, Any]:
+        return {"lora": self._lora_cfg.model_dump(), "fetch": self._fetch_cfg.model_dump()}
+
+
+def cache_actor_name(node_id: str) -> str:
+    return f"wan-lora-cache-{node_id}"
+
+
+def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig, hf_token: str | None = None):
+    """The LoRA cache actor of the calling node, created on first use (detached, pinned to this node).
+
+    If a call on the handle raises ``RayActorError`` (the actor died for good), call this again: a
+    dead named actor frees its name, so ``get_if_exists`` creates a fresh one.
+
+    An existing actor keeps the configuration it was created with (it is detached and outlives a
+    redeploy); compare ``await actor.config.remote()`` if that matters, and ``ray.kill`` it to replace.
+    Non-blocking apart from the GCS lookup, so it may be called from async code.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = ray.get_runtime_context().get_node_id()
+    actor = (
+        ray.remote(LoraCacheActor)
+        .options(
+            name=cache_actor_name(node_id),
+            namespace=ACTOR_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            # Restarts (same node, same name) cover a crashed worker; in-flight calls still fail.
+            max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        .remote(lora_cfg.model_dump(), fetch_cfg.model_dump(), hf_token)
+    )
+    return actor

@@ -1,0 +1,374 @@
+"""The LoRA cache: references stay inside their root, downloads are atomic and verified, LRU eviction,
+one fetch for concurrent requests (in-process and through the per-node Ray actor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save, save_file
+
+from deployments.config import FetchConfig, LoraCacheConfig
+from deployments.errors import LoraFetchFailed, LoraInvalid, LoraNotFound
+from deployments.fetch import FetchTooLarge, UrlNotAllowed
+from deployments.lora_cache import (
+    TEMP_PREFIX,
+    LoraCacheActor,
+    LoraRefInvalid,
+    LoraSchemeUnsupported,
+    LoraStore,
+    validate_ref,
+)
+from tests.http_server import LocalServer, local_server, loopback_only  # noqa: F401  (fixtures)
+
+WAIT_S = 180  # generous: a loaded shared machine can take a minute to start an actor worker
+FETCH = FetchConfig(allow_http=True, allowed_hosts=["127.0.0.1"], connect_timeout_s=2, read_timeout_s=2)
+
+
+@pytest.fixture(autouse=True)
+def _guard(loopback_only):  # noqa: F811
+    return loopback_only
+
+
+def lora_bytes(seed: int = 0, rank: int = 4) -> bytes:
+    """A small, valid ai-toolkit-style LoRA file."""
+    rng = np.random.default_rng(seed)
+    return save(
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_A.weight": rng.standard_normal((rank, 32), dtype=np.float32),
+            "diffusion_model.blocks.0.self_attn.q.lora_B.weight": np.zeros((32, rank), np.float32),
+        }
+    )
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    root, cache, outside = tmp_path / "loras", tmp_path / "cache", tmp_path / "outside"
+    for d in (root, cache, outside):
+        d.mkdir()
+    return root, cache, outside
+
+
+@pytest.fixture
+def store(dirs) -> LoraStore:
+    root, cache, _ = dirs
+    return LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache)), FETCH)
+
+
+def leftovers(cache) -> list[str]:
+    return sorted(p.name for p in cache.iterdir())
+
+
+# -- validate_ref: syntax only --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "a.safetensors",
+        "sub/dir/a.safetensors",
+        "https://example.com/a.safetensors",
+        "https://example.com/a.safetensors?download=1",
+        "https://huggingface.co/o/r/blob/main/a.safetensors",
+        "hf://o/r/sub/a.safetensors",
+    ],
+)
+def test_validate_ref_accepts(ref):
+    validate_ref(ref, FetchConfig())
+
+
+@pytest.mark.parametrize(
+    "ref, code",
+    [
+        ("../x.safetensors", "LORA_REF_INVALID"),
+        ("/etc/passwd", "LORA_REF_INVALID"),
+        ("/abs/x.safetensors", "LORA_REF_INVALID"),
+        ("a/../../x.safetensors", "LORA_REF_INVALID"),
+        ("~/x.safetensors", "LORA_REF_INVALID"),
+        ("a\\..\\x.safetensors", "LORA_REF_INVALID"),
+        ("", "LORA_REF_INVALID"),
+        ("a.bin", "LORA_REF_INVALID"),
+        ("https://example.com/a.bin", "LORA_REF_INVALID"),
+        ("ftp://example.com/a.safetensors", "LORA_SCHEME_UNSUPPORTED"),
+        ("file:///etc/x.safetensors", "LORA_SCHEME_UNSUPPORTED"),
+        ("http://example.com/a.safetensors", "URL_NOT_ALLOWED"),  # allow_http is off by default
+        ("https://u:p@example.com/a.safetensors", "URL_NOT_ALLOWED"),
+        ("https://169.254.169.254/a.safetensors", "URL_NOT_ALLOWED"),
+        ("hf://o/a.safetensors", "URL_NOT_ALLOWED"),
+    ],
+)
+def test_validate_ref_refuses(ref, code):
+    with pytest.raises((LoraInvalid, UrlNotAllowed)) as e:
+        validate_ref(ref, FetchConfig())
+    assert e.value.code == code and e.value.status == 400
+
+
+def test_object_store_refs_need_fsspec_backends():
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(LoraSchemeUnsupported):
+            validate_ref("s3://bucket/a.safetensors")
+    else:
+        validate_ref("s3://bucket/a.safetensors")
+
+
+# -- local root -----------------------------------------------------------------------------------
+
+
+def test_local_file_resolves_in_place(store, dirs):
+    root, cache, _ = dirs
+    (root / "sub").mkdir()
+    (root / "sub" / "a.safetensors").write_bytes(lora_bytes())
+    assert store.resolve("sub/a.safetensors") == os.path.realpath(root / "sub" / "a.safetensors")
+    assert leftovers(cache) == []  # verified, not copied
+    assert store.stats()["local"] == 1
+
+
+@pytest.mark.parametrize(
+    "ref, error",
+    [
+        ("../outside/x.safetensors", LoraRefInvalid),
+        ("/etc/passwd", LoraRefInvalid),
+        ("a/../../x.safetensors", LoraRefInvalid),
+        ("link.safetensors", LoraRefInvalid),  # symlink inside the root to a file outside
+        ("linkdir/x.safetensors", LoraRefInvalid),  # symlinked directory leading out
+        ("x.bin", LoraRefInvalid),
+        ("bin-link.safetensors", LoraRefInvalid),  # the real file behind the name is not .safetensors
+        ("missing.safetensors", LoraNotFound),
+        ("dir.safetensors", LoraNotFound),
+        ("bad.safetensors", LoraInvalid),
+    ],
+)
+def test_local_refusals(store, dirs, ref, error):
+    root, _, outside = dirs
+    (outside / "x.safetensors").write_bytes(lora_bytes())
+    (root / "link.safetensors").symlink_to(outside / "x.safetensors")
+    (root / "linkdir").symlink_to(outside)
+    (root / "x.bin").write_bytes(lora_bytes())
+    (root / "bin-link.safetensors").symlink_to(root / "x.bin")
+    (root / "dir.safetensors").mkdir()
+    (root / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(error) as e:
+        store.resolve(ref)
+    assert e.value.status == 400
+
+
+def test_symlink_within_root_is_fine(store, dirs):
+    root, _, _ = dirs
+    (root / "real.safetensors").write_bytes(lora_bytes())
+    (root / "alias.safetensors").symlink_to(root / "real.safetensors")
+    assert store.resolve("alias.safetensors") == os.path.realpath(root / "real.safetensors")
+
+
+# -- downloads ------------------------------------------------------------------------------------
+
+
+def test_download_once_then_hit(store, dirs, local_server):  # noqa: F811
+    _, cache, _ = dirs
+    body = lora_bytes()
+    url = local_server.add("/a.safetensors", body)
+    path = store.resolve(url)
+    assert open(path, "rb").read() == body and os.path.dirname(path) == str(cache)
+    assert store.resolve(url) == path
+    assert local_server.count("/a.safetensors") == 1
+    assert store.stats()["fetches"] == 1 and store.stats()["hits"] == 1
+
+
+def test_hf_refs_share_one_cache_entry(store, dirs):
+    """Page URL, hf:// and resolve URL are one file; a cached one needs no network (the guard checks)."""
+    _, cache, _ = dirs
+    refs = [
+        "https://huggingface.co/o/r/blob/main/a.safetensors",
+        "hf://o/r/a.safetensors",
+        "https://huggingface.co/o/r/resolve/main/a.safetensors",
+    ]
+    assert len({store.cache_path(r) for r in refs}) == 1
+    store.cache_path(refs[0]).write_bytes(lora_bytes())
+    for ref in refs:
+        assert store.resolve(ref) == str(store.cache_path(ref))
+
+
+def test_connection_dropped_mid_download_leaves_nothing(store, dirs, local_server):  # noqa: F811
+    _, cache, _ = dirs
+    url = local_server.add("/cut.safetensors", lora_bytes(rank=64), close_after=2000, chunk_size=500)
+    with pytest.raises(LoraFetchFailed) as e:
+        store.resolve(url)
+    assert e.value.code == "LORA_FETCH_FAILED"
+    assert leftovers(cache) == []
+
+
+def test_truncated_without_content_length_fails_verification(store, dirs, local_server):  # noqa: F811
+    # Without Content-Length a dropped connection looks like a complete body; the header check catches it.
+    _, cache, _ = dirs
+    url = local_server.add("/t.safetensors", lora_bytes(rank=64), content_length=None, close_after=2000)
+    with pytest.raises(LoraInvalid):
+        store.resolve(url)
+    assert leftovers(cache) == []
+
+
+def test_invalid_file_is_deleted(store, dirs, local_server):  # noqa: F811
+    _, cache, _ = dirs
+    url = local_server.add("/junk.safetensors", os.urandom(4096))
+    with pytest.raises(LoraInvalid) as e:
+        store.resolve(url)
+    assert e.value.code == "LORA_INVALID"
+    assert leftovers(cache) == []
+    int_tensors = save({"diffusion_model.x.lora_A.weight": np.zeros((2, 2), np.int64)})
+    url = local_server.add("/ints.safetensors", int_tensors)
+    with pytest.raises(LoraInvalid):
+        store.resolve(url)
+    assert leftovers(cache) == []
+
+
+def test_too_large_is_refused(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    small = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), max_file_bytes=1000), FETCH)
+    url = local_server.add("/big.safetensors", lora_bytes(rank=64))
+    with pytest.raises(FetchTooLarge):
+        small.resolve(url)
+    url = local_server.add("/big2.safetensors", lora_bytes(rank=64), content_length=None)
+    with pytest.raises(FetchTooLarge):
+        small.resolve(url)
+    assert leftovers(cache) == []
+
+
+def test_upstream_404_is_lora_not_found(store, local_server):  # noqa: F811
+    url = local_server.add("/gone.safetensors", b"", status=404)
+    with pytest.raises(LoraNotFound):
+        store.resolve(url)
+
+
+def test_redirect_to_private_is_refused(store, local_server):  # noqa: F811
+    url = local_server.redirect("/r.safetensors", "http://169.254.169.254/latest/x.safetensors")
+    with pytest.raises(UrlNotAllowed):
+        store.resolve(url)
+
+
+def test_stale_temp_files_cleaned_on_start(dirs):
+    root, cache, _ = dirs
+    stale = cache / f"{TEMP_PREFIX}abc-123.safetensors"
+    stale.write_bytes(b"half a file")
+    (cache / "kept.safetensors").write_bytes(lora_bytes())
+    LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache)), FETCH)
+    assert leftovers(cache) == ["kept.safetensors"]
+
+
+def test_lru_eviction_under_quota(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    bodies = {name: lora_bytes(seed=i) for i, name in enumerate("abc")}
+    size = len(bodies["a"])
+    store = LoraStore(
+        LoraCacheConfig(root=str(root), cache_dir=str(cache), disk_quota_bytes=int(size * 2.5)), FETCH
+    )
+    urls = {name: local_server.add(f"/{name}.safetensors", body) for name, body in bodies.items()}
+    pa = store.resolve(urls["a"])
+    time.sleep(0.02)
+    pb = store.resolve(urls["b"])
+    time.sleep(0.02)
+    store.resolve(urls["a"])  # a is now more recent than b
+    time.sleep(0.02)
+    pc = store.resolve(urls["c"])
+    assert os.path.exists(pa) and os.path.exists(pc) and not os.path.exists(pb)
+    assert store.stats()["evictions"] == 1
+    store.resolve(urls["b"])  # fetched again after eviction
+    assert local_server.count("/b.safetensors") == 2
+
+
+def test_file_larger_than_quota_is_kept(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    store = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), disk_quota_bytes=10), FETCH)
+    a = store.resolve(local_server.add("/a.safetensors", lora_bytes(1)))
+    b = store.resolve(local_server.add("/b.safetensors", lora_bytes(2)))
+    assert os.path.exists(b) and not os.path.exists(a)
+
+
+# -- concurrency: in-process actor class ----------------------------------------------------------
+
+
+def test_concurrent_resolves_share_one_fetch(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    url = local_server.add("/slow.safetensors", lora_bytes(), delay_s=0.3)
+    actor = LoraCacheActor(LoraCacheConfig(root=str(root), cache_dir=str(cache)), FETCH)
+
+    async def main():
+        paths = await asyncio.gather(*(actor.resolve(url) for _ in range(8)))
+        return paths, await actor.stats()
+
+    paths, stats = asyncio.run(main())
+    assert len(set(paths)) == 1
+    assert local_server.count("/slow.safetensors") == 1
+    assert stats["fetches"] == 1 and stats["merged"] == 7 and stats["inflight"] == 0
+
+
+def test_actor_class_failures_reach_every_waiter(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    url = local_server.add("/junk.safetensors", b"junk" * 100, delay_s=0.2)
+    actor = LoraCacheActor(LoraCacheConfig(root=str(root), cache_dir=str(cache)), FETCH)
+
+    async def main():
+        return await asyncio.gather(*(actor.resolve(url) for _ in range(3)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, LoraInvalid) for r in results)
+    assert local_server.count("/junk.safetensors") == 1
+
+
+# -- the Ray actor ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        # Workers must import `deployments` from this checkout.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",  # tests use loopback only
+            runtime_env={"env_vars": {"PYTHONPATH": repo}},
+        )
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def test_ray_actor_per_node_fetches_once(ray_cluster, dirs):
+    from ray.exceptions import RayActorError
+
+    from deployments.lora_cache import get_or_create_cache_actor
+
+    ray = ray_cluster
+    root, cache, _ = dirs
+    lora_cfg = LoraCacheConfig(root=str(root), cache_dir=str(cache))
+    # The actor lives in another process: the loopback guard cannot follow it, so only local URLs here.
+    with LocalServer() as srv:
+        url = srv.add("/a.safetensors", lora_bytes(), delay_s=0.5)
+        actor = get_or_create_cache_actor(lora_cfg, FETCH)
+        assert get_or_create_cache_actor(lora_cfg, FETCH)._actor_id == actor._actor_id
+        paths = ray.get([actor.resolve.remote(url) for _ in range(8)], timeout=WAIT_S)
+        assert len(set(paths)) == 1 and os.path.dirname(paths[0]) == str(cache)
+        assert srv.count("/a.safetensors") == 1
+        stats = ray.get(actor.stats.remote())
+        assert stats["fetches"] == 1 and stats["merged"] + stats["hits"] == 7
+
+        # Typed errors cross the process boundary with their code.
+        with pytest.raises(LoraRefInvalid) as e:
+            ray.get(actor.resolve.remote("../x.safetensors"))
+        assert e.value.code == "LORA_REF_INVALID"
+
+        # A dead actor: calling the helper again gives a working one (the name is free again).
+        ray.kill(actor)
+        with pytest.raises(RayActorError):
+            ray.get(actor.stats.remote(), timeout=WAIT_S)
+        fresh = get_or_create_cache_actor(lora_cfg, FETCH)
+        assert fresh._actor_id != actor._actor_id
+        assert ray.get(fresh.resolve.remote(url), timeout=WAIT_S) == paths[0]  # still on disk: a hit
+        assert srv.count("/a.safetensors") == 1
+        ray.kill(fresh)
