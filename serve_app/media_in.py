@@ -20,7 +20,7 @@ from deployments.config import FetchConfig
 from .config import LimitsConfig
 from .errors import ApiError
 
-_DATA_URI = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
+_DATA_URI = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL | re.IGNORECASE)  # RFC 2397: case-insensitive
 
 
 def _bad(code: str, message: str, index: int, **details) -> ApiError:

@@ -134,7 +134,8 @@ def to_specs(req: InferenceRequest, cfg: AppConfig, fetch: FetchConfig | None = 
         specs.append(
             GenerationSpec(
                 prompt=prompt_text(p, req),
-                negative_prompt=p.neg if p.neg is not None else d.negative_prompt,
+                # neg defaults to "" in the schema, so only a neg the client sent overrides the config's.
+                negative_prompt=p.neg if "neg" in p.model_fields_set else d.negative_prompt,
                 width=width,
                 height=height,
                 num_frames=snap_frames(p.num_frames if p.num_frames is not None else d.num_frames),
