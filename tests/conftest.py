@@ -15,6 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # The tiny model's ops are small: on 2 cores shared with Ray's replica processes, torch's
+    # default thread pool makes them up to 25x slower (measured), so the test process uses one.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """A cache dir holding the tiny checkpoint, built once per session."""
