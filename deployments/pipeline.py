@@ -22,6 +22,8 @@ from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
 from .models import LoadedModel
 from .spec import GenerationSpec, Progress, adapter_name
+from .speed import apply_speed_modes
+from .speed import warmup as speed_warmup
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,19 @@ class WanGenerator:
                 module.register_forward_pre_hook(lambda *_, s=stage: self._clock and self._clock.start(s)),
                 module.register_forward_hook(lambda *_, s=stage: self._clock and self._clock.stop(s)),
             ]
+        # Speed modes (CUDA only; a no-op on CPU). With compiled blocks, adapters go through the
+        # fixed LoRA slot (speed.LoraSlots) so that loads, switches and multipliers never recompile.
+        self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
+        self._slots = self.speed_report.pop("lora_slots", None)
+        self._resident: dict = {}  # adapter name -> speed.ResidentAdapter (slot path only)
+        if self.speed.warmup:
+            self.warmup()
+
+    def warmup(self) -> dict:
+        """Compile now, at replica start (idempotent; a no-op without speed modes, e.g. on CPU)."""
+        if self.speed_report.get("applied") and "warmup" not in self.speed_report:
+            self.speed_report["warmup"] = speed_warmup(self, self.speed)
+        return self.speed_report.get("warmup", {})
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -120,6 +135,11 @@ class WanGenerator:
         if name in self.adapters:
             return name
         state_dict = read_lora(path, self._shapes, type(self.pipe), max_header_bytes)
+        if self._slots is not None:
+            self._resident[name] = self._slots.prepare(name, state_dict)  # raises LoraIncompatible
+            self.adapters[name] = ref
+            self.adapter_loads += 1
+            return name
         try:
             self.pipe.load_lora_weights(state_dict, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
@@ -138,6 +158,11 @@ class WanGenerator:
 
     def delete_adapter(self, ref: str) -> None:
         name = adapter_name(ref)
+        if self._slots is not None:
+            if self.adapters.pop(name, None) is not None:
+                self._resident.pop(name, None)
+                self._slots.invalidate(name)
+            return
         if self.adapters.pop(name, None) is not None:
             self.pipe.delete_adapters([name])
 
@@ -148,10 +173,15 @@ class WanGenerator:
             missing = [lora.ref for lora in spec.loras if adapter_name(lora.ref) not in self.adapters]
             if missing:
                 raise GenerationFailed(f"adapters not loaded: {missing}")
+            if self._slots is not None:
+                self._slots.apply([(self._resident[n], lora.multiplier) for n, lora in zip(names, spec.loras)])
+                return
             self.pipe.enable_lora()
             # Always set, so a multiplier change (back to 1.0 included) takes effect.
             self.pipe.set_adapters(names, [lora.multiplier for lora in spec.loras])
             self._lora_enabled = True
+        elif self._slots is not None:
+            self._slots.apply([])  # the plain Linear path, compiled at warm-up
         elif self._lora_enabled:
             self.pipe.disable_lora()  # restores the base output bit-exactly
             self._lora_enabled = False

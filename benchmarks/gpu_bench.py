@@ -1,0 +1,836 @@
+"""GPU benchmark of exact mode against the reference path, in one process on one card.
+
+    python benchmarks/gpu_bench.py --out $OUT            # on the GPU machine (random-full, defaults)
+    python benchmarks/gpu_bench.py --cpu-smoke --out /tmp/bench   # shake-out on CPU with the tiny model
+
+Sections (each recorded in ``gpu_bench.json`` as soon as it finishes; one failing section does not
+stop the others):
+
+1. build      the full-size architecture with random weights (``random-full``) on the card;
+2. ref_*      the plain ``WanImageToVideoPipeline`` in bf16, default attention, no compile, called
+              exactly as the reference server calls it: one warm-up request (1 step), one whole
+              default request (per-stage split, peak memory, final latents), then seconds per
+              transformer forward on the inputs that request fed the transformer;
+3. noise_*    the same forward with other attention backends, eager: the backend-to-backend noise
+              floor for the error columns; truth_forward: the same forward in float32 (block by
+              block, so it fits any card), the truth every error is also measured against;
+4. ours_*     ``WanGenerator`` with the default ``SpeedConfig`` (cuDNN attention, compiled blocks,
+              LoRA slot, warm-up at replica start): compile/warm-up seconds, per forward, one whole
+              default request through ``generate`` (the product path), relative L2 errors;
+5. lora       a rank-32 ai-toolkit LoRA on every block linear (random, ~360 MB) written to /tmp and
+              loaded from disk, a switch between two resident adapters, a multiplier change, two
+              adapters at once, one product-path generation, all with
+              ``torch._dynamo.config.error_on_recompile = True``;
+6. noise_request  (if time is left) the whole default request again on eager flash attention, for
+              the noise floor of the final latents;
+7. alt_casts  (if time is left) recompile with the other ``emulate_precision_casts`` setting and
+              measure one forward's speed and errors.
+
+A compact table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FLOP_ANCHOR = 665.5e12  # per forward at 832x480x41 (performance-anchors.md)
+
+# ai-toolkit module names -> diffusers module names, per block
+AITK_TO_DIFFUSERS = {
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, out: Path, budget_s: float):
+        self.out = out
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+        self.results: dict = {"sections_failed": []}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def save(self):
+        (self.out / "gpu_bench.json").write_text(json.dumps(self.results, indent=2, default=str))
+
+    def section(self, name, fn, *args, **kwargs):
+        log(f"== {name} (t={self.elapsed():.0f}s)")
+        t = time.perf_counter()
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as e:  # record and go on: one broken section must not lose the others
+            traceback.print_exc()
+            self.results["sections_failed"].append(name)
+            self.results[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            value = None
+        else:
+            if isinstance(value, dict):
+                self.results[name] = {k: v for k, v in value.items() if not k.startswith("_")}
+        if isinstance(self.results.get(name), dict):
+            self.results[name]["section_s"] = round(time.perf_counter() - t, 2)
+        self.save()
+        log(f"   {name}: {json.dumps(self.results.get(name), default=str)[:600]}")
+        return value
+
+
+def log(msg: str):
+    print(msg, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def clone_tree(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(clone_tree(v) for v in x)
+    if isinstance(x, dict):
+        return {k: clone_tree(v) for k, v in x.items()}
+    return x
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def dynamo_stats() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "frames")}
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class StepCapture:
+    """Keeps the last ``scheduler.step`` output: the final latents of a request."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.last = None
+        self.steps = 0
+
+    def __enter__(self):
+        orig = type(self.scheduler).step.__get__(self.scheduler)
+
+        def step(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            latents = out[0] if isinstance(out, tuple) else out.prev_sample
+            self.last = latents.detach().clone()
+            self.steps += 1
+            return out
+
+        self.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc):
+        del self.scheduler.step
+
+
+class ForwardCapture:
+    """Clones the inputs of the transformer's first forward (the cond pass of step 1)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.args = None
+        self.kwargs = None
+
+    def __enter__(self):
+        def pre(module, args, kwargs):
+            if self.kwargs is None:
+                self.args, self.kwargs = clone_tree(args), clone_tree(kwargs)
+
+        self.handle = self.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def forward_flops(shapes: dict, cfg, tokens: int, text_tokens: int, image_tokens: int) -> float:
+    """Multiply-adds x 2 of one transformer forward, counted from the layer shapes."""
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    total = 0.0
+    for i in range(cfg.num_layers):
+        p = f"blocks.{i}."
+        for name, n in (
+            ("attn1.to_q", tokens), ("attn1.to_k", tokens), ("attn1.to_v", tokens), ("attn1.to_out.0", tokens),
+            ("attn2.to_q", tokens), ("attn2.to_out.0", tokens),
+            ("attn2.to_k", text_tokens), ("attn2.to_v", text_tokens),
+            ("attn2.add_k_proj", image_tokens), ("attn2.add_v_proj", image_tokens),
+            ("ffn.net.0.proj", tokens), ("ffn.net.2", tokens),
+        ):
+            if p + name in shapes:
+                fi, fo = shapes[p + name]
+                total += 2.0 * n * fi * fo
+        total += 4.0 * tokens * tokens * dim  # self-attention: QK^T and PV
+        total += 4.0 * tokens * (text_tokens + image_tokens) * dim  # cross-attention
+    fi, fo = shapes["proj_out"]
+    total += 2.0 * tokens * fi * fo
+    return total
+
+
+def make_aitoolkit_lora(shapes: dict, num_layers: int, rank: int, seed: int, path: str, device, std_b: float = 3e-3):
+    """A random ai-toolkit-format LoRA on every block linear (bf16), saved as safetensors."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for i in range(num_layers):
+        for aitk, diff in AITK_TO_DIFFUSERS.items():
+            name = f"blocks.{i}.{diff}"
+            if name not in shapes:
+                continue
+            fi, fo = shapes[name]
+            a = torch.randn(rank, fi, generator=g, device=device) / math.sqrt(fi)
+            b = torch.randn(fo, rank, generator=g, device=device) * std_b
+            sd[f"diffusion_model.blocks.{i}.{aitk}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
+            sd[f"diffusion_model.blocks.{i}.{aitk}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+    save_file(sd, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):  # drop it from the page cache: the load reads the disk
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def png_image(width: int, height: int, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reference_call(pipe, spec, steps: int | None = None):
+    """The pipeline call exactly as the reference server (and ``WanGenerator.generate``) makes it."""
+    from PIL import Image
+
+    from deployments.pipeline import MAX_SEQUENCE_LENGTH
+
+    image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    with torch.inference_mode():
+        return pipe(
+            image=image,
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            height=spec.height,
+            width=spec.width,
+            num_frames=spec.num_frames,
+            num_inference_steps=steps or spec.steps,
+            guidance_scale=spec.guidance_scale,
+            generator=generator,
+            output_type="np",
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+
+
+def time_forward(transformer, inputs, device, warm: int, reps: int):
+    """Median seconds of one transformer forward on the captured inputs, and its output."""
+    args, kwargs = inputs
+    times = []
+    out = None
+    with torch.inference_mode():
+        for _ in range(warm):
+            out = transformer(*args, **kwargs)
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            out = transformer(*args, **kwargs)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    sample = out[0] if isinstance(out, tuple) else out.sample
+    return float(np.median(times)), [round(x, 4) for x in times], sample.detach().clone()
+
+
+class _Fp32Block(torch.nn.Module):
+    """Runs a float32 copy of a block (made per call, freed after): the fp32 forward fits any card."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = [block]  # a list: not a child, so .to() never touches the real block
+
+    def forward(self, *args, **kwargs):
+        import copy
+
+        block = copy.deepcopy(self.inner[0]).float()
+        up = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        args = [tuple(up(x) for x in v) if isinstance(v, tuple) else up(v) for v in args]
+        out = block(*args, **{k: up(v) for k, v in kwargs.items()})
+        del block
+        return out
+
+
+def fp32_truth_forward(transformer, inputs, device, ref_out):
+    """The same forward in float32 (no TF32, memory-efficient attention): the truth for errors.
+
+    The bf16 model is converted back exactly afterwards (bf16 -> fp32 -> bf16 is lossless); the
+    second return value says whether a bf16 forward afterwards is bit-equal to one just before.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _, _, before = time_forward(transformer, inputs, device, warm=0, reps=1)
+
+    args, kwargs = inputs
+    blocks = list(transformer.blocks)
+    dtype = next(transformer.parameters()).dtype
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, child in transformer.named_children():
+            if name != "blocks":
+                child.float()
+        for _, p in transformer.named_parameters(recurse=False):
+            p.data = p.data.float()
+        transformer.blocks = torch.nn.ModuleList([_Fp32Block(b) for b in blocks])
+        up = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        backends = [SDPBackend.EFFICIENT_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]
+        with torch.inference_mode(), sdpa_kernel(backends):
+            out = transformer(*[up(x) for x in args], **{k: up(v) for k, v in kwargs.items()})
+        sample = (out[0] if isinstance(out, tuple) else out.sample).detach().clone()
+    finally:
+        transformer.blocks = torch.nn.ModuleList(blocks)
+        transformer.to(dtype)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    _, _, again = time_forward(transformer, inputs, device, warm=0, reps=1)
+    return sample, bool(torch.equal(again, before))
+
+
+def attach_clock(pipe, device):
+    from deployments.pipeline import _StageClock
+
+    clock = _StageClock(device)
+    handles = []
+    for module, stage in (
+        (pipe.text_encoder, "text_encode"),
+        (pipe.image_encoder, "image_encode"),
+        (pipe.vae.encoder, "vae_encode"),
+        (pipe.vae.decoder, "vae_decode"),
+        (pipe.transformer, "denoise"),
+    ):
+        handles += clock.attach(module, stage)
+    return clock, handles
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-bench"))
+    ap.add_argument("--source", default="random-full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cache-dir", default="/tmp/models")
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--frames", type=int, default=41)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--slot-rank", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3, help="timed forwards per variant")
+    ap.add_argument("--budget-s", type=float, default=540, help="skip optional sections past this")
+    ap.add_argument("--noise-request", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument(
+        "--alt-casts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="last: recompile with the other emulate_precision_casts setting; measure speed and error",
+    )
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny model on CPU at tiny sizes, speed modes forced on (no attention backend): checks the harness",
+    )
+    a = ap.parse_args(argv)
+    if a.cpu_smoke:
+        a.source, a.device = "tiny", "cpu"
+        a.width, a.height, a.frames, a.steps = 64, 48, 5, 3
+        a.lora_rank, a.slot_rank = 4, 8
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import diffusers
+    import peft
+    import transformers
+
+    from deployments import pipeline as pipeline_mod
+    from deployments import speed as speed_mod
+    from deployments.config import ModelConfig, SpeedConfig
+    from deployments.lora_files import linear_shapes
+    from deployments.models import load_pipeline
+    from deployments.spec import GenerationSpec, LoraRef
+
+    torch._logging.set_logs(recompiles=True)
+    B = Bench(Path(a.out), a.budget_s)
+    R = B.results
+    device = torch.device(a.device)
+    R["env"] = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "args": vars(a),
+    }
+    B.save()
+    log(json.dumps(R["env"]))
+
+    spec = GenerationSpec(
+        prompt="a runner on a beach at sunset, handheld camera, slow motion",
+        negative_prompt="blurry, low quality, static frame",
+        width=a.width,
+        height=a.height,
+        num_frames=a.frames,
+        fps=16,
+        steps=a.steps,
+        guidance_scale=a.guidance,
+        seed=a.seed,
+        image_png=png_image(a.width, a.height),
+    )
+    S: dict = {}  # tensors and objects shared between sections
+
+    # 1. build --------------------------------------------------------------------------------
+    def build():
+        loaded = load_pipeline(ModelConfig(source=a.source, device=a.device, cache_dir=a.cache_dir))
+        S["loaded"] = loaded
+        S["shapes"] = linear_shapes(loaded.pipe.transformer)
+        n = sum(p.numel() for p in loaded.pipe.transformer.parameters())
+        return {"load_s": round(loaded.load_seconds, 1), "dtype": str(loaded.dtype), "transformer_params_b": round(n / 1e9, 2)}
+
+    B.section("build", build)
+    if "loaded" not in S:
+        return 1
+    pipe = S["loaded"].pipe
+    tcfg = pipe.transformer.config
+
+    # 2. reference path -----------------------------------------------------------------------
+    def ref_warm():
+        t = time.perf_counter()
+        with ForwardCapture(pipe.transformer) as cap:
+            reference_call(pipe, spec, steps=1)
+        sync(device)
+        S["inputs"] = (cap.args, cap.kwargs)
+        hs = cap.kwargs["hidden_states"]
+        ctx = cap.kwargs["encoder_hidden_states"]
+        img = cap.kwargs.get("encoder_hidden_states_image")
+        pt, ph, pw = tcfg.patch_size
+        tokens = (hs.shape[2] // pt) * (hs.shape[3] // ph) * (hs.shape[4] // pw)
+        S["flops"] = forward_flops(S["shapes"], tcfg, tokens, ctx.shape[1], img.shape[1] if img is not None else 0)
+        return {
+            "seconds": round(time.perf_counter() - t, 2),
+            "tokens": tokens,
+            "text_tokens": ctx.shape[1],
+            "image_tokens": img.shape[1] if img is not None else 0,
+            "tflop_per_forward": round(S["flops"] / 1e12, 2),
+        }
+
+    B.section("ref_warm", ref_warm)
+
+    def whole_request(run):
+        clock, handles = attach_clock(pipe, device)
+        peak_reset(device)
+        try:
+            with StepCapture(pipe.scheduler) as cap:
+                sync(device)
+                clock.start("total")
+                run()
+                clock.stop("total")
+        finally:
+            for h in handles:
+                h.remove()
+        return cap, clock.totals
+
+    def ref_request():
+        cap, totals = whole_request(lambda: reference_call(pipe, spec))
+        S["ref_latents"] = cap.last
+        return {
+            "steps": a.steps,
+            "forwards": 2 * a.steps if a.guidance > 1 else a.steps,
+            "timings": {k: round(v, 3) for k, v in totals.items()},
+            "peak_gib": peak_gib(device),
+            "latents_finite": bool(torch.isfinite(cap.last).all()),
+        }
+
+    B.section("ref_request", ref_request)
+
+    def ref_forward():
+        med, times, out = time_forward(pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
+        S["ref_out"] = out
+        return {"s_per_forward": round(med, 4), "times": times, "tflops": round(S["flops"] / med / 1e12, 1)}
+
+    B.section("ref_forward", ref_forward)
+
+    # 3. noise floor: other attention backends, eager -----------------------------------------
+    def noise_forward():
+        res = {}
+        backends = ["_native_cudnn", "_native_flash", "_native_efficient"] if device.type == "cuda" else ["_native_math"]
+        for backend in backends:
+            try:
+                pipe.transformer.set_attention_backend(backend)
+                med, times, out = time_forward(pipe.transformer, S["inputs"], device, warm=1, reps=max(1, a.reps - 1))
+                S.setdefault("noise_outs", {})[backend.lstrip("_")] = out
+                res[backend.lstrip("_")] = {
+                    "s_per_forward": round(med, 4),
+                    "rel_err_vs_ref": rel_l2(out, S["ref_out"]),
+                    "bit_equal_ref": bool(torch.equal(out, S["ref_out"])),
+                }
+            except Exception as e:
+                res[backend.lstrip("_")] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        pipe.transformer.reset_attention_backend()
+        return res
+
+    B.section("noise_forward", noise_forward)
+
+    def truth_forward():
+        out, restored = fp32_truth_forward(pipe.transformer, S["inputs"], device, S["ref_out"])
+        S["truth_out"] = out
+        res = {"ref_rel_err_vs_fp32": rel_l2(S["ref_out"], out), "restored_bit_equal": restored}
+        for name, o in S.get("noise_outs", {}).items():
+            res[f"{name}_rel_err_vs_fp32"] = rel_l2(o, out)
+        return res
+
+    if B.left() > 120:
+        B.section("truth_forward", truth_forward)
+
+    # 4. ours -----------------------------------------------------------------------------------
+    def ours_init():
+        speed = SpeedConfig(
+            warmup_width=a.width, warmup_height=a.height, warmup_frames=a.frames, lora_hotswap_rank=a.slot_rank
+        )
+        if device.type != "cuda":  # CPU smoke: force the CUDA-only path, without the cuDNN backend
+            speed = speed.model_copy(update={"attention_backend": None})
+            pipeline_mod.apply_speed_modes = lambda p, s, d: speed_mod._apply(p, s)
+        g0 = unique_graphs()
+        peak_reset(device)
+        t = time.perf_counter()
+        gen = pipeline_mod.WanGenerator(S["loaded"], speed)
+        sync(device)
+        S["gen"] = gen
+        return {
+            "init_s": round(time.perf_counter() - t, 2),
+            "speed_report": gen.speed_report,
+            "graphs_compiled": unique_graphs() - g0,
+            "peak_gib": peak_gib(device),
+        }
+
+    B.section("ours_init", ours_init)
+    if "gen" not in S:
+        B.save()
+        return summary(R)
+    gen = S["gen"]
+
+    def ours_forward():
+        g0 = unique_graphs()
+        med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
+        S["ours_out"] = out
+        ref = R.get("ref_forward", {}).get("s_per_forward")
+        return {
+            "s_per_forward": round(med, 4),
+            "times": times,
+            "tflops": round(S["flops"] / med / 1e12, 1),
+            "ratio_vs_ref": round(med / ref, 3) if ref else None,
+            "rel_err_vs_ref": rel_l2(out, S["ref_out"]) if "ref_out" in S else None,
+            "rel_err_vs_fp32": rel_l2(out, S["truth_out"]) if "truth_out" in S else None,
+            "graphs_compiled": unique_graphs() - g0,
+        }
+
+    B.section("ours_forward", ours_forward)
+
+    def ours_request():
+        g0 = unique_graphs()
+        peak_reset(device)
+        with StepCapture(gen.pipe.scheduler) as cap:
+            t = time.perf_counter()
+            frames = gen.generate(spec)
+            wall = time.perf_counter() - t
+        S["ours_latents"] = cap.last
+        ref = R.get("ref_request", {}).get("timings", {}).get("total")
+        total = frames.timings.get("total", wall)
+        return {
+            "timings": frames.timings,
+            "ratio_vs_ref": round(total / ref, 3) if ref else None,
+            "peak_gib": peak_gib(device),
+            "latents_rel_err_vs_ref": rel_l2(cap.last, S["ref_latents"]) if "ref_latents" in S else None,
+            "graphs_compiled": unique_graphs() - g0,
+        }
+
+    B.section("ours_request", ours_request)
+
+    # 5. LoRA on the compiled model ---------------------------------------------------------------
+    def lora():
+        res: dict = {}
+        paths = [f"/tmp/bench-lora-{i}.safetensors" for i in range(2)]
+        t = time.perf_counter()
+        for i, path in enumerate(paths):
+            res["file_bytes"] = make_aitoolkit_lora(S["shapes"], tcfg.num_layers, a.lora_rank, 100 + i, path, device)
+        res["write_files_s"] = round(time.perf_counter() - t, 2)
+        base_out = S.get("ours_out")
+        g0 = unique_graphs()
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for i, path in enumerate(paths):
+                t = time.perf_counter()
+                gen.load_adapter(f"bench/lora{i}.safetensors", path)
+                sync(device)
+                res[f"load_{i}_s"] = round(time.perf_counter() - t, 3)
+
+            def activate(loras):
+                s = spec.model_copy(update={"loras": tuple(LoraRef(ref=r, multiplier=m) for r, m in loras)})
+                sync(device)
+                t = time.perf_counter()
+                gen._activate(s)
+                sync(device)
+                return round(time.perf_counter() - t, 4)
+
+            def fwd(reps=1):
+                med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=0, reps=reps)
+                return med, out
+
+            L0, L1 = "bench/lora0.safetensors", "bench/lora1.safetensors"
+            res["apply_0_s"] = activate([(L0, 1.0)])
+            med, out0 = fwd(reps=a.reps)
+            res["s_per_forward_lora_on"] = round(med, 4)
+            ours = R.get("ours_forward", {}).get("s_per_forward")
+            res["slot_overhead_ratio"] = round(med / ours, 3) if ours else None
+            if base_out is not None:
+                res["lora0_rel_change_vs_base"] = rel_l2(out0, base_out)
+            res["switch_to_1_s"] = activate([(L1, 1.0)])
+            _, out1 = fwd()
+            res["lora1_rel_diff_vs_lora0"] = rel_l2(out1, out0)
+            res["multiplier_change_s"] = activate([(L1, 0.5)])
+            _, out1h = fwd()
+            res["lora1_half_rel_diff_vs_lora1"] = rel_l2(out1h, out1)
+            res["switch_back_to_0_s"] = activate([(L0, 1.0)])
+            _, out0b = fwd()
+            res["switch_back_bit_equal"] = bool(torch.equal(out0b, out0))
+            res["two_adapters_apply_s"] = activate([(L0, 1.0), (L1, 0.5)])
+            _, out01 = fwd()
+            res["two_adapters_rel_diff_vs_lora0"] = rel_l2(out01, out0)
+            res["off_s"] = activate([])
+            _, outb = fwd()
+            if base_out is not None:
+                res["off_bit_equal_base"] = bool(torch.equal(outb, base_out))
+                res["off_rel_err_vs_base"] = rel_l2(outb, base_out)
+            # the product path, one step, with an adapter
+            t = time.perf_counter()
+            gen.generate(spec.model_copy(update={"steps": 1, "loras": (LoraRef(ref=L1, multiplier=0.8),)}))
+            res["generate_1step_with_lora_s"] = round(time.perf_counter() - t, 2)
+            res["recompile_error"] = None
+        except Exception as e:
+            res["recompile_error"] = f"{type(e).__name__}: {e}"[:1500]
+            traceback.print_exc()
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        res["graphs_compiled"] = unique_graphs() - g0
+        res["zero_recompiles"] = res["graphs_compiled"] == 0 and res["recompile_error"] is None
+        res["resident_bytes_each"] = [r.nbytes for r in gen._resident.values()]
+        res["slot_bytes"] = gen._slots.nbytes if gen._slots else None
+        for p in paths:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        gen._activate(spec)  # back to no LoRA
+        return res
+
+    B.section("lora", lora)
+
+    # 6. noise floor of the whole request: the eager path with another attention kernel ----------
+    ref_total = R.get("ref_request", {}).get("timings", {}).get("total", 0) or 0
+    want = a.noise_request == "on" or (a.noise_request == "auto" and B.left() > 1.25 * ref_total + 20)
+    if want and "ref_latents" in S:
+
+        def noise_request():
+            if gen._slots is not None:
+                gen._slots.apply([])
+            backend = "_native_flash" if device.type == "cuda" else "_native_math"
+            pipe.transformer.set_attention_backend(backend)
+            try:
+                with torch.compiler.set_stance("force_eager"):
+                    cap, totals = whole_request(lambda: reference_call(pipe, spec))
+            finally:
+                if gen.speed_report.get("attention_backend"):
+                    pipe.transformer.set_attention_backend(gen.speed_report["attention_backend"])
+                else:
+                    pipe.transformer.reset_attention_backend()
+            return {
+                "backend": backend + " (eager)",
+                "timings": {k: round(v, 3) for k, v in totals.items()},
+                "latents_rel_err_vs_ref": rel_l2(cap.last, S["ref_latents"]),
+            }
+
+        B.section("noise_request", noise_request)
+    else:
+        R["noise_request"] = {"skipped": f"time left {B.left():.0f}s"}
+
+    # 7. experiment: the other inductor precision setting (recompiles everything) -------------------
+    def alt_casts():
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config, "emulate_precision_casts"):
+            return {"skipped": "torch._inductor.config.emulate_precision_casts not in this torch"}
+        product = bool(inductor_config.emulate_precision_casts)
+        gen._slots and gen._slots.apply([])
+        torch.compiler.reset()
+        inductor_config.emulate_precision_casts = not product
+        try:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                gen.pipe.transformer(*S["inputs"][0], **S["inputs"][1])
+            sync(device)
+            compile_s = time.perf_counter() - t
+            med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=0, reps=a.reps)
+        finally:
+            inductor_config.emulate_precision_casts = product
+        ref = R.get("ref_forward", {}).get("s_per_forward")
+        return {
+            "emulate_precision_casts": not product,
+            "first_call_s": round(compile_s, 1),
+            "s_per_forward": round(med, 4),
+            "times": times,
+            "ratio_vs_ref": round(med / ref, 3) if ref else None,
+            "rel_err_vs_ref": rel_l2(out, S["ref_out"]) if "ref_out" in S else None,
+            "rel_err_vs_fp32": rel_l2(out, S["truth_out"]) if "truth_out" in S else None,
+        }
+
+    if a.alt_casts and B.left() > 90:
+        B.section("alt_casts", alt_casts)
+
+    R["total_s"] = round(B.elapsed(), 1)
+    B.save()
+    return summary(R)
+
+
+def summary(R: dict) -> int:
+    g = lambda *path: _get(R, *path)  # noqa: E731
+    rows = []
+
+    def row(what, ref, ours, ratio=None, target=None):
+        rows.append((what, ref, ours, ratio, target))
+
+    rf, of = g("ref_forward", "s_per_forward"), g("ours_forward", "s_per_forward")
+    row("s / transformer forward", rf, of, g("ours_forward", "ratio_vs_ref"), "<= 0.72x")
+    row("effective TFLOP/s", g("ref_forward", "tflops"), g("ours_forward", "tflops"))
+    rt, ot = g("ref_request", "timings"), g("ours_request", "timings")
+    for stage in ("total", "text_encode", "image_encode", "vae_encode", "denoise", "vae_decode"):
+        row(
+            f"request {stage} s",
+            (rt or {}).get(stage),
+            (ot or {}).get(stage),
+            g("ours_request", "ratio_vs_ref") if stage == "total" else None,
+            "<= 0.75x" if stage == "total" else None,
+        )
+    row("peak GPU GiB (request)", g("ref_request", "peak_gib"), g("ours_request", "peak_gib"))
+    row("compile + warm-up s", None, g("ours_init", "init_s"))
+    nf = g("noise_forward") or {}
+    noise = [v.get("rel_err_vs_ref") for v in nf.values() if isinstance(v, dict) and v.get("rel_err_vs_ref")]
+    row("rel L2 err, 1 forward", f"noise {min(noise):.4f}-{max(noise):.4f}" if noise else None, g("ours_forward", "rel_err_vs_ref"))
+    tf = g("truth_forward") or {}
+    row("rel L2 err vs fp32, 1 forward", tf.get("ref_rel_err_vs_fp32"), g("ours_forward", "rel_err_vs_fp32"))
+    row("  flash / efficient vs fp32", tf.get("native_flash_rel_err_vs_fp32"), tf.get("native_efficient_rel_err_vs_fp32"))
+    alt = f"emulate_casts={g('alt_casts', 'emulate_precision_casts')}"
+    row(f"{alt} s/fwd", None, g("alt_casts", "s_per_forward"), g("alt_casts", "ratio_vs_ref"))
+    row(f"{alt} err vs ref / fp32", g("alt_casts", "rel_err_vs_ref"), g("alt_casts", "rel_err_vs_fp32"))
+    row(
+        "rel L2 err, final latents",
+        g("noise_request", "latents_rel_err_vs_ref") and f"noise {g('noise_request', 'latents_rel_err_vs_ref'):.4f}",
+        g("ours_request", "latents_rel_err_vs_ref"),
+    )
+    row("LoRA load from disk s", None, g("lora", "load_0_s"), None, "<= 2 s")
+    row("LoRA switch s", None, g("lora", "switch_to_1_s"), None, "<= 0.1 s")
+    row("LoRA multiplier change s", None, g("lora", "multiplier_change_s"), None, "<= 0.05 s")
+    row("LoRA zero recompiles", None, g("lora", "zero_recompiles"), None, "True")
+    row("s / forward, LoRA on", None, g("lora", "s_per_forward_lora_on"), g("lora", "slot_overhead_ratio"))
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    print(f"\ncard: {g('env', 'card')}  torch {g('env', 'torch')}  diffusers {g('env', 'diffusers')}")
+    print(f"{'':32s} {'reference':>22s} {'ours':>10s} {'ratio':>7s} {'target':>10s}")
+    for what, ref, ours, ratio, target in rows:
+        print(f"{what:32s} {fmt(ref):>22s} {fmt(ours):>10s} {fmt(ratio):>7s} {fmt(target):>10s}")
+    print(f"failed sections: {R.get('sections_failed')}  total {R.get('total_s')} s", flush=True)
+    return 1 if R.get("sections_failed") else 0
+
+
+def _get(d, *path):
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+if __name__ == "__main__":
+    sys.exit(main())

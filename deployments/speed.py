@@ -1,0 +1,330 @@
+"""CUDA speed modes for exact mode: attention backend, regional compilation, compile-safe LoRA slots.
+
+Everything here keeps results within bf16 noise of the plain diffusers path (measured in
+``benchmarks/gpu_bench.py``). On CPU :func:`apply_speed_modes` changes nothing, so CPU results stay
+bit-exact.
+
+Adapters on a compiled model. ``set_adapters`` on a compiled transformer recompiles (the
+scaling becomes a new Python float), and so does loading a new adapter (new modules) or switching
+the active adapter (a new guard). So, before the first forward, one LoRA *slot* of fixed rank
+(``SpeedConfig.lora_hotswap_rank``) is created on every ``Linear`` of the transformer, with
+scaling 1.0 and zero weights, and it never changes shape or Python attributes afterwards:
+
+- a resident adapter is a set of GPU tensors (already converted, in the model dtype);
+- a request's adapters are written *into* the slot with in-place copies: adapter i occupies rank
+  columns ``[o_i, o_i + r_i)``, its multiplier folded into its ``lora_B`` block, so
+  ``B_slot @ A_slot = sum_i m_i * B_i @ A_i`` (what peft computes for several active adapters);
+- a request without adapters turns the slot off (``_disable_adapters``, peft's own switch), which
+  runs the plain ``Linear`` path: both variants are compiled during warm-up, so flipping between
+  them later is a cache hit, not a recompile.
+
+This is diffusers' ``enable_lora_hotswap`` idea (pad to a target rank, swap weights in place) done
+with one slot instead of one per adapter, so several adapters cost one rank-R LoRA, multipliers
+cost no recompile and the switch is a device-to-device copy. The limit: the ranks of one request's
+adapters must add up to at most ``lora_hotswap_rank``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import SpeedConfig
+from .errors import LoraIncompatible
+
+log = logging.getLogger(__name__)
+
+SLOT = "slot"  # the one adapter name peft sees on the compiled path
+
+# Inductor keeps fused intermediates in fp32 unless told to round them to bf16 where eager does.
+# Rounding like eager puts the compiled forward within attention-kernel noise of the reference
+# (H200: 0.0071 relative L2 vs 0.0124 without; flash-vs-cuDNN eager is 0.0071) at the same speed
+# (1.120 vs 1.117 s per forward). Without it the output is slightly closer to an fp32 forward
+# (0.0102 vs 0.0119) but further from the reference server's, which exact mode is judged against.
+EMULATE_PRECISION_CASTS = True
+
+
+@dataclass
+class ResidentAdapter:
+    """One adapter kept on the device, ready to be copied into the slot."""
+
+    name: str
+    rank: int  # the largest rank over its layers: the slot columns it occupies
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (lora_A (r, in), lora_B (out, r))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.pairs.values())
+
+
+class LoraSlots:
+    """A fixed-rank LoRA slot on every Linear of a transformer, written in place per request."""
+
+    def __init__(self, transformer: torch.nn.Module, rank: int):
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"slot rank must be >= 1, got {rank}")
+        self.rank = rank
+        names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+        ref = next(transformer.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, init_lora_weights=False)
+        transformer.add_adapter(config, adapter_name=SLOT)
+        from peft.tuners.lora import LoraLayer
+
+        self.layers: dict[str, LoraLayer] = {}
+        for name, module in transformer.named_modules():
+            if isinstance(module, LoraLayer) and SLOT in module.lora_A:
+                self.layers[name] = module
+        missing = set(names) - set(self.layers)
+        if missing:
+            raise RuntimeError(f"LoRA slot not created on {sorted(missing)[:5]}")
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                # peft may upcast adapter weights to fp32; the LoRA matmuls must run in the model dtype.
+                layer.lora_A[SLOT].to(device=self.device, dtype=self.dtype)
+                layer.lora_B[SLOT].to(device=self.device, dtype=self.dtype)
+                a, b = layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight
+                a.requires_grad_(False)
+                b.requires_grad_(False)
+                a.zero_()
+                b.zero_()
+                if layer.scaling[SLOT] != 1.0:
+                    raise RuntimeError(f"slot scaling is {layer.scaling[SLOT]}, expected 1.0")
+                self.A[name], self.B[name] = a, b
+        self._dirty: set[str] = set()  # modules whose slot weights are non-zero
+        self._current: tuple | None = ()  # (name, multiplier) pairs now in the slot; None = unknown
+        self.enable(False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.A, self.B) for t in d.values())
+
+    def enable(self, on: bool) -> None:
+        """Slot on (LoRA path) or off (plain Linear path); both are compiled at warm-up."""
+        for layer in self.layers.values():
+            layer._disable_adapters = not on  # peft's switch, without its requires_grad side effects
+        self.enabled = on
+
+    def prepare(self, name: str, state_dict: dict) -> ResidentAdapter:
+        """Turn a checked, diffusers-format LoRA state dict into a resident adapter on the device.
+
+        Raises:
+            LoraIncompatible: keys the slot cannot hold (``lora_B.bias``) or a rank above the slot's.
+        """
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state_dict.items():
+            module = key[len("transformer.") :] if key.startswith("transformer.") else key
+            for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+                if module.endswith(part):
+                    groups.setdefault(module[: -len(part)], {})[slot] = tensor
+                    break
+            else:
+                raise LoraIncompatible(
+                    f"LoRA key {key!r} is not supported with compiled blocks (only lora_A/lora_B weights are)",
+                    {"key": key},
+                )
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rank = 0
+        for module, g in groups.items():
+            if module not in self.layers:
+                raise LoraIncompatible(f"LoRA targets {module!r}, which has no slot", {"module": module})
+            if set(g) != {"A", "B"}:
+                raise LoraIncompatible(f"LoRA layer {module!r} lacks lora_A or lora_B", {"module": module})
+            a, b = g["A"], g["B"]
+            r = a.shape[0]
+            if b.shape[1] != r:
+                raise LoraIncompatible(f"LoRA layer {module!r}: lora_A rank {r} != lora_B rank {b.shape[1]}")
+            rank = max(rank, r)
+            pairs[module] = (a, b)
+        if rank > self.rank:
+            raise LoraIncompatible(
+                f"LoRA rank {rank} exceeds the compiled slot rank {self.rank} (speed.lora_hotswap_rank)",
+                {"rank": rank, "slot_rank": self.rank},
+            )
+        with torch.no_grad():
+            pairs = {
+                m: (a.to(self.device, self.dtype).contiguous(), b.to(self.device, self.dtype).contiguous())
+                for m, (a, b) in pairs.items()
+            }
+        return ResidentAdapter(name=name, rank=rank, pairs=pairs)
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Forget what the slot holds (all, or if it holds ``name``), so the next apply rewrites it."""
+        if name is None or (self._current and any(n == name for n, _ in self._current)):
+            self._current = None
+
+    def apply(self, entries: list[tuple[ResidentAdapter, float]]) -> bool:
+        """Put these adapters with their multipliers into the slot; [] turns the slot off.
+
+        Returns True if the slot weights were rewritten.
+        Raises:
+            LoraIncompatible: the adapters' ranks add up to more than the slot's rank.
+        """
+        if not entries:
+            if self.enabled:
+                self.enable(False)
+            return False
+        key = tuple((adapter.name, float(m)) for adapter, m in entries)
+        if key == self._current:
+            if not self.enabled:
+                self.enable(True)
+            return False
+        total = sum(adapter.rank for adapter, _ in entries)
+        if total > self.rank:
+            raise LoraIncompatible(
+                f"the request's LoRAs have total rank {total}, above the compiled slot rank {self.rank}",
+                {"total_rank": total, "slot_rank": self.rank},
+            )
+        with torch.no_grad():
+            if self._dirty:
+                torch._foreach_zero_([t for n in self._dirty for t in (self.A[n], self.B[n])])
+            dst: list[torch.Tensor] = []
+            src: list[torch.Tensor] = []
+            scaled: dict[float, list[torch.Tensor]] = {}
+            offset = 0
+            dirty = set()
+            for adapter, multiplier in entries:
+                for module, (a, b) in adapter.pairs.items():
+                    r = a.shape[0]
+                    b_view = self.B[module][:, offset : offset + r]
+                    dst += [self.A[module][offset : offset + r], b_view]
+                    src += [a, b]
+                    if multiplier != 1.0:
+                        scaled.setdefault(float(multiplier), []).append(b_view)
+                    dirty.add(module)
+                offset += adapter.rank
+            torch._foreach_copy_(dst, src)
+            for multiplier, views in scaled.items():
+                torch._foreach_mul_(views, multiplier)
+        self._dirty = dirty
+        self._current = key
+        if not self.enabled:
+            self.enable(True)
+        return True
+
+
+def apply_speed_modes(pipe, speed: SpeedConfig, device) -> dict:
+    """Apply the exact-mode speed-ups on CUDA; on any other device change nothing.
+
+    Must run before any adapter is loaded and before the first forward.
+    Returns:
+        A report: ``applied``, ``attention_backend``, ``compiled``, ``emulate_precision_casts``,
+        ``lora_slot_rank``, ``lora_slot_bytes``, ``seconds``, and ``lora_slots`` (the
+        :class:`LoraSlots` or None).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"applied": False, "reason": f"device {device.type}", "lora_slots": None}
+    return _apply(pipe, speed)
+
+
+def _apply(pipe, speed: SpeedConfig) -> dict:
+    """The speed modes, device-agnostic (CPU tests call this directly to exercise compile + slots)."""
+    t0 = time.perf_counter()
+    transformer = pipe.transformer
+    report: dict = {"applied": True, "attention_backend": None, "compiled": False, "lora_slot_rank": 0}
+    if speed.attention_backend:
+        transformer.set_attention_backend(speed.attention_backend)
+        report["attention_backend"] = speed.attention_backend
+    slots = None
+    if speed.compile_blocks:
+        if speed.lora_hotswap_rank > 0:
+            slots = LoraSlots(transformer, speed.lora_hotswap_rank)
+            report["lora_slot_rank"] = slots.rank
+            report["lora_slot_bytes"] = slots.nbytes
+        import torch._inductor.config as inductor_config
+
+        if hasattr(inductor_config, "emulate_precision_casts"):  # process-wide, read at compile time
+            inductor_config.emulate_precision_casts = EMULATE_PRECISION_CASTS
+            report["emulate_precision_casts"] = EMULATE_PRECISION_CASTS
+        # Compilation itself happens at the first forward (the warm-up).
+        transformer.compile_repeated_blocks(fullgraph=True)
+        report["compiled"] = True
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["lora_slots"] = slots
+    return report
+
+
+def _zero_lora_file(directory: str, shapes: dict[str, tuple[int, int]]) -> str:
+    """A rank-1 all-zero ai-toolkit LoRA on one layer: it switches the slot on and changes nothing."""
+    from safetensors.torch import save_file
+
+    fan_in, fan_out = shapes["blocks.0.attn1.to_q"]
+    path = os.path.join(directory, "warmup-zero.safetensors")
+    save_file(
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(1, fan_in),
+            "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(fan_out, 1),
+        },
+        path,
+    )
+    return path
+
+
+WARMUP_LORA_REF = "__warmup_zero_lora__"
+
+
+def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = ()):
+    """The warm-up request: the configured size, CFG on, a random picture."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .spec import GenerationSpec
+
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(speed.warmup_height, speed.warmup_width, 3) * 255).astype("uint8"))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return GenerationSpec(
+        prompt="warm-up",
+        negative_prompt="",
+        width=speed.warmup_width,
+        height=speed.warmup_height,
+        num_frames=speed.warmup_frames,
+        fps=16,
+        steps=steps,
+        guidance_scale=4.0,
+        seed=0,
+        image_png=buf.getvalue(),
+        loras=loras,
+    )
+
+
+def warmup(generator, speed: SpeedConfig) -> dict:
+    """Compile at replica start: one generation at the warm-up size without LoRA and, if the slot
+    exists, one with a zero LoRA through the public adapter path (the slot-on variant).
+
+    Returns seconds per part.
+    """
+    from .spec import LoraRef
+
+    out: dict = {}
+    t0 = time.perf_counter()
+    generator.generate(warmup_spec(speed))
+    out["base_s"] = round(time.perf_counter() - t0, 2)
+    if getattr(generator, "_slots", None) is not None:
+        loads = generator.adapter_loads
+        t1 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _zero_lora_file(tmp, generator._shapes)
+            generator.load_adapter(WARMUP_LORA_REF, path)
+        try:
+            generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),)))
+        finally:
+            generator.delete_adapter(WARMUP_LORA_REF)
+            generator.adapter_loads = loads
+            generator._slots.apply([])
+        out["lora_s"] = round(time.perf_counter() - t1, 2)
+    out["total_s"] = round(time.perf_counter() - t0, 2)
+    return out

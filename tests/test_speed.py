@@ -1,0 +1,200 @@
+"""Speed modes: a no-op on CPU, and the compile-safe LoRA slot does exactly W + sum(m * dW).
+
+The slot path normally runs only with compiled blocks on CUDA; here it is installed on the tiny
+CPU pipeline without compiling, so its arithmetic is checked against the same hand merges as the
+peft path (tests/test_lora.py). The compile test (zero recompiles across loads, switches and
+multiplier changes) takes minutes on a small CPU: set WAN_SLOW_TESTS=1 to run it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from deployments import pipeline as pipeline_mod
+from deployments.config import ModelConfig, SpeedConfig
+from deployments.errors import LoraIncompatible
+from deployments.lora_files import linear_shapes
+from deployments.models import load_pipeline
+from deployments.spec import LoraRef
+from deployments.speed import SLOT, LoraSlots, apply_speed_modes
+
+from .lora_factory import forward, make_lora, merged_copy, transformer_inputs
+
+ATOL = 1e-5
+VISIBLE = 1e-2
+SLOT_RANK = 16
+
+
+def _load(model_cache):
+    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def base(model_cache):
+    return _load(model_cache)
+
+
+@pytest.fixture(scope="module")
+def shapes(base):
+    return linear_shapes(base.pipe.transformer)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return transformer_inputs(seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_out(base, inputs):
+    return forward(base.pipe.transformer, inputs)
+
+
+@pytest.fixture(scope="module")
+def slot_gen(model_cache):
+    """A generator whose adapters go through a LoRA slot (no compile: CPU arithmetic check)."""
+    loaded = _load(model_cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            pipeline_mod,
+            "apply_speed_modes",
+            lambda pipe, speed, device: {"applied": False, "lora_slots": LoraSlots(pipe.transformer, SLOT_RANK)},
+        )
+        gen = pipeline_mod.WanGenerator(loaded)
+    assert gen._slots is not None
+    return gen
+
+
+@pytest.fixture
+def sgen(slot_gen):
+    yield slot_gen
+    for ref in list(slot_gen.adapters.values()):
+        slot_gen.delete_adapter(ref)
+    slot_gen._activate(_NoLora())
+    assert slot_gen.adapters == {} and slot_gen._resident == {}
+
+
+class _NoLora:
+    loras = ()
+
+
+def _lora_forward(gen, small_spec, inputs, *pairs):
+    gen._activate(small_spec(loras=tuple(LoraRef(ref=r, multiplier=m) for r, m in pairs)))
+    return forward(gen.pipe.transformer, inputs)
+
+
+def _maxdiff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+def test_apply_speed_modes_is_a_noop_on_cpu(base, base_out, inputs):
+    report = apply_speed_modes(base.pipe, SpeedConfig(), torch.device("cpu"))
+    assert report["applied"] is False and report["lora_slots"] is None
+    t = base.pipe.transformer
+    assert not getattr(t, "peft_config", {})
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in t.blocks)
+    assert torch.equal(forward(t, inputs), base_out)
+
+
+def test_default_generator_on_cpu_has_no_slot(generator):
+    assert generator._slots is None
+    assert generator.speed_report["applied"] is False
+
+
+def test_slot_is_created_at_the_configured_rank_and_off(slot_gen, shapes, base_out, inputs):
+    slots = slot_gen._slots
+    assert set(slots.layers) == set(shapes)
+    for name, (fan_in, fan_out) in shapes.items():
+        assert slots.A[name].shape == (SLOT_RANK, fan_in) and slots.B[name].shape == (fan_out, SLOT_RANK)
+        assert slots.layers[name].scaling[SLOT] == 1.0
+    assert not slots.enabled
+    assert torch.equal(forward(slot_gen.pipe.transformer, inputs), base_out)
+
+
+@pytest.mark.parametrize("multiplier", [1.0, -0.7])
+@pytest.mark.parametrize("fmt", ["ai-toolkit", "kohya", "diffusers"])
+def test_slot_single_lora_equals_hand_merge(sgen, base, base_out, shapes, inputs, small_spec, tmp_path, fmt, multiplier):
+    lora = make_lora(tmp_path / f"{fmt}.safetensors", fmt, shapes, seed=1)
+    sgen.load_adapter(fmt, str(lora.path))
+    out = _lora_forward(sgen, small_spec, inputs, (fmt, multiplier))
+    expected = forward(merged_copy(base.pipe.transformer, [(lora, multiplier)]), inputs)
+    assert _maxdiff(out, expected) <= ATOL
+    assert _maxdiff(out, base_out) > VISIBLE
+
+
+def test_slot_stacked_switch_multiplier_and_off(sgen, base, base_out, shapes, inputs, small_spec, tmp_path):
+    a = make_lora(tmp_path / "a.safetensors", "ai-toolkit", shapes, seed=10, rank=4)
+    k = make_lora(tmp_path / "k.safetensors", "kohya", shapes, seed=11, rank=8, alpha=4.0)
+    d = make_lora(tmp_path / "d.safetensors", "diffusers", shapes, seed=12, rank=2, targets=["self_attn.q", "ffn.2"])
+    for name, lora in (("a", a), ("k", k), ("d", d)):
+        sgen.load_adapter(name, str(lora.path))
+    ref = base.pipe.transformer
+
+    cases = [
+        [("a", 0.8), ("k", -0.5)],
+        [("k", 1.3), ("d", 1.0), ("a", -1.1)],  # ranks 8 + 2 + 4 = 14 <= 16
+        [("d", 0.6)],  # a smaller set after a larger one: stale columns must be cleared
+        [("d", 0.3)],  # multiplier change only
+        [("a", 0.8), ("k", -0.5)],  # and back
+    ]
+    for pairs in cases:
+        out = _lora_forward(sgen, small_spec, inputs, *pairs)
+        expected = forward(merged_copy(ref, [({"a": a, "k": k, "d": d}[n], m) for n, m in pairs]), inputs)
+        assert _maxdiff(out, expected) <= ATOL, pairs
+
+    sgen._activate(small_spec())
+    assert torch.equal(forward(sgen.pipe.transformer, inputs), base_out)  # off: the plain Linear path
+
+
+def test_slot_delete_then_reload_under_same_name_rewrites(sgen, base, shapes, inputs, small_spec, tmp_path):
+    one = make_lora(tmp_path / "1.safetensors", "ai-toolkit", shapes, seed=20)
+    two = make_lora(tmp_path / "2.safetensors", "ai-toolkit", shapes, seed=21)
+    sgen.load_adapter("x", str(one.path))
+    _lora_forward(sgen, small_spec, inputs, ("x", 1.0))
+    sgen.delete_adapter("x")
+    sgen.load_adapter("x", str(two.path))
+    out = _lora_forward(sgen, small_spec, inputs, ("x", 1.0))
+    assert _maxdiff(out, forward(merged_copy(base.pipe.transformer, [(two, 1.0)]), inputs)) <= ATOL
+
+
+def test_slot_rank_limits(sgen, shapes, small_spec, tmp_path):
+    big = make_lora(tmp_path / "big.safetensors", "ai-toolkit", shapes, seed=30, rank=SLOT_RANK + 1)
+    with pytest.raises(LoraIncompatible):
+        sgen.load_adapter("big", str(big.path))
+    assert "big" not in sgen.adapters.values()
+    for i in range(2):
+        sgen.load_adapter(f"r{i}", str(make_lora(tmp_path / f"r{i}.safetensors", "ai-toolkit", shapes, seed=31 + i, rank=12).path))
+    with pytest.raises(LoraIncompatible):
+        sgen._activate(small_spec(loras=(LoraRef(ref="r0"), LoraRef(ref="r1"))))  # 24 > 16
+
+
+def test_slot_keeps_generation_api(sgen, shapes, small_spec, tmp_path):
+    lora = make_lora(tmp_path / "g.safetensors", "ai-toolkit", shapes, seed=40)
+    loads = sgen.adapter_loads
+    name = sgen.load_adapter("g", str(lora.path))
+    assert sgen.load_adapter("g", str(lora.path)) == name and sgen.adapter_loads == loads + 1
+    with_lora = sgen.generate(small_spec(loras=(LoraRef(ref="g"),))).frames
+    without = sgen.generate(small_spec()).frames
+    assert with_lora.shape == without.shape and (with_lora != without).any()
+
+
+@pytest.mark.skipif(os.environ.get("WAN_SLOW_TESTS") != "1", reason="compiles on CPU (minutes); WAN_SLOW_TESTS=1")
+def test_compiled_slot_never_recompiles(model_cache, shapes, inputs, small_spec, tmp_path):
+    from deployments import speed as speed_mod
+
+    loaded = _load(model_cache)
+    speed = SpeedConfig(attention_backend=None, warmup_width=64, warmup_height=48, warmup_frames=5, lora_hotswap_rank=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_mod, "apply_speed_modes", lambda p, s, d: speed_mod._apply(p, s))
+        gen = pipeline_mod.WanGenerator(loaded, speed)  # compiles both variants in the warm-up
+    assert gen.speed_report["compiled"] and "warmup" in gen.speed_report and gen.adapter_loads == 0
+    for i in range(2):
+        gen.load_adapter(f"l{i}", str(make_lora(tmp_path / f"l{i}.safetensors", "ai-toolkit", shapes, seed=50 + i).path))
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for loras in ([("l0", 1.0)], [("l1", 1.0)], [("l1", 0.5)], [("l0", 1.0), ("l1", -0.3)], []):
+            gen.generate(small_spec(loras=tuple(LoraRef(ref=r, multiplier=m) for r, m in loras)))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
