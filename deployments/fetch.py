@@ -78,7 +78,12 @@ class FetchFailed(FetchError):
 
 
 class FetchTimeout(FetchFailed):
-    """A timeout; same code as FetchFailed (``details.reason == "timeout"``) so clients see one code."""
+    """A timeout; same code as FetchFailed (``details.reason == "timeout"``) so clients see one code.
+
+    Status 504: the remote was too slow (a gateway timeout), not the client's request malformed.
+    """
+
+    status = 504
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from typing import Any
 
 from .config import FetchConfig, LoraCacheConfig
 from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound
-from .fetch import FetchError, FetchFailed, check_url, fetch_to_file, normalize_lora_url
+from .fetch import FetchError, FetchFailed, FetchTooLarge, check_url, fetch_to_file, normalize_lora_url
 from .lora_files import read_header
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ TEMP_PREFIX = ".part-"  # temp downloads; a leading dot keeps them out of the *.
 FSSPEC_SCHEMES = ("s3", "gs")
 ACTOR_NAMESPACE = "wan-i2v"
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# A download must average at least this rate (plus one read timeout of slack): a server that drips
+# bytes just fast enough to dodge the read timeout cannot hold a fetch (and the GPU waiting on it).
+MIN_DOWNLOAD_BYTES_PER_S = 2 * 1024**2
 
 
 class LoraRefInvalid(LoraInvalid):
@@ -52,6 +56,16 @@ class LoraRefInvalid(LoraInvalid):
 
 class LoraSchemeUnsupported(LoraRefInvalid):
     code = "LORA_SCHEME_UNSUPPORTED"
+    status = 400
+
+
+class LoraTooLarge(LoraInvalid, FetchTooLarge):
+    """A LoRA file over ``LoraCacheConfig.max_file_bytes``, local or downloaded: one code for one limit.
+
+    Also a ``FetchTooLarge``, so callers that catch the fetcher's error keep working.
+    """
+
+    code = "LORA_TOO_LARGE"
     status = 400
 
 
@@ -174,6 +188,10 @@ class LoraStore:
         _check_suffix(real, ref)
         if not os.path.isfile(real):
             raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
+        size = os.path.getsize(real)
+        if size > self.cfg.max_file_bytes:
+            raise LoraTooLarge(f"LoRA {ref!r} is {size} bytes; the limit is {self.cfg.max_file_bytes}",
+                               {"ref": ref, "bytes": size, "limit": self.cfg.max_file_bytes})
         read_header(real, self.cfg.max_header_bytes)
         with self._lock:
             self.counts["local"] += 1
@@ -211,18 +229,24 @@ class LoraStore:
         if self._hf_token and url.startswith("https://huggingface.co/"):
             headers["Authorization"] = f"Bearer {self._hf_token}"  # dropped by fetch on a cross-host redirect
         try:
-            fetch_to_file(url, tmp, self.fetch_cfg, self.cfg.max_file_bytes, headers)
+            fetch_to_file(url, tmp, self.fetch_cfg, self.cfg.max_file_bytes, headers,
+                          total_timeout_s=self.download_timeout_s())
+        except FetchTooLarge as e:
+            raise LoraTooLarge(f"LoRA download is larger than {self.cfg.max_file_bytes} bytes",
+                               {**e.details, "limit": self.cfg.max_file_bytes}) from e
         except FetchFailed as e:
             upstream = e.details.get("upstream_status")
             if upstream in (401, 403, 404, 410):
                 raise LoraNotFound(f"LoRA URL answered HTTP {upstream}: {e.details.get('url')}", e.details) from e
             raise LoraFetchFailed(f"cannot download LoRA: {e.message}", e.details) from e
 
+    def download_timeout_s(self) -> float:
+        """The whole-download limit: a largest-allowed file at the minimum rate, plus a read timeout."""
+        return self.fetch_cfg.read_timeout_s + self.cfg.max_file_bytes / MIN_DOWNLOAD_BYTES_PER_S
+
     def _download_fsspec(self, url: str, tmp: Path) -> None:
         """Object-store download; the address checks do not apply (the SDK talks to its own endpoints)."""
         import fsspec
-
-        from .fetch import FetchTooLarge
 
         total = 0
         try:
@@ -231,7 +255,7 @@ class LoraStore:
                     total += len(chunk)
                     if total > self.cfg.max_file_bytes:
                         limit = self.cfg.max_file_bytes
-                        raise FetchTooLarge(f"LoRA is larger than {limit} bytes", {"limit": limit})
+                        raise LoraTooLarge(f"LoRA is larger than {limit} bytes", {"limit": limit})
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -320,8 +344,14 @@ class LoraCacheActor:
         return {"lora": self._lora_cfg.model_dump(), "fetch": self._fetch_cfg.model_dump()}
 
 
-def cache_actor_name(node_id: str) -> str:
-    return f"wan-lora-cache-{node_id}"
+def config_key(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig) -> str:
+    """A short digest of the settings an actor enforces (the token excluded: it is a secret)."""
+    text = json.dumps([lora_cfg.model_dump(mode="json"), fetch_cfg.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cache_actor_name(node_id: str, key: str = "") -> str:
+    return f"wan-lora-cache-{node_id}" + (f"-{key}" if key else "")
 
 
 def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig, hf_token: str | None = None):
@@ -330,8 +360,10 @@ def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig,
     If a call on the handle raises ``RayActorError`` (the actor died for good), call this again: a
     dead named actor frees its name, so ``get_if_exists`` creates a fresh one.
 
-    An existing actor keeps the configuration it was created with (it is detached and outlives a
-    redeploy); compare ``await actor.config.remote()`` if that matters, and ``ray.kill`` it to replace.
+    The name includes a digest of the configuration: a redeploy with other fetch rules or limits (or
+    a second app with other settings on the same cluster) gets its own actor instead of silently
+    sharing one created under the old rules. An actor of an old configuration stays idle (no CPU);
+    ``ray.kill`` it to free its process.
     Non-blocking apart from the GCS lookup, so it may be called from async code.
     """
     import ray
@@ -341,7 +373,7 @@ def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig,
     actor = (
         ray.remote(LoraCacheActor)
         .options(
-            name=cache_actor_name(node_id),
+            name=cache_actor_name(node_id, config_key(lora_cfg, fetch_cfg)),
             namespace=ACTOR_NAMESPACE,
             lifetime="detached",
             get_if_exists=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -30,7 +31,10 @@ class LimitsConfig(_Strict):
     max_work: int = Field(
         832 * 480 * 81 * 50, description="WORK_TOO_LARGE: width x height x frames x steps per prompt"
     )
-    max_image_bytes: int = Field(20 * 1024**2, description="IMAGE_TOO_LARGE")
+    max_image_bytes: int = Field(20 * 1024**2, description="IMAGE_TOO_LARGE (inline or fetched)")
+    image_fetch_timeout_s: float = Field(
+        30.0, description="FETCH_FAILED (504, reason timeout): the whole ctrl_img download, slow drips included"
+    )
     max_image_pixels: int = Field(40_000_000, description="IMAGE_TOO_LARGE (decompression bombs)")
     max_loras: int = Field(4, description="TOO_MANY_LORAS")
     max_queue_total: int = Field(1000, description="QUEUE_FULL (429): jobs queued or running, all keys")
@@ -48,19 +52,33 @@ class AuthConfig(_Strict):
     require_keys: bool = Field(False, description="refuse to start without keys unless public_by_choice")
 
     def load_keys(self) -> list[str]:
-        keys = list(self.api_keys)
+        """Every configured key (list, file, environment), read now, in the calling process.
+
+        Raises:
+            ValueError: ``api_keys_file`` is set but cannot be read.
+        """
+        keys = [k.strip() for k in self.api_keys if k.strip()]
         if self.api_keys_file:
-            keys += [k.strip() for k in Path(self.api_keys_file).read_text().splitlines() if k.strip()]
+            try:
+                text = Path(self.api_keys_file).read_text()
+            except OSError as e:
+                raise ValueError(f"auth.api_keys_file {self.api_keys_file!r} cannot be read: {e}") from e
+            keys += [k.strip() for k in text.splitlines() if k.strip() and not k.strip().startswith("#")]
         if self.api_keys_env:
             keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
         return keys
 
     @staticmethod
     def matches(candidate: str, keys: list[str]) -> str | None:
-        """The key that equals ``candidate``, compared in constant time, or None."""
+        """The key that equals ``candidate``, or None.
+
+        Constant time: every key is compared (no early exit), and digests of equal length are
+        compared rather than the strings, so neither a key's content nor its length leaks.
+        """
+        digest = hashlib.sha256(candidate.encode("utf-8", "surrogatepass")).digest()
         found = None
         for key in keys:
-            if hmac.compare_digest(candidate.encode(), key.encode()):
+            if hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest()):
                 found = key
         return found
 
@@ -113,8 +131,19 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _keys_where_required(self):
-        if self.auth.require_keys and not self.auth.public_by_choice and not self.auth.load_keys():
+        # Runs again in every ingress replica (it re-validates its args), so a replica whose
+        # environment lacks the keys refuses to start instead of serving an open API.
+        auth = self.auth
+        if auth.public_by_choice:
+            return self
+        keys = auth.load_keys()
+        if auth.require_keys and not keys:
             raise ValueError(
                 "auth.require_keys is set but no API key is configured; add keys or set auth.public_by_choice"
+            )
+        if (auth.api_keys_file or auth.api_keys_env) and not keys:
+            raise ValueError(
+                "auth.api_keys_file/api_keys_env is set but yields no key; refusing to start open "
+                "(set auth.public_by_choice to run without keys)"
             )
         return self

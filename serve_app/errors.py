@@ -87,9 +87,21 @@ def install(app: FastAPI) -> None:
         message = f"invalid request: {'.'.join(first['loc'])}: {first['msg']}"
         return JSONResponse(status_code=422, content=body("VALIDATION_ERROR", message, {"errors": errors[:20]}))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, never a client's fault: the one shape still, and no internals in the message.
+        return JSONResponse(status_code=500, content=body("INTERNAL_ERROR", "internal server error"))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if isinstance(exc.detail, dict) and "error" in exc.detail:
             return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail})
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            # FastAPI's body reader: JSON that json.loads gives up on other than by a syntax error
+            # (bad UTF-8/UTF-16, nesting too deep, 5000-digit integers). Same answer as a syntax error.
+            reason = type(exc.__cause__).__name__
+            return JSONResponse(status_code=422, content=body(
+                "VALIDATION_ERROR", f"invalid request: body is not valid JSON ({reason})",
+                {"errors": [{"loc": ["body"], "msg": f"JSON decode error: {reason}", "type": "json_invalid"}]}))
         code = _STATUS_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
         return JSONResponse(status_code=exc.status_code, content=body(code, str(exc.detail)), headers=exc.headers)

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Body, FastAPI, Header, Request
+from fastapi import Body, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 
@@ -25,7 +25,7 @@ from deployments.errors import ServiceError
 from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationResult
 
 from . import errors
-from .config import AppConfig
+from .config import AppConfig, AuthConfig
 from .jobs import Job, JobStore, QueueFull
 from .normalize import to_specs
 from .schemas import (
@@ -65,10 +65,8 @@ class BodyLimit:
         limit = BodyLimit.max_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        too_large = JSONResponse(status_code=413, content=errors.body(
-            "REQUEST_TOO_LARGE", f"request body is larger than {limit} bytes", {"limit": limit}))
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await too_large(scope, receive, send)
+            return await _BodyTooLarge(limit).response()(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -76,21 +74,79 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge()
+                if seen > limit:  # a chunked body, or one longer than it said
+                    raise _BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, counted, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
+        except _BodyTooLarge as e:  # raised where no exception handler turned it into the response
+            await e.response()(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """An HTTPException, so FastAPI's body reader re-raises it as is (it turns other errors into 400)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(413, errors.body("REQUEST_TOO_LARGE", f"request body is larger than {limit} bytes",
+                                          {"limit": limit})["detail"])
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=413, content={"detail": self.detail})
+
+
+def _route_path(scope) -> str:
+    """The path inside the app: Serve's route prefix (``root_path``) removed."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
+def bearer_key(authorization: str | None, keys: list[str]) -> str | None:
+    """The configured key an ``Authorization: Bearer <key>`` header carries, or None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return AuthConfig.matches(token, keys)
+
+
+def unauthorized() -> errors.ApiError:
+    return errors.ApiError(401, "UNAUTHORIZED", "missing or invalid API key (Authorization: Bearer <key>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+class ApiKeyAuth:
+    """ASGI middleware: with API keys configured, every path but /health needs a valid key.
+
+    A gate in front of everything (the docs, the OpenAPI schema, unknown paths included), so an
+    unauthenticated caller learns nothing and never gets its body read; the routes still derive the
+    caller's identity through ``Ingress._owner``.
+    """
+
+    keys: list[str] = []
+    open_paths = ("/health",)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not ApiKeyAuth.keys or _route_path(scope) in ApiKeyAuth.open_paths:
+            return await self.app(scope, receive, send)
+        authorization = None
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        if bearer_key(authorization, ApiKeyAuth.keys) is None:
+            return await errors.error_response(unauthorized())(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 api.add_middleware(BodyLimit)
+api.add_middleware(ApiKeyAuth)  # added last: outermost, so it runs before any body is read
 
 
 def iso(ts: float | None) -> str | None:
@@ -271,8 +327,10 @@ class Ingress:
 
     async def __init__(self, cfg: dict | AppConfig, replica):
         self.cfg = cfg if isinstance(cfg, AppConfig) else AppConfig.model_validate(cfg)
+        # Per process (each Serve replica is one): the middlewares read these for every request.
         BodyLimit.max_bytes = self.cfg.limits.max_body_bytes
         self.keys = self.cfg.auth.load_keys()
+        ApiKeyAuth.keys = self.keys
         self.store = JobStore(self.cfg.storage.jobs_db)
         self.dispatcher = Dispatcher(self.cfg, self.store, replica)
         self._sweeper = asyncio.get_running_loop().create_task(self.dispatcher.sweep_forever())
@@ -283,11 +341,9 @@ class Ingress:
         """The caller's identity (a hash of its key); '' when no keys are configured."""
         if not self.keys:
             return ""
-        scheme, _, token = (authorization or "").partition(" ")
-        key = AuthMatch.find(scheme, token, self.keys)
+        key = bearer_key(authorization, self.keys)
         if key is None:
-            raise errors.ApiError(401, "UNAUTHORIZED", "missing or invalid API key (Authorization: Bearer <key>)",
-                                  headers={"WWW-Authenticate": "Bearer"})
+            raise unauthorized()
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def _job(self, request_id: str, owner: str) -> Job:
@@ -397,13 +453,3 @@ class Ingress:
             default_num_frames=d.num_frames, default_fps=d.fps, default_width=d.width, default_height=d.height,
             samplers=list(SAMPLERS), output_formats=list(OUTPUT_FORMATS), max_loras=min(MAX_LORAS,
                                                                                        self.cfg.limits.max_loras))])
-
-
-class AuthMatch:
-    @staticmethod
-    def find(scheme: str, token: str, keys: list[str]) -> str | None:
-        if scheme.lower() != "bearer" or not token:
-            return None
-        from .config import AuthConfig
-
-        return AuthConfig.matches(token.strip(), keys)

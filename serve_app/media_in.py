@@ -23,17 +23,47 @@ from .errors import ApiError
 _DATA_URI = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL | re.IGNORECASE)  # RFC 2397: case-insensitive
 
 
+# Formats PIL may open: the common picture formats only. PIL has many more plugins (EPS runs
+# Ghostscript, PDF, PSD, FITS, ...), each more parsing code an attacker could reach.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Upstream answers that mean "your URL is wrong" rather than "the remote is broken".
+_CLIENT_FAULT_STATUSES = (400, 401, 403, 404, 410)
+
+
 def _bad(code: str, message: str, index: int, **details) -> ApiError:
     return ApiError(400, code, message, {"prompt_index": index, **details})
+
+
+def fetch_image(url: str, index: int, limits: LimitsConfig, fetch: FetchConfig) -> bytes:
+    """Download a ctrl_img URL through the one outbound fetcher, mapping its errors for the client.
+
+    A refused URL stays URL_NOT_ALLOWED (400); too large is IMAGE_TOO_LARGE (400) as for an inline
+    picture; an upstream 4xx is IMAGE_NOT_FOUND (400); everything else the remote did wrong stays
+    FETCH_FAILED (502, or 504 for a timeout).
+    """
+    from deployments.fetch import FetchError, FetchFailed, FetchTooLarge, fetch_bytes
+
+    try:
+        return fetch_bytes(url, fetch, limits.max_image_bytes, total_timeout_s=limits.image_fetch_timeout_s)
+    except FetchTooLarge as e:
+        raise _bad("IMAGE_TOO_LARGE", f"ctrl_img URL gives more than {limits.max_image_bytes} bytes", index,
+                   limit=limits.max_image_bytes, url=e.details.get("url")) from e
+    except FetchFailed as e:
+        upstream = e.details.get("upstream_status")
+        if upstream in _CLIENT_FAULT_STATUSES:
+            raise _bad("IMAGE_NOT_FOUND", f"ctrl_img URL answered HTTP {upstream}", index, **e.details) from e
+        e.details = {**e.details, "prompt_index": index}
+        raise
+    except FetchError as e:
+        e.details = {**e.details, "prompt_index": index}
+        raise
 
 
 def image_bytes(ctrl_img: str, index: int, limits: LimitsConfig, fetch: FetchConfig) -> bytes:
     """The raw bytes behind a ctrl_img value (fetched for a URL), size-limited."""
     value = ctrl_img.strip()
     if value.lower().startswith(("http://", "https://")):
-        from deployments.fetch import fetch_bytes
-
-        return fetch_bytes(value, fetch, limits.max_image_bytes)
+        return fetch_image(value, index, limits, fetch)
     if value.lower().startswith("data:"):
         m = _DATA_URI.match(value)
         if not m:
@@ -63,7 +93,7 @@ def decode_image(raw: bytes, index: int, limits: LimitsConfig) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
             width, height = img.size
             if width * height > limits.max_image_pixels:
                 raise _bad("IMAGE_TOO_LARGE", f"ctrl_img has {width}x{height} pixels, more than "
@@ -79,14 +109,24 @@ def decode_image(raw: bytes, index: int, limits: LimitsConfig) -> Image.Image:
         raise _bad("INVALID_IMAGE", "ctrl_img bytes are not a picture PIL can read", index)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise _bad("IMAGE_TRUNCATED", f"ctrl_img is truncated or corrupt: {e}", index)
+    except Exception as e:  # PIL's parsers raise many kinds (KeyError, struct.error, ...) on hostile bytes
+        raise _bad("INVALID_IMAGE", f"ctrl_img cannot be decoded: {type(e).__name__}", index)
     if width < 1 or height < 1:
         raise _bad("INVALID_IMAGE", "ctrl_img has no pixels", index)
-    return to_rgb(img)
+    try:
+        return to_rgb(img)
+    except (ValueError, OSError, TypeError) as e:  # a pixel mode PIL cannot convert (e.g. "La")
+        raise _bad("INVALID_IMAGE", f"ctrl_img pixel mode {img.mode!r} cannot be converted to RGB", index,
+                   mode=img.mode) from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB as the reference gets it (``.convert("RGB")``); 16-bit greyscale is scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16"):  # every byte order; point() supports only the native one
+        import numpy as np
+
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
+    elif img.mode == "I":
         img = img.point(lambda v: v / 256).convert("L")
     return img.convert("RGB")
 

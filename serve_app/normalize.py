@@ -104,7 +104,9 @@ def check_request_shape(req: InferenceRequest, cfg: AppConfig) -> None:
                     limit=cfg.limits.max_prompts, value=len(req.prompts))
     d = cfg.defaults
     for i, p in enumerate(req.prompts):
-        for field, text in (("prompt", p.prompt), ("neg", p.neg)):
+        # The prompt is measured after [trigger] substitution: a short prompt of many [trigger]s
+        # and a long trigger word would otherwise expand far past the limit.
+        for field, text in (("prompt", prompt_text(p, req)), ("neg", p.neg)):
             if len(text) > cfg.limits.max_prompt_chars:
                 raise limit("PROMPT_TOO_LONG", f"{field} of prompt {i} is longer than {cfg.limits.max_prompt_chars} "
                             "characters", prompt_index=i, field=field, limit=cfg.limits.max_prompt_chars)
