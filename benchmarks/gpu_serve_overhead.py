@@ -42,6 +42,9 @@ def make_request(width: int, height: int, frames: int, steps: int) -> dict:
             "prompt": "a cinematic shot of a runner on a beach, handheld camera", "seed": 42,
             "width": width, "height": height, "num_frames": frames, "sample_steps": steps,
             "guidance_scale": 4.0, "ctrl_img": base64.b64encode(buf.getvalue()).decode(),
+            # WebP: the GPU image has no imageio-ffmpeg, and its 30 MB wheel does not fit the
+            # 64 MiB the tree may carry there; the same encoder runs in both phases.
+            "output_format": "webp",
         }],
     }
 
