@@ -252,14 +252,19 @@ def test_production_config_refuses_to_start_without_keys(tmp_path, monkeypatch):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     prod = yaml.safe_load((configs / "wan21-i2v-480p.yaml").read_text())["applications"][0]["args"]
-    monkeypatch.delenv("WAN_API_KEYS", raising=False)
-    with pytest.raises(ValidationError, match="no API key"):
-        build_app(prod)
-    monkeypatch.setenv("WAN_API_KEYS", " , ")  # set but empty
-    with pytest.raises(ValidationError, match="no API key"):
-        build_app(prod)
+    # The production config names a key file on shared storage: absent or empty, it refuses to start.
+    def with_file(path):
+        return {**prod, "auth": {**prod["auth"], "api_keys_file": str(path)}}
+
+    assert prod["auth"]["require_keys"] and prod["auth"]["api_keys_file"]
+    with pytest.raises(ValidationError, match="cannot be read"):
+        build_app(with_file(tmp_path / "absent"))
+    (tmp_path / "blank").write_text("\n \n")
+    with pytest.raises(ValidationError, match="no key|no API key"):
+        build_app(with_file(tmp_path / "blank"))
+    (tmp_path / "keys").write_text("k1\nk2\n")
+    assert build_app(with_file(tmp_path / "keys")) is not None
     monkeypatch.setenv("WAN_API_KEYS", "k1, k2")
-    assert build_app(prod) is not None
     assert AuthConfig(api_keys_env="WAN_API_KEYS").load_keys() == ["k1", "k2"]
     monkeypatch.delenv("WAN_API_KEYS")
     public = {**prod, "auth": {**prod["auth"], "public_by_choice": True}}
