@@ -18,10 +18,13 @@ from typing import AsyncIterator
 from ray import serve
 
 from .config import GpuConfig
-from .errors import Canceled, LoraFetchFailed, ReplicaUnavailable, ServiceError
+from .errors import Canceled, GenerationFailed, LoraFetchFailed, ReplicaUnavailable, ServiceError
 from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
 
 log = logging.getLogger("ray.serve")
+
+# How often a running generation checks that its caller (an ingress replica) is still alive.
+CALLER_CHECK_S = 2.0
 
 
 class LoraSet:
@@ -111,11 +114,20 @@ class WanI2VReplica:
 
     # -- generation -----------------------------------------------------------------------------
 
-    async def generate(self, spec: GenerationSpec) -> AsyncIterator[dict]:
-        """Stream ``{"progress": ...}`` events, then ``{"result": GenerationResult}``."""
+    async def generate(self, spec: GenerationSpec, caller=None) -> AsyncIterator[dict]:
+        """Stream ``{"started": {replica, pid}}``, ``{"progress": ...}`` events, then ``{"result": GenerationResult}``.
+
+        Args:
+            spec: what to generate.
+            caller: the calling actor's handle (an ingress replica), if any. Ray does not cancel a
+                stream whose caller died; this replica then stops at the next step itself, since
+                nobody would receive the result and the job is retried through another ingress.
+        """
         from .media_out import CONTENT_TYPES, encode
 
         async with self._lock:
+            # Where this attempt runs, so a job's record names its replica while it runs.
+            yield {"started": {"replica": self.replica_id, "pid": os.getpid()}}
             if spec.loras:
                 yield {"progress": Progress(stage="loading_loras").model_dump()}
                 await self.get_lora_set(spec.lora_key)  # multiplexed: see make_deployment
@@ -127,6 +139,7 @@ class WanI2VReplica:
                 loop.call_soon_threadsafe(events.put_nowait, p)
 
             work = loop.run_in_executor(self._executor, self.generator.generate, spec, on_progress, cancel.is_set)
+            watch = asyncio.ensure_future(self._watch_caller(caller, cancel)) if caller is not None else None
             try:
                 while True:
                     getter = asyncio.ensure_future(events.get())
@@ -139,7 +152,13 @@ class WanI2VReplica:
                 frames = work.result()  # raises the generation's typed error
                 yield {"progress": Progress(stage="encoding_video", step=spec.steps, total_steps=spec.steps).model_dump()}
                 t0 = loop.time()
-                data = await loop.run_in_executor(self._executor, encode, frames.frames, spec.fps, spec.output_format)
+                try:
+                    data = await loop.run_in_executor(self._executor, encode, frames.frames, spec.fps,
+                                                      spec.output_format)
+                except Exception as e:  # e.g. the ffmpeg subprocess died (seen under load: broken pipe)
+                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise GenerationFailed(f"video encoding failed: {type(e).__name__}: {first_line}",
+                                           {"stage": "encode_video", "format": spec.output_format}) from e
                 timings = {**frames.timings, "encode_video": round(loop.time() - t0, 4)}
                 n, h, w, _ = frames.frames.shape
                 video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
@@ -155,6 +174,23 @@ class WanI2VReplica:
                 raise
             except ServiceError:
                 raise
+            finally:
+                if watch is not None:
+                    watch.cancel()
+
+    async def _watch_caller(self, caller, cancel: threading.Event) -> None:
+        """Set ``cancel`` once the caller's actor is dead (slow or briefly unreachable is not dead)."""
+        from ray.exceptions import ActorDiedError
+
+        while not cancel.is_set():
+            await asyncio.sleep(CALLER_CHECK_S)
+            try:
+                await asyncio.wait_for(caller.__ray_ready__.remote(), timeout=30)
+            except ActorDiedError:
+                log.warning("the caller of this generation died; stopping it at the next step")
+                cancel.set()
+            except Exception:
+                pass
 
     # -- health and introspection ----------------------------------------------------------------
 

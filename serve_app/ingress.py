@@ -162,9 +162,37 @@ def _replica_error(exc: BaseException) -> ServiceError | None:
 
 
 def _replica_died(exc: BaseException) -> bool:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+    """True if the replica process itself went away (worth a retry elsewhere), not its code raising.
 
+    Seen with ray 2.60: a replica SIGKILLed mid-stream makes the streaming response raise a bare
+    ``ActorDiedError``. A ``RayTaskError`` means the replica's own code raised (it is alive); Ray
+    makes it an instance of its cause too, so a dead actor that the replica called (the LoRA cache)
+    would otherwise look like the replica's own death.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+
+    if isinstance(exc, RayTaskError):
+        return False
     return isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError))
+
+
+def _short(exc: BaseException) -> str:
+    """One line for a job record: the remote cause of a RayTaskError, not its whole traceback."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
+def _current_actor():
+    """This process's actor handle, or None outside an actor."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:
+        return None
 
 
 class Dispatcher:
@@ -179,6 +207,15 @@ class Dispatcher:
         self.responses: dict[str, object] = {}
         self.outputs_dir = Path(cfg.storage.outputs_dir)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        # Jobs in flight to the GPU replicas at once (two per replica at most scale: one running,
+        # one waiting so a freed replica starts the next at once; enough for the autoscaler to see
+        # demand up to max_replicas). The rest wait in the database, unleased, oldest first: any
+        # ingress replica may take them, a cancel ends them at once, and only these leases renew.
+        r = cfg.gpu.replica
+        self.max_in_flight = 2 * max(r.min_replicas, r.max_replicas)
+        self.slots = asyncio.Semaphore(self.max_in_flight)
+        # Passed with each generation: if this process dies, the GPU replica notices and stops.
+        self.me = _current_actor()
 
     def spawn(self, job_id: str) -> None:
         if job_id not in self.running:
@@ -196,14 +233,15 @@ class Dispatcher:
     async def run(self, job_id: str) -> None:
         lease = self.cfg.jobs.lease_s
         try:
-            job = await asyncio.to_thread(self.store.claim, job_id, self.holder, lease)
-            if job is None:
-                return
-            keeper = asyncio.get_running_loop().create_task(self._keep_lease(job_id))
-            try:
-                await self._attempts(job)
-            finally:
-                keeper.cancel()
+            async with self.slots:
+                job = await asyncio.to_thread(self.store.claim, job_id, self.holder, lease)
+                if job is None:  # finished, canceled while waiting, or taken by another ingress replica
+                    return
+                keeper = asyncio.get_running_loop().create_task(self._keep_lease(job_id))
+                try:
+                    await self._attempts(job)
+                finally:
+                    keeper.cancel()
         except asyncio.CancelledError:
             # The ingress is shutting down: hand the job back for another runner.
             await asyncio.to_thread(self.store.release, job_id, self.holder)
@@ -211,8 +249,7 @@ class Dispatcher:
         except Exception as e:
             log.exception("job %s failed in dispatch", job_id)
             await asyncio.to_thread(self.store.finish, job_id, "failed",
-                                    {"code": "INTERNAL_ERROR", "message": f"{type(e).__name__}: {e}", "details": {}},
-                                    self.holder)
+                                    {"code": "INTERNAL_ERROR", "message": _short(e), "details": {}}, self.holder)
         finally:
             self.running.pop(job_id, None)
             self.responses.pop(job_id, None)
@@ -257,7 +294,8 @@ class Dispatcher:
         for index, spec in enumerate(specs):
             if index < len(job.outputs):  # finished before a restart
                 continue
-            response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(spec)
+            response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(
+                spec, caller=self.me)
             self.responses[job.id] = response
             if await asyncio.to_thread(self.store.cancel_requested, job.id):
                 response.cancel()
@@ -269,6 +307,9 @@ class Dispatcher:
                         ok = await asyncio.to_thread(self.store.set_progress, job.id, self.holder, progress)
                         if not ok:
                             response.cancel()
+                    elif "started" in event:
+                        await asyncio.to_thread(self.store.merge_metadata, job.id, self.holder,
+                                                {"running_on": event["started"]["replica"]})
                     else:
                         result = event["result"]
             except (RequestCancelledError, asyncio.CancelledError) as e:

@@ -250,8 +250,20 @@ class JobStore:
             outputs = json.loads(row["outputs"]) + [output]
             metadata = json.loads(row["metadata"])
             metadata.setdefault("timings", []).append(timings)
+            # Which replica made each output (host:pid): where a LoRA set is resident, for operators.
+            metadata.setdefault("replicas", []).append(output.get("replica"))
             db.execute("UPDATE jobs SET outputs=?, metadata=? WHERE id=? AND lease_owner=?",
                        (json.dumps(outputs), json.dumps(metadata), job_id, holder))
+
+    def merge_metadata(self, job_id: str, holder: str, updates: dict[str, Any]) -> bool:
+        """Merge keys into the job's metadata while we hold its lease."""
+        with self._tx() as db:
+            row = db.execute("SELECT metadata FROM jobs WHERE id=? AND lease_owner=?", (job_id, holder)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE jobs SET metadata=? WHERE id=?",
+                       (json.dumps({**json.loads(row["metadata"]), **updates}), job_id))
+            return True
 
     def finish(self, job_id: str, status: str, error: dict[str, Any] | None = None,
                holder: str | None = None, metadata: dict[str, Any] | None = None) -> bool:

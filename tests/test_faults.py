@@ -1,0 +1,415 @@
+"""Faults under load: replica and ingress deaths, the LoRA cache dying mid-download, generations that
+raise, cancellation, idempotent client retries and back-pressure.
+
+Each test runs against an app variant at its own route prefix (own job DB, outputs and replicas), so
+the shared ``app`` is never disturbed. ``faults`` has two GPU replicas so that a death leaves one
+serving; tests that kill something wait until Serve has replaced it before they return.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import FAIL_PROMPT, SLOW_PROMPT, small_request
+from tests.http_server import LocalServer
+
+QUEUE_LIMIT = 8  # faults app: jobs queued or running before submissions get 429
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _replicas(app_name: str, deployment: str = "WanI2V") -> list[dict]:
+    """Alive replica actors of one deployment: pid, node_id, actor name.
+
+    From the GCS actor table: ``ray.util.state`` needs the dashboard, which the test cluster leaves out.
+    """
+    import ray._private.state
+
+    cls = f"ServeReplica:{app_name}:{deployment}"
+    return [
+        {"pid": a["Pid"], "node_id": a["Address"]["NodeID"], "name": a["Name"]}
+        for a in ray._private.state.actors().values()
+        if a["ActorClassName"] == cls and a["State"] == "ALIVE"
+    ]
+
+
+def _wait_running(app, n: int, deployment: str = "WanI2V", exclude_pids: set[int] = frozenset(),
+                  timeout: float = 120) -> list[dict]:
+    """Wait until Serve reports ``n`` RUNNING replicas (none of them ``exclude_pids``) and the app answers."""
+    from ray import serve
+
+    deadline = time.time() + timeout
+    while True:
+        states = serve.status().applications[app.name].deployments[deployment].replica_states
+        alive = _replicas(app.name, deployment)
+        pids = {r["pid"] for r in alive}
+        if states == {"RUNNING": n} and len(alive) == n and not pids & set(exclude_pids):
+            try:
+                if app.http.get("/health", timeout=5).status_code == 200:
+                    return alive
+            except Exception:
+                pass
+        if time.time() > deadline:
+            raise AssertionError(f"{app.name}/{deployment}: {states}, alive {alive} after {timeout}s")
+        time.sleep(0.25)
+
+
+def _status(app, rid: str) -> dict:
+    return app.http.get(f"/v1/requests/{rid}/status").json()
+
+
+def _result(app, rid: str) -> dict:
+    return app.http.get(f"/v1/requests/{rid}/result").json()
+
+
+def _wait_until(app, rid: str, check, timeout: float = 60, what: str = "") -> dict:
+    deadline = time.time() + timeout
+    while True:
+        status = _status(app, rid)
+        if check(status):
+            return status
+        if time.time() > deadline:
+            raise AssertionError(f"job {rid}: {what or 'condition'} not met; last status {status}")
+        time.sleep(0.05)
+
+
+def _running_at_step(app, rid: str, step: int = 1, timeout: float = 60) -> dict:
+    return _wait_until(app, rid, lambda s: s["status"] == "in_progress" and s["progress"]["step"] >= step,
+                       timeout, f"in_progress at step >= {step}")
+
+
+def _slow(steps: int, tag: str = "", **kw) -> dict:
+    return small_request(prompt=f"{SLOW_PROMPT} {tag or uuid.uuid4().hex[:6]}", sample_steps=steps, **kw)
+
+
+def _db_rows(app, where: str, params: tuple = ()) -> list[sqlite3.Row]:
+    db = sqlite3.connect(app.args["storage"]["jobs_db"], timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute(f"SELECT * FROM jobs WHERE {where}", params).fetchall()
+    finally:
+        db.close()
+
+
+def _cache_actor(cache_dir: str):
+    """(name, handle) of this node's LoRA cache actor, preferring one whose config uses ``cache_dir``."""
+    import ray
+
+    from deployments.lora_cache import ACTOR_NAMESPACE, cache_actor_name
+
+    prefix = cache_actor_name(ray.get_runtime_context().get_node_id())
+    found = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == ACTOR_NAMESPACE and entry["name"].startswith(prefix):
+            actor = ray.get_actor(entry["name"], namespace=ACTOR_NAMESPACE)
+            try:
+                uses = ray.get(actor.config.remote(), timeout=10)["lora"]["cache_dir"]
+            except Exception:  # a dead one whose name is not yet freed
+                continue
+            found.append((uses != cache_dir, entry["name"], actor))
+    assert found, f"no LoRA cache actor named {prefix}*"
+    return min(found, key=lambda f: f[:2])[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the app variant
+
+
+@pytest.fixture(scope="module")
+def fapp(serve_env):
+    """Two GPU replicas, a small queue, short leases (3 s) so recoveries are quick."""
+    from ray import serve
+
+    args = serve_env.args_for("faults", gpu={"replica": {"min_replicas": 2, "max_replicas": 2}},
+                              limits={"max_queue_total": QUEUE_LIMIT, "retry_after_s": 7})
+    app = serve_env.deploy("faults", "/faults", args)
+    _wait_running(app, 2)
+    yield app
+    serve.delete("faults")
+
+
+# ---------------------------------------------------------------------------------------------
+# client retries and back-pressure
+
+
+def test_idempotency_key_returns_the_first_job_even_when_submits_race(fapp):
+    key = f"idem-{uuid.uuid4().hex}"
+    first = fapp.submit(small_request(), {"Idempotency-Key": key})
+    again = fapp.submit(small_request(), {"Idempotency-Key": key})  # a client retry after a lost answer
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.json()["request_id"] == again.json()["request_id"]
+
+    # Eight threads send the same logical job at once: one job, one id.
+    racing = f"idem-race-{uuid.uuid4().hex}"
+    barrier = threading.Barrier(8)
+
+    def send(_):
+        barrier.wait()
+        return fapp.submit(small_request(seed=3), {"Idempotency-Key": racing})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
+    ids = {r.json()["request_id"] for r in answers}
+    assert len(ids) == 1
+    assert len(_db_rows(fapp, "idempotency_key=?", (racing,))) == 1
+
+    other = fapp.submit(small_request(), {"Idempotency-Key": f"idem-{uuid.uuid4().hex}"}).json()["request_id"]
+    assert other not in ids | {first.json()["request_id"]}
+    for rid in (first.json()["request_id"], *ids, other):
+        assert fapp.wait(rid, timeout=60)["status"] == "succeeded"
+    # after it finished, a retry still returns the finished job (and its result), not a new one
+    retried = fapp.submit(small_request(seed=3), {"Idempotency-Key": racing}).json()
+    assert retried["request_id"] in ids and _status(fapp, retried["request_id"])["status"] == "succeeded"
+
+
+def test_burst_beyond_the_queue_gets_429_and_every_accepted_job_finishes(fapp):
+    n = 30
+    tag = f"burst-{uuid.uuid4().hex[:8]}"
+    request = _slow(3, tag)  # ~1 s a job on two replicas: the burst outruns the queue
+
+    def send(i):
+        return fapp.submit(request, {"Idempotency-Key": f"{tag}-{i}"})
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(send, range(n)))
+    codes = [r.status_code for r in answers]
+    accepted = [r.json()["request_id"] for r in answers if r.status_code == 200]
+    rejected = [r for r in answers if r.status_code == 429]
+    assert len(accepted) + len(rejected) == n, codes  # never a 5xx, never a silent drop
+    assert QUEUE_LIMIT <= len(accepted) < n and rejected
+    for r in rejected:
+        assert r.headers["Retry-After"] == "7"
+        error = r.json()["detail"]["error"]
+        assert error["code"] == "QUEUE_FULL" and error["details"] == {"scope": "total", "limit": QUEUE_LIMIT}
+    # what was accepted is exactly what the server holds, and all of it runs to success
+    stored = _db_rows(fapp, "idempotency_key LIKE ?", (f"{tag}-%",))
+    assert sorted(row["id"] for row in stored) == sorted(accepted)
+    for rid in accepted:
+        assert fapp.wait(rid, timeout=120)["status"] == "succeeded"
+    # the queue drained: submissions are accepted again
+    assert fapp.submit(small_request()).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# generations that raise
+
+
+def test_injected_oom_fails_the_job_with_its_code_and_the_replicas_keep_serving(fapp):
+    pids = {r["pid"] for r in _replicas(fapp.name)}
+    failed = fapp.run(small_request(prompt=f"{FAIL_PROMPT} oom"))
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "OUT_OF_MEMORY" and "out of GPU memory" in failed["error"]["message"]
+    assert failed["error"]["details"]["prompt_index"] == 0 and failed["metadata"]["attempts"] == 1
+    # Both replicas serve the next jobs, and neither was restarted.
+    rids = [fapp.submit(_slow(2, f"after-oom-{i}")).json()["request_id"] for i in range(4)]
+    for rid in rids:
+        assert fapp.wait(rid, timeout=60)["status"] == "succeeded"
+    served_by = {int(_result(fapp, rid)["metadata"]["replicas"][0].rsplit(":", 1)[1]) for rid in rids}
+    assert served_by == pids
+    assert {r["pid"] for r in _replicas(fapp.name)} == pids
+
+
+def test_bad_weights_fail_with_generation_failed_and_the_replica_serves_the_next_job(serve_env):
+    from ray import serve
+
+    args = serve_env.args_for("badweights", gpu={"replica": {"faults": {"fail_kind": "bad_weights"}}})
+    app = serve_env.deploy("badweights", "/badweights", args)
+    try:
+        (replica,) = _wait_running(app, 1)
+        failed = app.run(small_request(prompt=f"{FAIL_PROMPT} nan"))
+        assert failed["status"] == "failed" and failed["error"]["code"] == "GENERATION_FAILED", failed
+        assert "NaN" in failed["error"]["message"]
+        ok = app.run(small_request())
+        assert ok["status"] == "succeeded"
+        assert ok["metadata"]["replicas"] == [f"{ok['metadata']['replicas'][0].rsplit(':', 1)[0]}:{replica['pid']}"]
+        assert app.replica_stats()["pid"] == replica["pid"]
+    finally:
+        serve.delete("badweights")
+
+
+# ---------------------------------------------------------------------------------------------
+# cancellation
+
+
+def test_cancel_frees_the_replica_within_a_step(fapp):
+    steps, step_s = 40, 0.25
+    running = [fapp.submit(_slow(steps, f"cancel-run-{i}")).json()["request_id"] for i in range(2)]
+    # Two replicas, four jobs in flight at most: two wait at the replicas, one more in the database.
+    queued = [fapp.submit(_slow(steps, f"cancel-queued-{i}")).json()["request_id"] for i in range(3)]
+    for rid in running:
+        _running_at_step(fapp, rid, 2)
+    assert all(_status(fapp, rid)["status"] == "in_queue" for rid in queued)  # both replicas are busy
+    assert len(_db_rows(fapp, "id IN (?,?,?) AND lease_until > 0", tuple(queued))) == 2
+
+    for rid in reversed(queued):  # the unleased one first, then those waiting at the replicas
+        t0 = time.time()
+        fapp.http.post(f"/v1/requests/{rid}/cancel")
+        final = fapp.wait(rid, timeout=10)
+        assert final["status"] == "canceled" and final["started_at"] is None and final["progress"]["step"] == 0
+        assert time.time() - t0 < 3
+
+    victim, survivor = running
+    at_cancel = _status(fapp, victim)["progress"]["step"]
+    t0 = time.time()
+    fapp.http.post(f"/v1/requests/{victim}/cancel")
+    final = fapp.wait(victim, timeout=10)
+    took = time.time() - t0
+    assert final["status"] == "canceled" and final["error"]["code"] == "CANCELED"
+    # stopped at the next step boundary: at most a step or two after the step seen when canceling
+    assert final["progress"]["step"] <= at_cancel + 2, (at_cancel, final["progress"])
+    assert took < 2 + 4 * step_s, took
+    # The freed replica takes the next job while the other is still busy with its long one.
+    quick = fapp.run(small_request(seed=11), timeout=30)
+    assert quick["status"] == "succeeded"
+    assert _status(fapp, survivor)["status"] == "in_progress"
+    fapp.http.post(f"/v1/requests/{survivor}/cancel")
+    assert fapp.wait(survivor, timeout=10)["status"] == "canceled"
+
+
+# ---------------------------------------------------------------------------------------------
+# process deaths
+
+
+def test_gpu_replica_killed_mid_job_is_retried_elsewhere_and_replaced(fapp):
+    jobs = [fapp.submit(_slow(12, f"kill-{i}")).json()["request_id"] for i in range(2)]
+    for rid in jobs:
+        _running_at_step(fapp, rid, 1)
+    where = {rid: _result(fapp, rid)["metadata"]["running_on"] for rid in jobs}
+    victim_job = jobs[0]
+    victim_pid = int(where[victim_job].rsplit(":", 1)[1])
+    assert victim_pid in {r["pid"] for r in _replicas(fapp.name)}
+    os.kill(victim_pid, signal.SIGKILL)
+
+    finals = {rid: fapp.wait(rid, timeout=120) for rid in jobs}
+    assert all(f["status"] == "succeeded" for f in finals.values()), finals
+    assert finals[victim_job]["attempts"] == 2  # retried once, on another replica or the replacement
+    assert finals[jobs[1]]["attempts"] == 1  # the other job never noticed
+    (made_by,) = _result(fapp, victim_job)["metadata"]["replicas"]
+    assert not made_by.endswith(f":{victim_pid}")
+    assert _result(fapp, jobs[1])["metadata"]["replicas"] == [where[jobs[1]]]
+    _wait_running(fapp, 2, exclude_pids={victim_pid})  # Serve replaced it
+
+
+def test_job_whose_replica_dies_every_time_fails_with_replica_died(fapp):
+    rid = fapp.submit(_slow(40, "dies-twice")).json()["request_id"]
+    killed: set[int] = set()
+
+    def running_on() -> int | None:
+        where = _result(fapp, rid)["metadata"].get("running_on")
+        return int(where.rsplit(":", 1)[1]) if where else None
+
+    for attempt in (1, 2):
+        deadline = time.time() + 120
+        while (pid := running_on()) is None or pid in killed:  # the retry has started on a live replica
+            assert time.time() < deadline, f"attempt {attempt} never started: {_status(fapp, rid)}"
+            time.sleep(0.05)
+        assert _status(fapp, rid)["attempts"] == attempt
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    final = fapp.wait(rid, timeout=60)
+    assert final["status"] == "failed" and final["attempts"] == 2, final
+    assert final["error"]["code"] == "REPLICA_DIED" and final["error"]["details"] == {"attempts": 2}
+    _wait_running(fapp, 2, exclude_pids=killed)
+    assert fapp.run(small_request())["status"] == "succeeded"
+
+
+def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop(fapp):
+    steps, step_s = 80, 0.25
+    done = fapp.run(small_request(seed=21))
+    running = [fapp.submit(_slow(steps, f"ingress-dies-{i}")).json()["request_id"] for i in range(2)]
+    queued = fapp.submit(small_request(seed=22)).json()["request_id"]
+    at_kill = {rid: _running_at_step(fapp, rid, 3)["progress"]["step"] for rid in running}
+    (ingress,) = _replicas(fapp.name, "Ingress")
+    os.kill(ingress["pid"], signal.SIGKILL)
+    t_kill = time.time()
+    _wait_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
+
+    # finished results and their files survive
+    again = _result(fapp, done["request_id"])
+    assert again["status"] == "succeeded" and again["outputs"] == done["outputs"]
+    assert fapp.http.get(f"/v1/requests/{done['request_id']}/outputs/0").content
+
+    # The new ingress takes both running jobs over once their leases expire (a second attempt).
+    # Both GPU replicas were busy with the dead ingress's streams: the retries can only start
+    # because each replica noticed its caller died and stopped at the next step, long before the
+    # orphaned runs would have ended on their own (~19 s).
+    for rid in running:
+        _wait_until(fapp, rid, lambda s: s["attempts"] == 2 and s["status"] == "in_progress"
+                    and s["progress"]["stage"] == "denoising" and s["progress"]["step"] < at_kill[rid], 30,
+                    "a second attempt from the start")
+    took = time.time() - t_kill
+    assert took < (steps - max(at_kill.values())) * step_s - 4, took
+    _running_at_step(fapp, running[0], 3)  # and it makes progress
+    for rid in running:
+        fapp.http.post(f"/v1/requests/{rid}/cancel")
+        assert fapp.wait(rid, timeout=10)["status"] == "canceled"
+    # the queued job still runs
+    final = fapp.wait(queued, timeout=60)
+    assert final["status"] == "succeeded", final
+    assert fapp.http.get(f"/v1/requests/{queued}/outputs/0").status_code == 200
+
+
+def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fapp, tiny_dir, tmp_path):
+    import ray
+    from diffusers import WanTransformer3DModel
+
+    from deployments.lora_cache import SUFFIX, TEMP_PREFIX
+    from deployments.lora_files import linear_shapes
+    from tests.lora_factory import make_lora
+
+    # A fresh transformer: the session's shared pipeline may carry adapter wrappers by now.
+    shapes = linear_shapes(WanTransformer3DModel.from_pretrained(str(tiny_dir / "transformer")))
+    body = make_lora(tmp_path / "slow.safetensors", "ai-toolkit", shapes, seed=9).path.read_bytes()
+    # The detached per-node actor may have been made under another app's config (its cache_dir);
+    # the one made after the kill is this app's. Watch both directories.
+    dirs = {fapp.args["gpu"]["lora"]["cache_dir"]}
+
+    def whole_names_only() -> None:
+        for d in dirs:
+            for p in os.listdir(d) if os.path.isdir(d) else ():
+                if p.endswith(SUFFIX) and not p.startswith(TEMP_PREFIX):
+                    try:
+                        size = os.path.getsize(os.path.join(d, p))
+                    except FileNotFoundError:
+                        continue
+                    assert size == len(body), f"{p} in {d} has {size} of {len(body)} bytes"
+
+    with LocalServer() as srv:
+        route = f"/slow-{uuid.uuid4().hex[:6]}.safetensors"
+        url = srv.add(route, body, chunk_size=1024, chunk_delay_s=0.15)  # ~3 s a download
+        request = {**small_request(), "loras": [{"path": url, "network_multiplier": 1.0}]}
+        rid = fapp.submit(request).json()["request_id"]
+        deadline = time.time() + 60
+        while srv.count(route) == 0:
+            assert time.time() < deadline, "the LoRA download never started"
+            time.sleep(0.05)
+        name, actor = _cache_actor(fapp.args["gpu"]["lora"]["cache_dir"])
+        dirs.add(ray.get(actor.config.remote())["lora"]["cache_dir"])
+        time.sleep(0.5)
+        assert any(p.startswith(TEMP_PREFIX) for d in dirs for p in os.listdir(d)), "no download under way"
+        whole_names_only()
+        ray.kill(actor)
+
+        while _status(fapp, rid)["status"] not in ("succeeded", "failed", "canceled"):
+            whole_names_only()
+            time.sleep(0.05)
+        final = fapp.wait(rid)
+        # The replica asked a fresh cache actor once more, which fetched the file again.
+        assert final["status"] == "succeeded", final
+        assert srv.count(route) == 2
+        whole_names_only()
+        assert _cache_actor(fapp.args["gpu"]["lora"]["cache_dir"])[1]._actor_id != actor._actor_id
+        # The next request for it needs no third fetch (resident on a replica, or cached on disk).
+        assert fapp.run(request)["status"] == "succeeded"
+        assert srv.count(route) == 2
