@@ -40,7 +40,10 @@ def tiny_dir(model_cache):
 
 @pytest.fixture(scope="session")
 def loaded_model(model_cache):
-    """The tiny checkpoint loaded through the same path as the real one (fp32, CPU)."""
+    """The tiny checkpoint loaded through the same path as the real one (fp32, CPU).
+
+    Shared: tests that load adapters leave PEFT wrappers in it; tests of pristine weights load their own.
+    """
     from deployments.config import ModelConfig
     from deployments.models import load_pipeline
 

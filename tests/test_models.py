@@ -89,22 +89,29 @@ def from_dir(two_builds, tmp_path_factory):
     return load_pipeline(ModelConfig(source=str(a), device="cpu", cache_dir=str(cache)))
 
 
-def test_directory_and_tiny_sources_load_the_same_weights(from_dir, loaded_model):
-    assert from_dir.source != loaded_model.source == "tiny"
+@pytest.fixture(scope="module")
+def tiny_loaded(model_cache):
+    """The ``tiny`` source loaded afresh: the session's shared pipeline may carry PEFT wrappers
+    (and another sampler) from tests that loaded adapters into it, which changes its state dicts."""
+    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
+
+
+def test_directory_and_tiny_sources_load_the_same_weights(from_dir, tiny_loaded):
+    assert from_dir.source != tiny_loaded.source == "tiny"
     for component in COMPONENTS:
         assert_same_tensors(
             getattr(from_dir.pipe, component).state_dict(),
-            getattr(loaded_model.pipe, component).state_dict(),
+            getattr(tiny_loaded.pipe, component).state_dict(),
             component,
         )
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_loaded_weights_are_the_saved_ones(loaded_model, tiny_dir, component):
+def test_loaded_weights_are_the_saved_ones(tiny_loaded, tiny_dir, component):
     """Nothing is re-initialised on load (a key prefix mismatch would only warn)."""
     (weights,) = (tiny_dir / component).glob("*.safetensors")
     saved = load_file(weights)
-    state = getattr(loaded_model.pipe, component).state_dict()
+    state = getattr(tiny_loaded.pipe, component).state_dict()
     assert saved, component
     for key, tensor in saved.items():
         assert key in state, f"{component}: {key} not in the loaded model"
@@ -115,16 +122,16 @@ def test_loaded_weights_are_the_saved_ones(loaded_model, tiny_dir, component):
         assert key in saved or tensor.data_ptr() in stored, f"{component}: {key} was not loaded"
 
 
-def test_loaded_on_cpu_in_float32(loaded_model):
-    assert loaded_model.device == torch.device("cpu")
-    assert loaded_model.dtype == torch.float32
+def test_loaded_on_cpu_in_float32(tiny_loaded):
+    assert tiny_loaded.device == torch.device("cpu")
+    assert tiny_loaded.dtype == torch.float32
     for component in COMPONENTS:
-        params = list(getattr(loaded_model.pipe, component).parameters())
+        params = list(getattr(tiny_loaded.pipe, component).parameters())
         assert {p.dtype for p in params} == {torch.float32}, component
         assert {p.device.type for p in params} == {"cpu"}, component
 
 
-def test_tiny_source_uses_the_cache_dir(model_cache, loaded_model):
+def test_tiny_source_uses_the_cache_dir(model_cache, tiny_loaded):
     assert (model_cache / "tiny" / "model_index.json").is_file()
     assert not (model_cache / "hub").exists()  # a local checkpoint never touches the hub cache
 
@@ -173,14 +180,14 @@ def test_scheduler_is_the_checkpoints_unipc(from_dir):
     assert config.solver_type == "bh2"
 
 
-def test_transformer_has_the_image_cross_attention_path(loaded_model):
-    transformer = loaded_model.pipe.transformer
+def test_transformer_has_the_image_cross_attention_path(tiny_loaded):
+    transformer = tiny_loaded.pipe.transformer
     config = transformer.config
     assert config.added_kv_proj_dim == config.num_attention_heads * config.attention_head_dim
-    assert config.image_dim == loaded_model.pipe.image_encoder.config.hidden_size
+    assert config.image_dim == tiny_loaded.pipe.image_encoder.config.hidden_size
     assert config.in_channels == 36  # 16 noise + 16 image latents + 4 mask channels, as in I2V
     assert config.out_channels == 16
-    assert config.text_dim == loaded_model.pipe.text_encoder.config.d_model
+    assert config.text_dim == tiny_loaded.pipe.text_encoder.config.d_model
     assert transformer.condition_embedder.image_embedder is not None  # CLIP features -> context tokens
     for block in transformer.blocks:
         assert isinstance(block.attn2.add_k_proj, torch.nn.Linear)
@@ -188,17 +195,17 @@ def test_transformer_has_the_image_cross_attention_path(loaded_model):
         assert block.attn2.add_k_proj.in_features == config.added_kv_proj_dim
 
 
-def test_vae_matches_the_wan_latent_layout(loaded_model):
-    vae = loaded_model.pipe.vae
+def test_vae_matches_the_wan_latent_layout(tiny_loaded):
+    vae = tiny_loaded.pipe.vae
     assert vae.config.z_dim == 16
     assert list(vae.config.temperal_downsample) == [False, True, True]  # 4x in time, 8x in space
 
 
-def test_tokenizer_knows_words_and_pads_to_512(loaded_model):
-    tokenizer = loaded_model.pipe.tokenizer
+def test_tokenizer_knows_words_and_pads_to_512(tiny_loaded):
+    tokenizer = tiny_loaded.pipe.tokenizer
     ids = tokenizer("a runner on a beach at sunset", add_special_tokens=True).input_ids
     assert tokenizer.unk_token_id not in ids  # transformers 5 can silently drop the vocab
-    assert len(tokenizer) == loaded_model.pipe.text_encoder.config.vocab_size
+    assert len(tokenizer) == tiny_loaded.pipe.text_encoder.config.vocab_size
     padded = tokenizer(["x"], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
     assert padded.input_ids.shape == (1, 512)
 
