@@ -50,21 +50,6 @@ import torch  # noqa: E402
 
 FLOP_ANCHOR = 665.5e12  # per forward at 832x480x41 (performance-anchors.md)
 
-# ai-toolkit module names -> diffusers module names, per block
-AITK_TO_DIFFUSERS = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.k_img": "attn2.add_k_proj",
-    "cross_attn.v_img": "attn2.add_v_proj",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,10 +214,12 @@ def make_aitoolkit_lora(shapes: dict, num_layers: int, rank: int, seed: int, pat
     """A random ai-toolkit-format LoRA on every block linear (bf16), saved as safetensors."""
     from safetensors.torch import save_file
 
+    from deployments.lora_files import WAN_TO_DIFFUSERS
+
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for i in range(num_layers):
-        for aitk, diff in AITK_TO_DIFFUSERS.items():
+        for aitk, diff in WAN_TO_DIFFUSERS.items():
             name = f"blocks.{i}.{diff}"
             if name not in shapes:
                 continue

@@ -17,6 +17,22 @@ from typing import Mapping
 from .errors import LoraIncompatible, LoraInvalid, LoraNotFound
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+# Wan's original layer names (ai-toolkit / kohya files) -> diffusers names, inside one block.
+WAN_TO_DIFFUSERS: dict[str, str] = {
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+}
 MAX_LISTED = 10  # unmatched keys quoted in an error
 
 

@@ -38,16 +38,21 @@ def tiny_dir(model_cache):
     return model_cache / "tiny"
 
 
+def load_tiny(model_cache):
+    """A pipeline of the tiny source of its own (fp32, CPU), for tests that need pristine weights."""
+    from deployments.config import ModelConfig
+    from deployments.models import load_pipeline
+
+    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
+
+
 @pytest.fixture(scope="session")
 def loaded_model(model_cache):
     """The tiny checkpoint loaded through the same path as the real one (fp32, CPU).
 
     Shared: tests that load adapters leave PEFT wrappers in it; tests of pristine weights load their own.
     """
-    from deployments.config import ModelConfig
-    from deployments.models import load_pipeline
-
-    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
+    return load_tiny(model_cache)
 
 
 @pytest.fixture(scope="session")
@@ -74,28 +79,30 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def small_spec():
+def tiny_spec(**overrides):
     """A fast spec on the tiny model: 64x48, 5 frames, 2 steps, CFG on."""
     from deployments.spec import GenerationSpec
 
-    def make(**overrides):
-        values = dict(
-            prompt="a runner on a beach",
-            negative_prompt="",
-            width=64,
-            height=48,
-            num_frames=5,
-            fps=8,
-            steps=2,
-            guidance_scale=4.0,
-            seed=42,
-            image_png=png_bytes(make_image(64, 48)),
-        )
-        values.update(overrides)
-        return GenerationSpec(**values)
+    values = dict(
+        prompt="a runner on a beach",
+        negative_prompt="",
+        width=64,
+        height=48,
+        num_frames=5,
+        fps=8,
+        steps=2,
+        guidance_scale=4.0,
+        seed=42,
+        image_png=png_bytes(make_image(64, 48)),
+    )
+    values.update(overrides)
+    return GenerationSpec(**values)
 
-    return make
+
+@pytest.fixture
+def small_spec():
+    """``tiny_spec`` as a fixture."""
+    return tiny_spec
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,23 +17,11 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
+from deployments.lora_files import WAN_TO_DIFFUSERS
+
 FORMATS = ("ai-toolkit", "kohya", "diffusers")
 
-# Wan's original layer names (ai-toolkit / kohya files) -> diffusers names, inside one block.
-BLOCK_TARGETS: dict[str, str] = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.k_img": "attn2.add_k_proj",
-    "cross_attn.v_img": "attn2.add_v_proj",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
+BLOCK_TARGETS = WAN_TO_DIFFUSERS  # native name -> diffusers name, inside one block
 
 
 @dataclass

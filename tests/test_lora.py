@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import ModelConfig
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
 from deployments.lora_files import detect_format, linear_shapes, load_state_dict, read_header
-from deployments.models import load_pipeline
 from deployments.pipeline import WanGenerator
 from deployments.spec import LoraRef, adapter_name
 
+from .conftest import load_tiny, tiny_spec
 from .lora_factory import (
     FORMATS,
     file_keys,
@@ -36,14 +35,10 @@ ATOL = 1e-5
 VISIBLE = 1e-2  # a LoRA must move the transformer output at least this much
 
 
-def _load(model_cache):
-    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
-
-
 @pytest.fixture(scope="module")
 def base(model_cache):
     """A pipeline that never sees a LoRA: the reference for every comparison."""
-    return _load(model_cache)
+    return load_tiny(model_cache)
 
 
 @pytest.fixture(scope="module")
@@ -74,34 +69,13 @@ def base_frames(base_gen, small_spec_module):
 @pytest.fixture(scope="module")
 def small_spec_module():
     """``small_spec`` for module-scoped fixtures (the conftest one is function-scoped)."""
-    from deployments.spec import GenerationSpec
-
-    from .conftest import make_image, png_bytes
-
-    image = png_bytes(make_image(64, 48))
-
-    def make(**overrides):
-        values = dict(
-            prompt="a runner on a beach",
-            width=64,
-            height=48,
-            num_frames=5,
-            fps=8,
-            steps=2,
-            guidance_scale=4.0,
-            seed=42,
-            image_png=image,
-        )
-        values.update(overrides)
-        return GenerationSpec(**values)
-
-    return make
+    return tiny_spec
 
 
 @pytest.fixture(scope="module")
 def module_gen(model_cache):
     """The generator under test, on its own pipeline (shared by this module's tests)."""
-    return WanGenerator(_load(model_cache))
+    return WanGenerator(load_tiny(model_cache))
 
 
 @pytest.fixture
@@ -158,7 +132,7 @@ def test_single_lora_frames_equal_hand_merged_pipeline(
     gen.load_adapter("style", str(lora.path))
     frames = gen.generate(_spec_with(small_spec, ("style", multiplier))).frames
 
-    merged = _load(model_cache)
+    merged = load_tiny(model_cache)
     merge_into(merged.pipe.transformer, [(lora, multiplier)])
     expected = WanGenerator(merged).generate(small_spec()).frames
 
@@ -203,7 +177,7 @@ def test_stacked_loras_equal_hand_merged_sum(gen, base, base_out, shapes, inputs
 
 
 def test_no_lora_request_after_loading_is_bit_identical(model_cache, base_frames, shapes, small_spec, tmp_path):
-    fresh = WanGenerator(_load(model_cache))  # this test needs a generator that has never loaded
+    fresh = WanGenerator(load_tiny(model_cache))  # this test needs a generator that has never loaded
     before = fresh.generate(small_spec()).frames
     assert np.array_equal(before, base_frames)
 

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from deployments.config import ModelConfig
 from deployments.models import build_tiny, ensure_tiny, load_pipeline
 
+from .conftest import load_tiny
+
 COMPONENTS = ("transformer", "text_encoder", "image_encoder", "vae")
 
 
@@ -93,7 +95,7 @@ def from_dir(two_builds, tmp_path_factory):
 def tiny_loaded(model_cache):
     """The ``tiny`` source loaded afresh: the session's shared pipeline may carry PEFT wrappers
     (and another sampler) from tests that loaded adapters into it, which changes its state dicts."""
-    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
+    return load_tiny(model_cache)
 
 
 def test_directory_and_tiny_sources_load_the_same_weights(from_dir, tiny_loaded):

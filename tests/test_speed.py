@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from deployments import pipeline as pipeline_mod
-from deployments.config import ModelConfig, SpeedConfig
+from deployments.config import SpeedConfig
 from deployments.errors import LoraIncompatible
 from deployments.lora_files import linear_shapes
-from deployments.models import load_pipeline
 from deployments.spec import LoraRef
 from deployments.speed import SLOT, LoraSlots, apply_speed_modes
 
+from .conftest import load_tiny
 from .lora_factory import forward, make_lora, merged_copy, transformer_inputs
 
 ATOL = 1e-5
@@ -28,13 +28,9 @@ VISIBLE = 1e-2
 SLOT_RANK = 16
 
 
-def _load(model_cache):
-    return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
-
-
 @pytest.fixture(scope="module")
 def base(model_cache):
-    return _load(model_cache)
+    return load_tiny(model_cache)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def base_out(base, inputs):
 @pytest.fixture(scope="module")
 def slot_gen(model_cache):
     """A generator whose adapters go through a LoRA slot (no compile: CPU arithmetic check)."""
-    loaded = _load(model_cache)
+    loaded = load_tiny(model_cache)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
             pipeline_mod,
@@ -184,7 +180,7 @@ def test_slot_keeps_generation_api(sgen, shapes, small_spec, tmp_path):
 def test_compiled_slot_never_recompiles(model_cache, shapes, inputs, small_spec, tmp_path):
     from deployments import speed as speed_mod
 
-    loaded = _load(model_cache)
+    loaded = load_tiny(model_cache)
     speed = SpeedConfig(attention_backend=None, warmup_width=64, warmup_height=48, warmup_frames=5, lora_hotswap_rank=8)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_mod, "apply_speed_modes", lambda p, s, d: speed_mod._apply(p, s))
