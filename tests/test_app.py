@@ -9,7 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from tests.conftest import SLOW_PROMPT, b64_png, small_request
+from tests.conftest import SLOW_PROMPT, small_request
 from tests.http_server import LocalServer
 
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import save, save_file
+from safetensors.numpy import save
 
 from deployments.config import FetchConfig, LoraCacheConfig
 from deployments.errors import LoraFetchFailed, LoraInvalid, LoraNotFound
