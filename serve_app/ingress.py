@@ -414,7 +414,7 @@ class Ingress:
         owner = self._owner(authorization)
         job = None
         if idempotency_key is not None:
-            job, _ = await asyncio.to_thread(self._existing, owner, idempotency_key)
+            job = await asyncio.to_thread(self.store.by_idempotency_key, owner, idempotency_key)
         if job is None:
             specs = await asyncio.to_thread(to_specs, req, self.cfg)
             try:
@@ -435,11 +435,6 @@ class Ingress:
             cancel_url=self._url(f"/v1/requests/{job.id}/cancel"),
             created_at=iso(job.created_at),
         )
-
-    def _existing(self, owner: str, key: str) -> tuple[Job | None, bool]:
-        row = self.store._conn().execute("SELECT id FROM jobs WHERE owner=? AND idempotency_key=?",
-                                         (owner, key)).fetchone()
-        return (self.store.get(row["id"]) if row else None), False
 
     @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse)
     async def status(self, request_id: str, authorization: Annotated[str | None, Header()] = None):

@@ -188,6 +188,11 @@ class JobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _row_to_job(row) if row else None
 
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        """The job an owner already submitted with this Idempotency-Key, if any."""
+        row = self._conn().execute("SELECT * FROM jobs WHERE owner=? AND idempotency_key=?", (owner, key)).fetchone()
+        return _row_to_job(row) if row else None
+
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
         if statuses is None:
             return self._conn().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
