@@ -213,7 +213,15 @@ class WanI2VReplica:
             "resident_sets": sorted(self._resident),
             "device": str(self.loaded.device),
             "pid": os.getpid(),
+            "compiled_graphs": _compiled_graphs(),
         }
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process: constant after warm-up means no recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def make_deployment(cfg: GpuConfig):
