@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--extra-size", default=None, help="WxHxF: also warm up (and request) this size")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/serve-lora")
@@ -72,14 +73,17 @@ def main(argv=None) -> int:
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     args = app_args(source, device, work / "models", work, gpus)
+    extra = tuple(int(v) for v in a.extra_size.split("x")) if a.extra_size else None
+    if extra:
+        args["gpu"]["model"]["speed"] = {"extra_warmup_sizes": [list(extra)]}
     t0 = time.perf_counter()
     serve.run(build_app(args), name="wan-i2v", route_prefix="/")
     deploy_s = time.perf_counter() - t0
     handle = serve.get_deployment_handle("WanI2V", "wan-i2v")
     http = httpx.Client(base_url="http://127.0.0.1:8000", timeout=60)
 
-    def run(label: str, loras: list[tuple[str, float]]) -> dict:
-        request = make_request(*size, steps=2)
+    def run(label: str, loras: list[tuple[str, float]], at: tuple[int, int, int] = size) -> dict:
+        request = make_request(*at, steps=2)
         request["loras"] = [{"path": ref, "network_multiplier": m} for ref, m in loras]
         t = time.perf_counter()
         rid = http.post("/v1/inference", json=request).raise_for_status().json()["request_id"]
@@ -105,10 +109,13 @@ def main(argv=None) -> int:
         run("A again", [(lora_a, 1.0)]),
         run("no LoRA again", []),
     ]
+    if extra:
+        rows += [run(f"{label} at {a.extra_size}", loras, extra)
+                 for label, loras in (("no LoRA", []), ("A", [(lora_a, 1.0)]), ("B", [(lora_b, 0.8)]))]
     serve.shutdown()
     ray.shutdown()
     summary = {
-        "source": source, "size": size, "steps": 2, "lora_rank": rank, "write_loras_s": round(write_s, 2),
+        "source": source, "size": size, "extra_size": extra, "steps": 2, "lora_rank": rank, "write_loras_s": round(write_s, 2),
         "deploy_s_incl_warmup": round(deploy_s, 2), "graphs_after_warmup": start["compiled_graphs"],
         "rows": rows,
         "all_succeeded": all(r["status"] == "succeeded" for r in rows),

@@ -28,6 +28,10 @@ class SpeedConfig(_Strict):
     warmup_width: int = 832
     warmup_height: int = 480
     warmup_frames: int = 41
+    extra_warmup_sizes: list[tuple[int, int, int]] = Field(
+        default_factory=list,
+        description="more (width, height, frames) to compile at start; any other size compiles on first use",
+    )
     lora_hotswap_rank: int = Field(
         64, description="max LoRA rank that can be swapped into a compiled model without recompiling"
     )

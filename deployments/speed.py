@@ -273,8 +273,8 @@ def _zero_lora_file(directory: str, shapes: dict[str, tuple[int, int]]) -> str:
 WARMUP_LORA_REF = "__warmup_zero_lora__"
 
 
-def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = ()):
-    """The warm-up request: the configured size, CFG on, a random picture."""
+def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tuple[int, int, int] | None = None):
+    """A warm-up request: the configured size (or ``size``), CFG on, a random picture."""
     import io
 
     import numpy as np
@@ -282,16 +282,17 @@ def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = ()):
 
     from .spec import GenerationSpec
 
+    width, height, frames = size or (speed.warmup_width, speed.warmup_height, speed.warmup_frames)
     rng = np.random.RandomState(0)
-    image = Image.fromarray((rng.rand(speed.warmup_height, speed.warmup_width, 3) * 255).astype("uint8"))
+    image = Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return GenerationSpec(
         prompt="warm-up",
         negative_prompt="",
-        width=speed.warmup_width,
-        height=speed.warmup_height,
-        num_frames=speed.warmup_frames,
+        width=width,
+        height=height,
+        num_frames=frames,
         fps=16,
         steps=steps,
         guidance_scale=4.0,
@@ -302,8 +303,9 @@ def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = ()):
 
 
 def warmup(generator, speed: SpeedConfig) -> dict:
-    """Compile at replica start: one generation at the warm-up size without LoRA and, if the slot
-    exists, one with a zero LoRA through the public adapter path (the slot-on variant).
+    """Compile at replica start: at the warm-up size (and each of ``extra_warmup_sizes``), one
+    generation without LoRA and, if the slot exists, one with a zero LoRA through the public adapter
+    path (the slot-on variant is a second graph).
 
     Returns seconds per part.
     """
@@ -311,20 +313,24 @@ def warmup(generator, speed: SpeedConfig) -> dict:
 
     out: dict = {}
     t0 = time.perf_counter()
-    generator.generate(warmup_spec(speed))
-    out["base_s"] = round(time.perf_counter() - t0, 2)
-    if getattr(generator, "_slots", None) is not None:
-        loads = generator.adapter_loads
+    sizes = [None] + [tuple(s) for s in speed.extra_warmup_sizes]
+    for size in sizes:
+        tag = "" if size is None else f"_{size[0]}x{size[1]}x{size[2]}"
         t1 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = _zero_lora_file(tmp, generator._shapes)
-            generator.load_adapter(WARMUP_LORA_REF, path)
-        try:
-            generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),)))
-        finally:
-            generator.delete_adapter(WARMUP_LORA_REF)
-            generator.adapter_loads = loads
-            generator._slots.apply([])
-        out["lora_s"] = round(time.perf_counter() - t1, 2)
+        generator.generate(warmup_spec(speed, steps=2 if size is None else 1, size=size))
+        out[f"base{tag}_s"] = round(time.perf_counter() - t1, 2)
+        if getattr(generator, "_slots", None) is not None:
+            loads = generator.adapter_loads
+            t1 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = _zero_lora_file(tmp, generator._shapes)
+                generator.load_adapter(WARMUP_LORA_REF, path)
+            try:
+                generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),), size=size))
+            finally:
+                generator.delete_adapter(WARMUP_LORA_REF)
+                generator.adapter_loads = loads
+                generator._slots.apply([])
+            out[f"lora{tag}_s"] = round(time.perf_counter() - t1, 2)
     out["total_s"] = round(time.perf_counter() - t0, 2)
     return out
