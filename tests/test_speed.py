@@ -194,3 +194,26 @@ def test_compiled_slot_never_recompiles(model_cache, shapes, inputs, small_spec,
             gen.generate(small_spec(loras=tuple(LoraRef(ref=r, multiplier=m) for r, m in loras)))
     finally:
         torch._dynamo.config.error_on_recompile = False
+
+
+def test_warmup_runs_every_configured_size_through_both_slot_variants(sgen):
+    """Warm-up generates at the warm-up size and at each extra size, with the slot off and on, and
+    leaves no adapter behind (real generations on the tiny model; the slot path without compile)."""
+    from deployments.speed import warmup
+
+    speed = SpeedConfig(warmup_width=64, warmup_height=48, warmup_frames=5, extra_warmup_sizes=[(48, 64, 9)])
+    seen = []
+    original = sgen.generate
+
+    def recording(spec, *args, **kwargs):
+        seen.append((spec.width, spec.height, spec.num_frames, bool(spec.loras)))
+        return original(spec, *args, **kwargs)
+
+    sgen.generate = recording
+    try:
+        report = warmup(sgen, speed)
+    finally:
+        del sgen.generate
+    assert seen == [(64, 48, 5, False), (64, 48, 5, True), (48, 64, 9, False), (48, 64, 9, True)]
+    assert {"base_s", "lora_s", "base_48x64x9_s", "lora_48x64x9_s", "total_s"} <= set(report)
+    assert sgen.adapters == {} and sgen.adapter_loads == 0
