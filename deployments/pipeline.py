@@ -69,12 +69,6 @@ class _StageClock:
         if began is not None:
             self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - began
 
-    def attach(self, module: torch.nn.Module, stage: str) -> list:
-        return [
-            module.register_forward_pre_hook(lambda *_: self.start(stage)),
-            module.register_forward_hook(lambda *_: self.stop(stage)),
-        ]
-
 
 @dataclass
 class Frames:

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from .config import GpuConfig
-from .errors import Canceled, GenerationFailed, LoraFetchFailed, ReplicaUnavailable, ServiceError
+from .errors import GenerationFailed, LoraFetchFailed, ReplicaUnavailable
 from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
 
 log = logging.getLogger("ray.serve")
@@ -169,10 +169,6 @@ class WanI2VReplica:
                 # pipeline is free so the next request never overlaps this one.
                 cancel.set()
                 await asyncio.shield(asyncio.wait({work}))
-                raise
-            except Canceled:
-                raise
-            except ServiceError:
                 raise
             finally:
                 if watch is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -168,3 +169,31 @@ def transformer_inputs(seed: int = 0, *, in_channels: int = 36, text_dim: int = 
 def forward(transformer: torch.nn.Module, inputs: Mapping) -> torch.Tensor:
     """One transformer forward on ``inputs``; returns the noise prediction."""
     return transformer(**inputs)[0]
+
+
+# -- module-scoped fixtures shared by the LoRA test modules (import them by name) -------------------
+
+
+@pytest.fixture(scope="module")
+def base(model_cache):
+    """A pipeline of its own that never sees a LoRA: the reference for every comparison."""
+    from .conftest import load_tiny
+
+    return load_tiny(model_cache)
+
+
+@pytest.fixture(scope="module")
+def shapes(base):
+    from deployments.lora_files import linear_shapes
+
+    return linear_shapes(base.pipe.transformer)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return transformer_inputs(seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_out(base, inputs):
+    return forward(base.pipe.transformer, inputs)

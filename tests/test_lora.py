@@ -14,19 +14,23 @@ import pytest
 import torch
 
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
-from deployments.lora_files import detect_format, linear_shapes, load_state_dict, read_header
+from deployments.lora_files import detect_format, load_state_dict, read_header
 from deployments.pipeline import WanGenerator
 from deployments.spec import LoraRef, adapter_name
 
 from .conftest import load_tiny, tiny_spec
-from .lora_factory import (
+from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)
     FORMATS,
+    base,
+    base_out,
     file_keys,
     forward,
+    inputs,
     make_lora,
     merge_into,
     merged_copy,
     save_state_dict,
+    shapes,
     transformer_inputs,
     write_raw,
 )
@@ -36,29 +40,8 @@ VISIBLE = 1e-2  # a LoRA must move the transformer output at least this much
 
 
 @pytest.fixture(scope="module")
-def base(model_cache):
-    """A pipeline that never sees a LoRA: the reference for every comparison."""
-    return load_tiny(model_cache)
-
-
-@pytest.fixture(scope="module")
 def base_gen(base):
     return WanGenerator(base)
-
-
-@pytest.fixture(scope="module")
-def shapes(base):
-    return linear_shapes(base.pipe.transformer)
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return transformer_inputs(seed=0)
-
-
-@pytest.fixture(scope="module")
-def base_out(base, inputs):
-    return forward(base.pipe.transformer, inputs)
 
 
 @pytest.fixture(scope="module")

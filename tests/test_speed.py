@@ -16,36 +16,15 @@ import torch
 from deployments import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
 from deployments.errors import LoraIncompatible
-from deployments.lora_files import linear_shapes
 from deployments.spec import LoraRef
 from deployments.speed import SLOT, LoraSlots, apply_speed_modes
 
 from .conftest import load_tiny
-from .lora_factory import forward, make_lora, merged_copy, transformer_inputs
+from .lora_factory import base, base_out, forward, inputs, make_lora, merged_copy, shapes  # noqa: F401 (fixtures)
 
 ATOL = 1e-5
 VISIBLE = 1e-2
 SLOT_RANK = 16
-
-
-@pytest.fixture(scope="module")
-def base(model_cache):
-    return load_tiny(model_cache)
-
-
-@pytest.fixture(scope="module")
-def shapes(base):
-    return linear_shapes(base.pipe.transformer)
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return transformer_inputs(seed=0)
-
-
-@pytest.fixture(scope="module")
-def base_out(base, inputs):
-    return forward(base.pipe.transformer, inputs)
 
 
 @pytest.fixture(scope="module")
