@@ -147,8 +147,9 @@ class LoraStore:
         self.cfg = cfg
         self.fetch_cfg = fetch_cfg
         self._hf_token = hf_token
-        self.root = Path(os.path.realpath(cfg.root))
-        self.cache_dir = Path(cfg.cache_dir)
+        # "~" is the home of this node's processes: node-local paths need no per-node config.
+        self.root = Path(os.path.realpath(os.path.expanduser(cfg.root)))
+        self.cache_dir = Path(cfg.cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # eviction and counters; downloads run outside it
         self.counts = {"fetches": 0, "hits": 0, "local": 0, "evictions": 0, "failures": 0}

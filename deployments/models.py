@@ -267,7 +267,7 @@ def _load_processor(out: Path):
 
 def ensure_tiny(cache_dir: str | os.PathLike) -> Path:
     """Build the tiny checkpoint into ``cache_dir/tiny`` once (safe across processes)."""
-    cache = Path(cache_dir)
+    cache = Path(cache_dir).expanduser()  # "~": the node-local home of the process that builds it
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / "tiny"
     with open(cache / ".tiny.lock", "w") as lock:
@@ -387,7 +387,7 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
     else:
         location = str(ensure_tiny(cfg.cache_dir)) if cfg.source == TINY else cfg.source
         token = os.environ.get(cfg.hf_token_env) or None
-        kwargs = {"cache_dir": str(Path(cfg.cache_dir) / "hub")} if not Path(location).is_dir() else {}
+        kwargs = {"cache_dir": str(Path(cfg.cache_dir).expanduser() / "hub")} if not Path(location).is_dir() else {}
         pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -21,5 +21,6 @@ def build_app(args: dict | None = None) -> Application:
     ingress = Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        max_replicas_per_node=cfg.ingress.max_replicas_per_node,
     )
     return ingress.bind(cfg.model_dump(mode="json"), replica)

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -84,17 +85,56 @@ class AuthConfig(_Strict):
 
 
 class StorageConfig(_Strict):
-    outputs_dir: str = Field("./outputs/videos", description="finished videos")
-    jobs_db: str = Field("./outputs/jobs.sqlite3", description="the job database (SQLite)")
+    """Where the state lives: the job database and the output store. Nothing here needs a shared disk."""
+
+    outputs_dir: str = Field(
+        "./outputs/videos",
+        description="videos and control images: a local directory, or an fsspec URL (s3://bucket/prefix, gs://...)",
+    )
+    outputs_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (endpoint_url in client_kwargs, region, ...)"
+    )
+    presigned_redirect: bool = Field(
+        False, description="answer GET /outputs/{n} with a 307 to a presigned URL (object stores only)"
+    )
+    presign_expiry_s: int = Field(900, ge=1, le=7 * 86400, description="lifetime of a presigned URL")
+    write_attempts: int = Field(4, ge=1, description="tries per output write before the job fails")
+    jobs_db: str = Field(
+        "./outputs/jobs.sqlite3",
+        description="the job database: a SQLite file (one node) or a postgresql:// URL (clusters)",
+    )
+    jobs_db_env: str | None = Field(
+        None, description="an environment variable holding the database URL; wins over jobs_db where it is set"
+    )
+    db_pool_size: int = Field(8, ge=1, description="PostgreSQL connections per ingress replica")
+    db_timeout_s: float = Field(
+        5.0, gt=0, description="a database call not answered within this is STORE_UNAVAILABLE (503)"
+    )
+    retention_s: float = Field(
+        7 * 86400, ge=0, description="delete finished jobs, their videos and control images after this; 0 keeps all"
+    )
+    retention_sweep_s: float = Field(600.0, gt=0, description="how often expired jobs are looked for")
+
+    def jobs_db_url(self) -> str:
+        """The database to use, read in the calling process (each node may get it from its own environment)."""
+        if self.jobs_db_env and os.environ.get(self.jobs_db_env):
+            return os.environ[self.jobs_db_env]
+        return self.jobs_db
 
 
 class JobsConfig(_Strict):
     """How jobs are dispatched and recovered."""
 
     lease_s: float = Field(15.0, description="a running job's lease; expired leases are taken over")
-    sweep_interval_s: float = Field(2.0, description="how often orphaned jobs are looked for")
+    sweep_interval_s: float = Field(2.0, description="how often an idle runner looks for claimable jobs")
     max_attempts: int = Field(2, description="a job whose replica dies is retried once, then failed")
-    retention_s: float | None = Field(None, description="delete finished jobs and files after this long")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="jobs one ingress replica has at the GPU replicas at once; default 2 x max_replicas"
+    )
+    max_overtakes: int = Field(
+        2, ge=1, description="younger jobs that may start before an older one (LoRA affinity) before the runner "
+        "stops taking new jobs until the older one starts",
+    )
 
 
 class DefaultsConfig(_Strict):
@@ -115,6 +155,10 @@ class DefaultsConfig(_Strict):
 class IngressConfig(_Strict):
     num_replicas: int = 1
     num_cpus: float = 0.1
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="spread ingress replicas over nodes (1: one per node), so one node's loss leaves others"
+    )
+    replica_header: bool = Field(False, description="name the answering replica (host:pid) in X-Wan-Ingress")
 
 
 class AppConfig(_Strict):

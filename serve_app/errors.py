@@ -28,6 +28,17 @@ class ApiError(ServiceError):
         return (ApiError, (self.status, self.code, self.message, self.details, self.headers))
 
 
+class StoreUnavailable(ApiError):
+    """The job database or the output store cannot be reached now: retry later, nothing accepted is lost."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 5):
+        super().__init__(503, "STORE_UNAVAILABLE", message, details, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (StoreUnavailable, (self.message, self.details, self.retry_after_s))
+
+
 def not_found(request_id: str) -> ApiError:
     return ApiError(404, "REQUEST_NOT_FOUND", f"Request not found: {request_id}", {"request_id": request_id})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -121,6 +122,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BACKENDS = ("sqlite", "postgres")  # state backends: SQLite + a local directory, PostgreSQL + S3 (moto)
+
+
 class AppUnderTest:
     """One deployed Serve app: its config args, base URL and an HTTP client with small helpers."""
 
@@ -130,6 +134,7 @@ class AppUnderTest:
         self.name = name
         self.base_url = base_url
         self.args = args
+        self.backend = "postgres" if args["storage"]["jobs_db"].startswith("postgresql://") else "sqlite"
         self.http = httpx.Client(base_url=base_url, timeout=60)
 
     def submit(self, request: dict, headers: dict | None = None):
@@ -161,10 +166,61 @@ class AppUnderTest:
 
         return serve.get_deployment_handle("WanI2V", self.name).stats.remote().result()
 
+    def db_rows(self, where: str, params: tuple = ()) -> list[dict]:
+        """Rows of this app's job table, read directly from its database (``?`` placeholders)."""
+        return db_rows(self.args["storage"]["jobs_db"], where, params)
+
+    def count_jobs(self) -> int:
+        return len(self.db_rows("1=1"))
+
+
+def db_rows(jobs_db: str, where: str, params: tuple = ()) -> list[dict]:
+    """``SELECT * FROM jobs WHERE <where>`` on either backend, as dicts."""
+    if jobs_db.startswith("postgresql://"):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(jobs_db, row_factory=dict_row) as conn:
+            return conn.execute(f"SELECT * FROM jobs WHERE {where.replace('?', '%s')}", params).fetchall()
+    import sqlite3
+
+    db = sqlite3.connect(jobs_db, timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute(f"SELECT * FROM jobs WHERE {where}", params).fetchall()]
+    finally:
+        db.close()
+
 
 @pytest.fixture(scope="session")
-def serve_env(tmp_path_factory, model_cache):
-    """A local Ray cluster with Serve on a free loopback port, and a function that deploys app variants."""
+def pg_server():
+    """A real PostgreSQL server for the whole session (Debian's postgresql-15, started by the tests)."""
+    from tests.services import PgServer
+
+    server = PgServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) for the whole session, with one bucket."""
+    from tests.services import S3Server
+
+    server = S3Server().start()
+    server.bucket = server.create_bucket("wan-tests")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
+    """A local Ray cluster with Serve on a free loopback port, and a function that deploys app variants.
+
+    ``args_for(name, backend=...)``: ``sqlite`` keeps jobs in a SQLite file and videos in a local
+    directory (the embedded default); ``postgres`` keeps jobs in a database of its own on the
+    session's PostgreSQL server and videos under a prefix of the session's S3 bucket (a cluster).
+    """
     import ray
     from ray import serve
 
@@ -177,7 +233,14 @@ def serve_env(tmp_path_factory, model_cache):
     ray.init(num_cpus=8, include_dashboard=False, namespace="wan-tests", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
-    def args_for(name: str, **overrides) -> dict:
+    def storage_for(name: str, backend: str) -> dict:
+        if backend == "sqlite":
+            return {"outputs_dir": str(root / name / "videos"), "jobs_db": str(root / name / "jobs.sqlite3")}
+        assert backend == "postgres", backend
+        return {"outputs_dir": f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}/videos",
+                "outputs_options": s3_server.options(), "jobs_db": pg_server.create_db()}
+
+    def args_for(name: str, backend: str = "sqlite", **overrides) -> dict:
         base = {
             "gpu": {
                 "model": {"source": "tiny", "device": "cpu", "cache_dir": str(model_cache)},
@@ -190,7 +253,7 @@ def serve_env(tmp_path_factory, model_cache):
                 "lora": {"root": str(lora_root), "cache_dir": str(root / name / "lora-cache")},
                 "fetch": {"allow_http": True, "allowed_hosts": ["127.0.0.1"]},
             },
-            "storage": {"outputs_dir": str(root / name / "videos"), "jobs_db": str(root / name / "jobs.sqlite3")},
+            "storage": storage_for(name, backend),
             "jobs": {"lease_s": 3.0, "sweep_interval_s": 0.5},
         }
         return _merge(base, overrides)
@@ -201,6 +264,7 @@ def serve_env(tmp_path_factory, model_cache):
 
     env = type("ServeEnv", (), {})()
     env.port, env.root, env.lora_root = port, root, lora_root
+    env.pg, env.s3 = pg_server, s3_server
     env.args_for, env.deploy = args_for, deploy
     yield env
     serve.shutdown()
@@ -214,10 +278,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="session")
-def app(serve_env) -> AppUnderTest:
-    """The default app (open, tiny model, CPU), mounted at /."""
-    return serve_env.deploy("wan-i2v", "/", serve_env.args_for("wan-i2v"))
+@pytest.fixture(scope="session", params=BACKENDS)
+def app(request, serve_env) -> AppUnderTest:
+    """The default app (open, tiny model, CPU), once per state backend: SQLite at /, PostgreSQL at /pg."""
+    from ray import serve
+
+    name, prefix = ("wan-i2v", "/") if request.param == "sqlite" else ("wan-i2v-pg", "/pg")
+    app = serve_env.deploy(name, prefix, serve_env.args_for(name, request.param))
+    yield app
+    serve.delete(name)
 
 
 def b64_png(width: int = 64, height: int = 48, seed: int = 0) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
+import httpx
 import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from tests.conftest import SLOW_PROMPT, small_request
+from tests.conftest import BACKENDS, SLOW_PROMPT, small_request
 from tests.http_server import LocalServer
 
 
@@ -216,10 +218,11 @@ def test_unknown_request_is_404(app):
     assert r.status_code == 404
 
 
-def test_restart_keeps_results_and_runs_queued_jobs(serve_env):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     from ray import serve
 
-    args = serve_env.args_for("restart")
+    args = serve_env.args_for("restart", backend)
     app = serve_env.deploy("restart", "/restart", args)
     done = app.run(small_request())
     slow = small_request(prompt=f"{SLOW_PROMPT} across a restart", sample_steps=12)
@@ -293,3 +296,68 @@ def test_cli_submits_shows_progress_and_downloads(app, tmp_path, capsys):
 
     with Image.open(out) as video:
         assert (video.size, video.n_frames) == ((64, 48), 5)
+
+
+def _output_store(app):
+    """The app's output store, opened in the test process (same config: a local dir or the S3 server)."""
+    from serve_app.config import StorageConfig
+    from serve_app.storage import OutputStore
+
+    return OutputStore(StorageConfig.model_validate(app.args["storage"]))
+
+
+def test_download_honours_range_requests(app):
+    result = app.run(small_request(seed=17))
+    whole = _download(app, result)
+    data = whole.content
+    assert whole.headers["accept-ranges"] == "bytes" and int(whole.headers["content-length"]) == len(data)
+    url = f"/v1/requests/{result['request_id']}/outputs/0"
+    part = app.http.get(url, headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == data[10:100]
+    assert part.headers["content-range"] == f"bytes 10-99/{len(data)}"
+    tail = app.http.get(url, headers={"Range": "bytes=-7"})
+    assert tail.status_code == 206 and tail.content == data[-7:]
+    resumed = app.http.get(url, headers={"Range": f"bytes={len(data) - 3}-"})  # a resumed download
+    assert resumed.status_code == 206 and resumed.content == data[-3:]
+    beyond = app.http.get(url, headers={"Range": f"bytes={len(data)}-"})
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
+    assert beyond.json()["detail"]["error"]["code"] == "RANGE_NOT_SATISFIABLE"
+
+
+def test_control_images_are_kept_once_in_the_store_not_in_the_job_row(app):
+    from tests.conftest import b64_png
+
+    request = small_request(ctrl_img=b64_png(seed=1))
+    first = request["prompts"][0]
+    request["prompts"] += [{**first, "seed": 5}, {**first, "ctrl_img": b64_png(seed=2)}]  # two images, three prompts
+    result = app.run(request)
+    assert result["status"] == "succeeded" and len(result["outputs"]["videos"]) == 3
+    (row,) = app.db_rows("id=?", (result["request_id"],))
+    assert len(row["specs"]) < 6000 and first["ctrl_img"][:200] not in row["specs"]  # no image in the row
+    store = _output_store(app)
+    keys = sorted(s["image_key"] for s in map(json.loads, json.loads(row["specs"])))
+    assert len(set(keys)) == 2 and all(k.startswith(result["request_id"] + "/ctrl-") for k in keys)
+    from PIL import Image
+
+    for key in set(keys):
+        with Image.open(io.BytesIO(store.read(key))) as image:
+            assert image.size == (64, 48)  # stored already resized, as the replica runs it
+
+
+def test_presigned_redirect_sends_the_client_to_the_object_store(serve_env):
+    from ray import serve
+
+    args = serve_env.args_for("presign", "postgres", storage={"presigned_redirect": True, "presign_expiry_s": 120})
+    app = serve_env.deploy("presign", "/presign", args)
+    try:
+        result = app.run(small_request(seed=23))
+        assert result["status"] == "succeeded", result
+        r = app.http.get(f"/v1/requests/{result['request_id']}/outputs/0")
+        assert r.status_code == 307
+        location = r.headers["location"]
+        assert location.startswith(serve_env.s3.endpoint) and "Expires=" in location
+        video = httpx.get(location)
+        assert video.status_code == 200 and video.content[4:8] == b"ftyp"  # an MP4 straight from the store
+        assert video.content == _output_store(app).read(f"{result['request_id']}/0.mp4")
+    finally:
+        serve.delete("presign")

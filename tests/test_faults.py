@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import FAIL_PROMPT, SLOW_PROMPT, small_request
+from tests.conftest import BACKENDS, FAIL_PROMPT, SLOW_PROMPT, small_request
 from tests.http_server import LocalServer
 
 QUEUE_LIMIT = 8  # faults app: jobs queued or running before submissions get 429
@@ -92,13 +91,8 @@ def _slow(steps: int, tag: str = "", **kw) -> dict:
     return small_request(prompt=f"{SLOW_PROMPT} {tag or uuid.uuid4().hex[:6]}", sample_steps=steps, **kw)
 
 
-def _db_rows(app, where: str, params: tuple = ()) -> list[sqlite3.Row]:
-    db = sqlite3.connect(app.args["storage"]["jobs_db"], timeout=30)
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute(f"SELECT * FROM jobs WHERE {where}", params).fetchall()
-    finally:
-        db.close()
+def _db_rows(app, where: str, params: tuple = ()) -> list[dict]:
+    return app.db_rows(where, params)
 
 
 def _cache_actor(cache_dir: str):
@@ -125,17 +119,18 @@ def _cache_actor(cache_dir: str):
 # the app variant
 
 
-@pytest.fixture(scope="module")
-def fapp(serve_env):
-    """Two GPU replicas, a small queue, short leases (3 s) so recoveries are quick."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def fapp(request, serve_env):
+    """Two GPU replicas, a small queue, short leases (3 s) so recoveries are quick; once per state backend."""
     from ray import serve
 
-    args = serve_env.args_for("faults", gpu={"replica": {"min_replicas": 2, "max_replicas": 2}},
+    name = f"faults-{request.param}"
+    args = serve_env.args_for(name, request.param, gpu={"replica": {"min_replicas": 2, "max_replicas": 2}},
                               limits={"max_queue_total": QUEUE_LIMIT, "retry_after_s": 7})
-    app = serve_env.deploy("faults", "/faults", args)
+    app = serve_env.deploy(name, f"/{name}", args)
     _wait_running(app, 2)
     yield app
-    serve.delete("faults")
+    serve.delete(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,3 +408,88 @@ def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fa
         # The next request for it needs no third fetch (resident on a replica, or cached on disk).
         assert fapp.run(request)["status"] == "succeeded"
         assert srv.count(route) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the state backends failing: the job database and the object store
+
+
+def test_database_unreachable_at_start_refuses_to_start_with_a_clear_message(serve_env):
+    from ray import serve
+
+    from tests.services import free_port
+
+    port = free_port()
+    args = serve_env.args_for("nodb", "sqlite", storage={
+        "jobs_db": f"postgresql://wan:not-this-password@127.0.0.1:{port}/wan", "db_timeout_s": 1})
+    try:
+        with pytest.raises(RuntimeError):
+            serve_env.deploy("nodb", "/nodb", args)
+        message = serve.status().applications["nodb"].deployments["Ingress"].message
+        assert "refusing to start" in message and f"127.0.0.1:{port}" in message, message
+        assert "not-this-password" not in message
+    finally:
+        serve.delete("nodb")
+
+
+def test_database_lost_while_running_answers_503_and_loses_nothing(serve_env):
+    from ray import serve
+
+    from tests.services import PgServer
+
+    server = PgServer().start()
+    args = serve_env.args_for("dblost", "postgres", storage={"jobs_db": server.create_db(), "db_timeout_s": 2})
+    app = serve_env.deploy("dblost", "/dblost", args)
+    try:
+        running = app.submit(_slow(16, "db-lost")).json()["request_id"]
+        queued = app.submit(small_request(seed=31)).json()["request_id"]
+        _running_at_step(app, running, 1)
+        server.stop()
+        t0 = time.time()
+        r = app.submit(small_request(seed=32))
+        took = time.time() - t0
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"]["error"]["code"] == "STORE_UNAVAILABLE" and int(r.headers["Retry-After"]) > 0
+        assert took < 10, took  # an answer within a few seconds, not a hang
+        poll = app.http.get(f"/v1/requests/{running}/status")
+        assert poll.status_code == 503 and poll.json()["detail"]["error"]["code"] == "STORE_UNAVAILABLE"
+        server.start()
+        # Everything accepted before the outage ends; the running one was stopped when its lease could
+        # not be renewed and runs again (a second attempt), once.
+        for rid in (running, queued):
+            final = app.wait(rid, timeout=120)
+            assert final["status"] == "succeeded", final
+        result = app.http.get(f"/v1/requests/{running}/result").json()
+        assert len(result["outputs"]["videos"]) == 1 and len(result["metadata"]["replicas"]) == 1
+        assert app.run(small_request(seed=33))["status"] == "succeeded"  # and new work is accepted again
+    finally:
+        serve.delete("dblost")
+        server.close()
+
+
+def test_object_store_failing_during_a_write_fails_the_job_with_a_code_and_no_half_file(serve_env):
+    from ray import serve
+
+    from tests.services import S3Server
+
+    s3 = S3Server().start()
+    bucket = s3.create_bucket()
+    options = {**s3.options(), "config_kwargs": {"connect_timeout": 1, "read_timeout": 5, "retries": {"max_attempts": 1}}}
+    args = serve_env.args_for("s3lost", "postgres", storage={
+        "outputs_dir": f"s3://{bucket}/videos", "outputs_options": options, "write_attempts": 2})
+    app = serve_env.deploy("s3lost", "/s3lost", args)
+    try:
+        rid = app.submit(_slow(10, "s3-lost")).json()["request_id"]
+        _running_at_step(app, rid, 1)
+        s3.stop()
+        final = app.wait(rid, timeout=120)
+        assert final["status"] == "failed", final
+        assert final["error"]["code"] == "OUTPUT_WRITE_FAILED" and final["error"]["details"]["prompt_index"] == 0
+        assert _result(app, rid)["outputs"]["videos"] == []
+        r = app.http.get(f"/v1/requests/{rid}/outputs/0")
+        assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "OUTPUT_NOT_FOUND"
+        refused = app.submit(small_request(seed=41))  # its control image cannot be stored now
+        assert refused.status_code == 503 and refused.json()["detail"]["error"]["code"] == "STORE_UNAVAILABLE"
+    finally:
+        serve.delete("s3lost")
+        s3.stop()

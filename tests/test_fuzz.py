@@ -30,9 +30,7 @@ SMALL_PNG = base64.b64encode(png_bytes(make_image(16, 16, seed=5))).decode()
 
 
 def job_count(app) -> int:
-    from serve_app.jobs import JobStore
-
-    return JobStore(app.args["storage"]["jobs_db"]).count()
+    return app.count_jobs()
 
 
 @pytest.fixture(scope="module")

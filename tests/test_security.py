@@ -38,9 +38,7 @@ def code(r: httpx.Response) -> str:
 
 
 def job_count(app) -> int:
-    from serve_app.jobs import JobStore
-
-    return JobStore(app.args["storage"]["jobs_db"]).count()
+    return app.count_jobs()
 
 
 def rejected(app, request=None, status: int = 400, expected: str | None = None, *, headers=None,

@@ -1,0 +1,278 @@
+"""The cluster job store: PostgreSQL, shared by every ingress replica on every node.
+
+- Claims take the oldest claimable job with ``SELECT ... FOR UPDATE SKIP LOCKED``: concurrent
+  runners on several nodes never get the same job and never wait for each other's rows.
+- Every time (created, leased, started, finished) comes from the database's clock, so leases mean
+  the same on every node whatever their clocks say.
+- The schema is versioned (``schema_version``) and created or migrated at start under an advisory
+  lock, so replicas starting together migrate once.
+- Connections come from a pool; credentials from the URL or libpq's environment (``PGPASSWORD``,
+  ``PGUSER``, ``PGPASSFILE``, ...). Any connection-level failure is ``STORE_UNAVAILABLE``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from ..errors import StoreUnavailable
+from .records import CANCELED, FINAL, SUMMARY_COLUMNS, Job, initial_progress, row_to_job, specs_to_json
+from .store import JobStore, Lease, QueueFull, SchemaTooNew
+
+NOW = "extract(epoch from clock_timestamp())::double precision"
+ACTIVE_SQL = "status IN ('in_queue','in_progress')"
+# Advisory lock keys (any constant bigint): migrations, and submits (so queue limits are exact).
+LOCK_MIGRATE = 7_301_000_001
+LOCK_SUBMIT = 7_301_000_002
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        seq bigserial,
+        owner text NOT NULL DEFAULT '',
+        idempotency_key text,
+        status text NOT NULL,
+        model text NOT NULL,
+        specs text NOT NULL,
+        num_prompts integer NOT NULL,
+        progress jsonb NOT NULL DEFAULT '{}',
+        outputs jsonb NOT NULL DEFAULT '[]',
+        error jsonb,
+        metadata jsonb NOT NULL DEFAULT '{}',
+        attempts integer NOT NULL DEFAULT 0,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        lease_owner text,
+        lease_until double precision NOT NULL DEFAULT 0,
+        created_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision
+    );
+    CREATE UNIQUE INDEX jobs_idem ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_queue_order ON jobs(created_at, seq) WHERE status IN ('in_queue','in_progress');
+    CREATE INDEX jobs_owner_active ON jobs(owner) WHERE status IN ('in_queue','in_progress');
+    CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        p = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://<unparseable URL>"
+    return f"postgresql://{p.get('user', '')}@{p.get('host', '')}:{p.get('port', 5432)}/{p.get('dbname', '')}"
+
+
+def _unavailable(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreUnavailable(f"the job database is unavailable: {first}",
+                                   {"store": "jobs", "backend": "postgresql"}) from e
+
+    return wrapper
+
+
+class PostgresJobStore(JobStore):
+    """The job table in PostgreSQL, through a connection pool."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 5.0):
+        self.url = describe(url)
+        conninfo = make_conninfo(
+            url,
+            connect_timeout=max(1, int(timeout_s)),
+            application_name="wan-i2v-serve",
+            # A peer that vanished (node lost, network cut) is noticed in seconds, not hours.
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+            options=f"-c statement_timeout={int(timeout_s * 1000)}",
+        )
+        self._pool = psycopg_pool.ConnectionPool(
+            conninfo, min_size=1, max_size=pool_size, timeout=timeout_s, open=False, name="wan-jobs",
+            kwargs={"row_factory": dict_row}, check=psycopg_pool.ConnectionPool.check_connection,
+            reconnect_timeout=timeout_s * 6,
+        )
+        try:
+            self._pool.open(wait=True, timeout=timeout_s)
+        except psycopg_pool.PoolTimeout as e:
+            self._pool.close()
+            raise StoreUnavailable(f"cannot connect to the job database {self.url} within {timeout_s:g} s",
+                                   {"store": "jobs", "backend": "postgresql"}) from e
+        self.schema_version = self._migrate()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @_unavailable
+    def _migrate(self) -> int:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_MIGRATE,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            current = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version").fetchone()["v"]
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNew(f"job database {self.url} has schema version {current}; this release knows "
+                                   f"up to {SCHEMA_VERSION}: upgrade the application")
+            for script in MIGRATIONS[current:]:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+            if current < SCHEMA_VERSION:
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+        return SCHEMA_VERSION
+
+    def _one(self, sql: str, params: Any = ()) -> dict | None:
+        with self._pool.connection() as conn:
+            return conn.execute(sql, params).fetchone()
+
+    # -- creation -------------------------------------------------------------------------------
+
+    @_unavailable
+    def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None):
+        with self._pool.connection() as conn, conn.transaction():
+            # One submit at a time cluster-wide: the limits below are exact, and an idempotency key
+            # raced from two nodes yields one row (the unique index would refuse the second anyway).
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_SUBMIT,))
+            if idempotency_key is not None:
+                row = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s AND idempotency_key=%s",
+                                   (owner, idempotency_key)).fetchone()
+                if row is not None:
+                    return row_to_job(row), False
+            if max_total is not None:
+                n = conn.execute(f"SELECT COUNT(*) AS n FROM jobs WHERE {ACTIVE_SQL}").fetchone()["n"]
+                if n >= max_total:
+                    raise QueueFull("total", max_total)
+            if max_per_owner is not None:
+                n = conn.execute(f"SELECT COUNT(*) AS n FROM jobs WHERE owner=%s AND {ACTIVE_SQL}",
+                                 (owner,)).fetchone()["n"]
+                if n >= max_per_owner:
+                    raise QueueFull("per-key", max_per_owner)
+            row = conn.execute(
+                "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, created_at)"
+                f" VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,{NOW}) RETURNING {SUMMARY_COLUMNS}",
+                (job_id, owner, idempotency_key, model, specs_to_json(specs), len(specs),
+                 Jsonb(initial_progress(specs)))).fetchone()
+        return row_to_job(row), True
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    @_unavailable
+    def get(self, job_id: str, specs: bool = False) -> Job | None:
+        columns = f"{SUMMARY_COLUMNS}, specs" if specs else SUMMARY_COLUMNS
+        row = self._one(f"SELECT {columns} FROM jobs WHERE id=%s", (job_id,))
+        return row_to_job(row) if row else None
+
+    @_unavailable
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        row = self._one(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s AND idempotency_key=%s", (owner, key))
+        return row_to_job(row) if row else None
+
+    @_unavailable
+    def count(self, statuses: tuple[str, ...] | None = None) -> int:
+        if statuses is None:
+            return self._one("SELECT COUNT(*) AS n FROM jobs")["n"]
+        return self._one("SELECT COUNT(*) AS n FROM jobs WHERE status = ANY(%s)", (list(statuses),))["n"]
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    @_unavailable
+    def claim_next(self, holder: str, lease_s: float) -> Job | None:
+        with self._pool.connection() as conn, conn.transaction():
+            row = conn.execute(
+                f"UPDATE jobs SET lease_owner=%s, lease_until={NOW} + %s WHERE id = ("
+                f"  SELECT id FROM jobs WHERE {ACTIVE_SQL} AND lease_until < {NOW}"
+                "   ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+                f") RETURNING {SUMMARY_COLUMNS}, specs", (holder, lease_s)).fetchone()
+        return row_to_job(row) if row else None
+
+    @_unavailable
+    def renew(self, job_id: str, holder: str, lease_s: float) -> Lease:
+        row = self._one(f"UPDATE jobs SET lease_until={NOW} + %s WHERE id=%s AND lease_owner=%s AND {ACTIVE_SQL} "
+                        "RETURNING cancel_requested", (lease_s, job_id, holder))
+        return Lease(held=row is not None, cancel_requested=bool(row and row["cancel_requested"]))
+
+    @_unavailable
+    def release(self, job_id: str, holder: str) -> None:
+        self._one("UPDATE jobs SET lease_until=0 WHERE id=%s AND lease_owner=%s RETURNING id", (job_id, holder))
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    @_unavailable
+    def start_attempt(self, job_id: str, holder: str) -> int:
+        row = self._one("UPDATE jobs SET attempts=attempts+1 WHERE id=%s AND lease_owner=%s RETURNING attempts",
+                        (job_id, holder))
+        if row is None:
+            row = self._one("SELECT attempts FROM jobs WHERE id=%s", (job_id,))
+        return row["attempts"]
+
+    @_unavailable
+    def set_progress(self, job_id: str, holder: str, progress: dict[str, Any]) -> bool:
+        row = self._one(
+            f"UPDATE jobs SET status='in_progress', progress=%s, started_at=COALESCE(started_at, {NOW}) "
+            f"WHERE id=%s AND lease_owner=%s AND {ACTIVE_SQL} AND NOT cancel_requested RETURNING id",
+            (Jsonb(progress), job_id, holder))
+        return row is not None
+
+    @_unavailable
+    def add_output(self, job_id: str, holder: str, output: dict[str, Any], timings: dict[str, float]) -> bool:
+        row = self._one(
+            "UPDATE jobs SET outputs = outputs || jsonb_build_array(%s::jsonb), metadata = metadata"
+            " || jsonb_build_object('timings', COALESCE(metadata->'timings', '[]'::jsonb) || jsonb_build_array(%s::jsonb))"
+            " || jsonb_build_object('replicas', COALESCE(metadata->'replicas', '[]'::jsonb)"
+            "    || jsonb_build_array(%s::jsonb))"
+            f" WHERE id=%s AND lease_owner=%s AND {ACTIVE_SQL} RETURNING id",
+            (Jsonb(output), Jsonb(timings), Jsonb(output.get("replica")), job_id, holder))
+        return row is not None
+
+    @_unavailable
+    def merge_metadata(self, job_id: str, holder: str, updates: dict[str, Any]) -> bool:
+        row = self._one("UPDATE jobs SET metadata = metadata || %s WHERE id=%s AND lease_owner=%s RETURNING id",
+                        (Jsonb(updates), job_id, holder))
+        return row is not None
+
+    @_unavailable
+    def finish(self, job_id, status, error=None, holder=None, metadata=None) -> bool:
+        assert status in FINAL
+        query = (f"UPDATE jobs SET status=%s, error=%s, finished_at={NOW}, lease_owner=NULL, lease_until=0, "
+                 f"metadata = metadata || %s WHERE id=%s AND {ACTIVE_SQL}")
+        params: list[Any] = [status, Jsonb(error) if error else None, Jsonb(metadata or {}), job_id]
+        if holder is not None:
+            query += " AND lease_owner=%s"
+            params.append(holder)
+        return self._one(query + " RETURNING id", params) is not None
+
+    @_unavailable
+    def request_cancel(self, job_id: str) -> Job | None:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(f"UPDATE jobs SET cancel_requested=true WHERE id=%s AND {ACTIVE_SQL}", (job_id,))
+            conn.execute(f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, "
+                         f"lease_until=0 WHERE id=%s AND status='in_queue' AND lease_until < {NOW}",
+                         (Jsonb(CANCELED), job_id))
+            row = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=%s", (job_id,)).fetchone()
+        return row_to_job(row) if row else None
+
+    # -- retention ------------------------------------------------------------------------------
+
+    @_unavailable
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < %s "
+                                "ORDER BY finished_at LIMIT %s", (cutoff, limit)).fetchall()
+        return [r["id"] for r in rows]
+
+    @_unavailable
+    def delete(self, job_id: str) -> None:
+        self._one("DELETE FROM jobs WHERE id=%s RETURNING id", (job_id,))
+

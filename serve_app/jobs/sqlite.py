@@ -1,0 +1,291 @@
+"""The embedded job store: one SQLite file on one node (WAL mode, so readers never wait for writers).
+
+Several ingress replicas *on one node* may share the file. SQLite's own documentation says WAL and
+its file locking do not work on a network filesystem: for ingress replicas on several nodes use the
+PostgreSQL backend (``serve_app/jobs/postgres.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import StoreUnavailable
+from .records import CANCELED, FINAL, SUMMARY_COLUMNS, Job, initial_progress, row_to_job, specs_to_json
+from .store import JobStore, Lease, QueueFull, SchemaTooNew
+
+_ACTIVE_SQL = "('in_queue','in_progress')"
+
+# Migration n takes the schema from version n-1 to n. Version 1 is the schema of the first release
+# (which had no version table), so its statements are idempotent.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL DEFAULT '',
+        idempotency_key TEXT,
+        status TEXT NOT NULL,
+        model TEXT NOT NULL,
+        specs TEXT NOT NULL,
+        num_prompts INTEGER NOT NULL,
+        progress TEXT NOT NULL DEFAULT '{}',
+        outputs TEXT NOT NULL DEFAULT '[]',
+        error TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS jobs_active ON jobs(status, lease_until);
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+    CREATE INDEX IF NOT EXISTS jobs_queue_order ON jobs(created_at) WHERE status IN ('in_queue','in_progress');
+    CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _unavailable(method):
+    """SQLite's operational errors (locked past the timeout, disk I/O, unopenable) -> STORE_UNAVAILABLE."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"the job database is unavailable: {e}", {"store": "jobs", "backend": "sqlite"}) from e
+
+    return wrapper
+
+
+class SqliteJobStore(JobStore):
+    """The job table in one SQLite file."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 5.0):
+        self.path = Path(os.path.expanduser(str(path)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self.schema_version = self._migrate()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @_unavailable
+    def _migrate(self) -> int:
+        with self._tx() as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "schema_version" in tables:
+                current = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+            else:
+                current = 1 if "jobs" in tables else 0
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNew(f"job database {self.path} has schema version {current}; this release "
+                                   f"knows up to {SCHEMA_VERSION}: upgrade the application")
+            for script in MIGRATIONS[current:]:
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+            if current < SCHEMA_VERSION:
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        return SCHEMA_VERSION
+
+    # -- creation -------------------------------------------------------------------------------
+
+    @_unavailable
+    def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None):
+        now = time.time()
+        with self._tx() as db:
+            if idempotency_key is not None:
+                row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? AND idempotency_key=?",
+                                 (owner, idempotency_key)).fetchone()
+                if row is not None:
+                    return row_to_job(row), False
+            if max_total is not None:
+                (n,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchone()
+                if n >= max_total:
+                    raise QueueFull("total", max_total)
+            if max_per_owner is not None:
+                (n,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner=? AND status IN {_ACTIVE_SQL}",
+                                  (owner,)).fetchone()
+                if n >= max_per_owner:
+                    raise QueueFull("per-key", max_per_owner)
+            db.execute(
+                "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, metadata,"
+                " created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (job_id, owner, idempotency_key, "in_queue", model, specs_to_json(specs), len(specs),
+                 json.dumps(initial_progress(specs)), "{}", now),
+            )
+            row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row_to_job(row), True
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    @_unavailable
+    def get(self, job_id: str, specs: bool = False) -> Job | None:
+        columns = "*" if specs else SUMMARY_COLUMNS
+        row = self._conn().execute(f"SELECT {columns} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row_to_job(row) if row else None
+
+    @_unavailable
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        row = self._conn().execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? AND idempotency_key=?",
+                                   (owner, key)).fetchone()
+        return row_to_job(row) if row else None
+
+    @_unavailable
+    def count(self, statuses: tuple[str, ...] | None = None) -> int:
+        if statuses is None:
+            return self._conn().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        marks = ",".join("?" * len(statuses))
+        return self._conn().execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    @_unavailable
+    def claim_next(self, holder: str, lease_s: float) -> Job | None:
+        now = time.time()
+        with self._tx() as db:  # BEGIN IMMEDIATE: one claimer at a time, so no job is claimed twice
+            row = db.execute(f"SELECT id FROM jobs WHERE status IN {_ACTIVE_SQL} AND lease_until < ? "
+                             "ORDER BY created_at, rowid LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=?", (holder, now + lease_s, row["id"]))
+            claimed = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return row_to_job(claimed)
+
+    @_unavailable
+    def renew(self, job_id: str, holder: str, lease_s: float) -> Lease:
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE jobs SET lease_until=? WHERE id=? AND lease_owner=? AND status IN {_ACTIVE_SQL}",
+                             (time.time() + lease_s, job_id, holder))
+            if cur.rowcount != 1:
+                return Lease(held=False)
+            (cancel,) = db.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return Lease(held=True, cancel_requested=bool(cancel))
+
+    @_unavailable
+    def release(self, job_id: str, holder: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET lease_until=0 WHERE id=? AND lease_owner=?", (job_id, holder))
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    @_unavailable
+    def start_attempt(self, job_id: str, holder: str) -> int:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET attempts=attempts+1 WHERE id=? AND lease_owner=?", (job_id, holder))
+            return db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+
+    @_unavailable
+    def set_progress(self, job_id: str, holder: str, progress: dict[str, Any]) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status='in_progress', progress=?, started_at=COALESCE(started_at, ?) "
+                f"WHERE id=? AND lease_owner=? AND status IN {_ACTIVE_SQL} AND cancel_requested=0",
+                (json.dumps(progress), time.time(), job_id, holder))
+            return cur.rowcount == 1
+
+    @_unavailable
+    def add_output(self, job_id: str, holder: str, output: dict[str, Any], timings: dict[str, float]) -> bool:
+        with self._tx() as db:
+            row = db.execute(f"SELECT outputs, metadata FROM jobs WHERE id=? AND lease_owner=? AND status IN "
+                             f"{_ACTIVE_SQL}", (job_id, holder)).fetchone()
+            if row is None:
+                return False
+            outputs = json.loads(row["outputs"]) + [output]
+            metadata = json.loads(row["metadata"])
+            metadata.setdefault("timings", []).append(timings)
+            # Which replica made each output (host:pid): where a LoRA set is resident, for operators.
+            metadata.setdefault("replicas", []).append(output.get("replica"))
+            db.execute("UPDATE jobs SET outputs=?, metadata=? WHERE id=?",
+                       (json.dumps(outputs), json.dumps(metadata), job_id))
+            return True
+
+    @_unavailable
+    def merge_metadata(self, job_id: str, holder: str, updates: dict[str, Any]) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT metadata FROM jobs WHERE id=? AND lease_owner=?", (job_id, holder)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE jobs SET metadata=? WHERE id=?",
+                       (json.dumps({**json.loads(row["metadata"]), **updates}), job_id))
+            return True
+
+    @_unavailable
+    def finish(self, job_id, status, error=None, holder=None, metadata=None) -> bool:
+        assert status in FINAL
+        with self._tx() as db:
+            query = ("UPDATE jobs SET status=?, error=?, finished_at=?, lease_owner=NULL, lease_until=0 "
+                     f"WHERE id=? AND status IN {_ACTIVE_SQL}")
+            params: list[Any] = [status, json.dumps(error) if error else None, time.time(), job_id]
+            if holder is not None:
+                query += " AND lease_owner=?"
+                params.append(holder)
+            cur = db.execute(query, params)
+            if cur.rowcount and metadata:
+                row = db.execute("SELECT metadata FROM jobs WHERE id=?", (job_id,)).fetchone()
+                db.execute("UPDATE jobs SET metadata=? WHERE id=?",
+                           (json.dumps({**json.loads(row["metadata"]), **metadata}), job_id))
+            return cur.rowcount == 1
+
+    @_unavailable
+    def request_cancel(self, job_id: str) -> Job | None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET cancel_requested=1 WHERE id=? AND status IN {_ACTIVE_SQL}", (job_id,))
+            db.execute("UPDATE jobs SET status='canceled', finished_at=?, error=?, lease_owner=NULL, lease_until=0 "
+                       "WHERE id=? AND status='in_queue' AND lease_until < ?",
+                       (now, json.dumps(CANCELED), job_id, now))
+            row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row_to_job(row) if row else None
+
+    # -- retention ------------------------------------------------------------------------------
+
+    @_unavailable
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?",
+            (cutoff, limit)).fetchall()
+        return [r["id"] for r in rows]
+
+    @_unavailable
+    def delete(self, job_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+

@@ -1,0 +1,186 @@
+"""The job store interface, shared by both backends, and the async face the event loop uses.
+
+Backends (one module each) are plain blocking classes: ``SqliteJobStore`` (the embedded default,
+one node) and ``PostgresJobStore`` (clusters). Every method is one short transaction. The ingress
+and the job runner never call them directly: they hold an ``AsyncJobStore``, which runs each call
+in a worker thread with a deadline, so no database call ever runs on the event loop and a lost
+database answers ``STORE_UNAVAILABLE`` within ``timeout_s`` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import StoreUnavailable
+from .records import Job, StoredSpec
+
+
+class QueueFull(Exception):
+    def __init__(self, scope: str, limit: int):
+        super().__init__(f"{scope} queue is full ({limit} jobs)")
+        self.scope = scope
+        self.limit = limit
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer release than this one: refuse to run against it."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a lease renewal found: whether we still hold the job, and whether a cancel was asked."""
+
+    held: bool
+    cancel_requested: bool = False
+
+
+class JobStore(ABC):
+    """Durable job records with leases. Thread-safe; every method is one short transaction.
+
+    A job is run by whoever holds its lease; a lease not renewed within ``lease_s`` is free again,
+    so a dead runner's jobs are taken over. Transitions that change a running job name the holder
+    and do nothing (return False) for anyone else, so a runner that lost its lease can never write
+    over the new holder's work.
+    """
+
+    backend: str = ""
+    schema_version: int = 0
+
+    # -- creation -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def create(self, job_id: str, specs: list[StoredSpec], model: str, owner: str = "",
+               idempotency_key: str | None = None, max_total: int | None = None,
+               max_per_owner: int | None = None) -> tuple[Job, bool]:
+        """Insert a job in ``in_queue``; returns (job, created). An idempotency key repeats the first job.
+
+        Raises:
+            QueueFull: too many active jobs overall or for this owner.
+        """
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def get(self, job_id: str, specs: bool = False) -> Job | None:
+        """One job; ``specs=True`` also reads its specs (the runner), status polls do not."""
+
+    @abstractmethod
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        """The job an owner already submitted with this Idempotency-Key, if any."""
+
+    @abstractmethod
+    def count(self, statuses: tuple[str, ...] | None = None) -> int:
+        ...
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def claim_next(self, holder: str, lease_s: float) -> Job | None:
+        """Lease the oldest active job whose lease is free or expired (with its specs); None if none.
+
+        Concurrent callers (other ingress replicas) never get the same job.
+        """
+
+    @abstractmethod
+    def renew(self, job_id: str, holder: str, lease_s: float) -> Lease:
+        """Extend our lease; ``held`` is False once the job is no longer ours (or no longer active)."""
+
+    @abstractmethod
+    def release(self, job_id: str, holder: str) -> None:
+        """Give the lease back at once (shutting down): another runner may take the job now."""
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def start_attempt(self, job_id: str, holder: str) -> int:
+        """Count one more attempt; returns the attempt number."""
+
+    @abstractmethod
+    def set_progress(self, job_id: str, holder: str, progress: dict[str, Any]) -> bool:
+        """Record progress (the job becomes in_progress); False if it is no longer ours or was canceled."""
+
+    @abstractmethod
+    def add_output(self, job_id: str, holder: str, output: dict[str, Any], timings: dict[str, float]) -> bool:
+        """Append one finished output (and its timings) while we hold the lease."""
+
+    @abstractmethod
+    def merge_metadata(self, job_id: str, holder: str, updates: dict[str, Any]) -> bool:
+        """Merge keys into the job's metadata while we hold its lease."""
+
+    @abstractmethod
+    def finish(self, job_id: str, status: str, error: dict[str, Any] | None = None,
+               holder: str | None = None, metadata: dict[str, Any] | None = None) -> bool:
+        """Move an active job to a final state, once: a final job never changes again."""
+
+    @abstractmethod
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Flag a job for cancellation; a queued job nobody holds is canceled at once."""
+
+    # -- retention ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Ids of final jobs that finished before ``cutoff`` (epoch seconds), oldest first."""
+
+    @abstractmethod
+    def delete(self, job_id: str) -> None:
+        ...
+
+    def close(self) -> None:
+        """Release connections (a no-op where there are none to release)."""
+
+
+def open_job_store(url: str, pool_size: int = 8, timeout_s: float = 5.0) -> JobStore:
+    """The backend ``storage.jobs_db`` names: a ``postgresql://`` URL, else a SQLite file path.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached or set up now.
+        SchemaTooNew: the database belongs to a newer release.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresJobStore
+
+        return PostgresJobStore(url, pool_size=pool_size, timeout_s=timeout_s)
+    from .sqlite import SqliteJobStore
+
+    return SqliteJobStore(url, timeout_s=timeout_s)
+
+
+class AsyncJobStore:
+    """The event loop's view of a ``JobStore``: every call runs in a worker thread, with a deadline.
+
+    ``await jobs.get(job_id)`` calls ``store.get(job_id)`` in the pool. A call that outlives
+    ``timeout_s`` (a database that stopped answering) raises ``StoreUnavailable``; its thread finishes
+    or fails on its own later, bounded by the backend's own timeouts.
+    """
+
+    def __init__(self, store: JobStore, timeout_s: float = 5.0, max_workers: int = 8):
+        self.store = store
+        self.timeout_s = timeout_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="jobs-db")
+
+    def __getattr__(self, name: str):
+        method = getattr(self.store, name)
+        if not callable(method) or name.startswith("_"):
+            raise AttributeError(name)
+
+        @functools.wraps(method)
+        async def call(*args, **kwargs):
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._pool, functools.partial(method, *args, **kwargs))
+            try:
+                return await asyncio.wait_for(future, self.timeout_s)
+            except asyncio.TimeoutError as e:
+                raise StoreUnavailable(f"the job database did not answer within {self.timeout_s:g} s",
+                                       {"store": "jobs", "backend": self.store.backend}) from e
+
+        return call
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()

@@ -1,0 +1,164 @@
+"""Real services the tests start themselves: a PostgreSQL server and an S3-compatible object store.
+
+- ``PgServer``: Debian's ``postgresql-15`` binaries (not on PATH: found under /usr/lib/postgresql);
+  PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user. Password
+  authentication (scram) on 127.0.0.1 only, a free port, data in a fresh temp directory.
+- ``S3Server``: moto in server mode (``python -m moto.server``) in its own process, on 127.0.0.1.
+
+Both can be stopped and started again (the fault tests do). Neither ever skips: a missing binary is
+an error that says what to install.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+PG_USER = "wan"
+PG_PASSWORD = "wan-test-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} is not listening on 127.0.0.1:{port} after {timeout} s")
+        time.sleep(0.1)
+
+
+def pg_bindir() -> Path:
+    """Where initdb/pg_ctl live: Debian's versioned directory, else PATH."""
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(candidate, "pg_ctl")):
+            return Path(candidate)
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    raise RuntimeError("PostgreSQL server binaries not found: install Debian's postgresql-15 "
+                       "(apt-get install postgresql-15); .ci/run does")
+
+
+class PgServer:
+    """A throwaway PostgreSQL server on 127.0.0.1 (password auth), started and stopped by the tests."""
+
+    def __init__(self):
+        self.bindir = pg_bindir()
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="wan-pg-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "server.log"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.dir, "postgres", "postgres")
+            os.chmod(self.dir, 0o700)
+        pwfile = self.dir / "pw"
+        pwfile.write_text(PG_PASSWORD + "\n")
+        if self._as_postgres:
+            shutil.chown(pwfile, "postgres", "postgres")
+        self._run(["initdb", "-D", str(self.data), "-U", PG_USER, "--pwfile", str(pwfile), "-E", "UTF8",
+                   "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "--no-sync"])
+        pwfile.unlink()
+        self.databases: set[str] = set()
+
+    def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [str(self.bindir / argv[0]), *argv[1:]]
+        if self._as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}{self._log_tail()}")
+        return proc
+
+    def _log_tail(self) -> str:
+        try:
+            return "\nserver log:\n" + self.log.read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def start(self) -> "PgServer":
+        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start"])
+        _wait_port(self.port, 30, "postgres")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"], check=False)
+
+    def url(self, dbname: str = "postgres", password: bool = True) -> str:
+        auth = f"{PG_USER}:{PG_PASSWORD}" if password else PG_USER
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
+
+    def create_db(self, name: str | None = None) -> str:
+        """A new empty database; returns its URL (with the password)."""
+        import psycopg
+
+        name = name or f"wan_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.databases.add(name)
+        return self.url(name)
+
+    def close(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class S3Server:
+    """moto's S3 in server mode, in its own process (so the tests can stop it like a real outage)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "S3Server":
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        _wait_port(self.port, 60, "moto S3 server", self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def options(self) -> dict:
+        """fsspec/s3fs storage options that reach this server."""
+        return {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": self.endpoint,
+                                                                   "region_name": "us-east-1"}}
+
+    def create_bucket(self, name: str | None = None) -> str:
+        import boto3
+
+        name = name or f"wan-{uuid.uuid4().hex[:10]}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket=name)
+        return name

@@ -1,0 +1,308 @@
+"""The job store, both backends through one interface: leases, claims, cancel, limits, schema, retention,
+and what happens when the database is slow or gone. Real SQLite files and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from serve_app.errors import StoreUnavailable
+from serve_app.jobs import AsyncJobStore, QueueFull, SchemaTooNew, StoredSpec, open_job_store
+from tests.conftest import BACKENDS, tiny_spec
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request, tmp_path, pg_server):
+    """A fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    return pg_server.create_db()
+
+
+@pytest.fixture
+def store(store_url):
+    s = open_job_store(store_url)
+    yield s
+    s.close()
+
+
+def specs(n: int = 1, steps: int = 2) -> list[StoredSpec]:
+    spec = tiny_spec(steps=steps).model_copy(update={"image_png": b""})
+    return [StoredSpec(spec, f"job/ctrl-{i}.png") for i in range(n)]
+
+
+def new(store, **kw):
+    job, created = store.create(str(uuid.uuid4()), specs(), "m", **kw)
+    assert created
+    return job
+
+
+def test_created_job_reads_back_without_its_specs_and_claims_with_them(store):
+    job = new(store, owner="o1")
+    assert job.status == "in_queue" and job.num_prompts == 1 and job.progress["stage"] == "queued"
+    polled = store.get(job.id)
+    assert polled.specs_json is None  # a status poll never reads the specs
+    claimed = store.claim_next("h", 5)
+    assert claimed.id == job.id and claimed.lease_owner == "h"
+    (item,) = claimed.specs
+    assert item.image_key == "job/ctrl-0.png" and item.spec.image_png == b"" and item.spec.steps == 2
+
+
+def test_claims_take_the_oldest_first_and_never_the_same_job_twice(store_url):
+    stores = [open_job_store(store_url) for _ in range(3)]  # three ingress replicas, maybe on three nodes
+    try:
+        ids = [new(stores[0]).id for _ in range(12)]
+        assert stores[1].claim_next("first", 30).id == ids[0]
+        barrier = threading.Barrier(6)
+
+        def claim_all(i):
+            barrier.wait()
+            got = []
+            while (job := stores[i % 3].claim_next(f"h{i}", 30)) is not None:
+                got.append(job.id)
+            return got
+
+        with ThreadPoolExecutor(6) as pool:
+            claimed = [jid for got in pool.map(claim_all, range(6)) for jid in got]
+        assert sorted(claimed) == sorted(ids[1:]) and len(claimed) == len(set(claimed))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_expired_lease_is_taken_over_and_the_old_holder_can_write_nothing(store):
+    job = new(store)
+    assert store.claim_next("old", 0.3).id == job.id
+    assert store.claim_next("new", 30) is None  # still leased
+    deadline = time.time() + 10
+    while (taken := store.claim_next("new", 30)) is None:
+        assert time.time() < deadline, "expired lease never claimable"
+        time.sleep(0.05)
+    assert taken.id == job.id
+    assert store.renew(job.id, "old", 30).held is False
+    assert store.set_progress(job.id, "old", {"stage": "denoising", "step": 9}) is False
+    assert store.add_output(job.id, "old", {"format": "mp4"}, {}) is False
+    assert store.merge_metadata(job.id, "old", {"x": 1}) is False
+    assert store.finish(job.id, "succeeded", holder="old") is False
+    assert store.renew(job.id, "new", 30).held is True
+    assert store.set_progress(job.id, "new", {"stage": "denoising", "step": 1}) is True
+    assert store.add_output(job.id, "new", {"format": "mp4", "replica": "r"}, {"total": 1.0}) is True
+    assert store.finish(job.id, "succeeded", holder="new", metadata={"wall_time": 1}) is True
+    done = store.get(job.id)
+    assert (done.status, done.outputs, done.metadata["replicas"], done.metadata["timings"]) == (
+        "succeeded", [{"format": "mp4", "replica": "r"}], ["r"], [{"total": 1.0}])
+    assert done.finished_at and done.started_at and done.lease_owner is None
+    assert store.finish(job.id, "failed") is False  # a final job never changes again
+
+
+def test_cancel_ends_an_unleased_job_at_once_and_flags_a_running_one(store):
+    queued, running = new(store), new(store)
+    assert store.claim_next("h", 30).id == queued.id  # claims oldest first: lease it, then free it
+    store.release(queued.id, "h")
+    assert store.claim_next("h", 30).id == queued.id
+    store.release(queued.id, "h")
+    assert store.request_cancel(queued.id).status == "canceled"
+    assert store.claim_next("h", 30).id == running.id
+    assert store.renew(running.id, "h", 30).cancel_requested is False
+    after = store.request_cancel(running.id)
+    assert after.status == "in_queue" and after.cancel_requested
+    assert store.renew(running.id, "h", 30).cancel_requested is True
+    assert store.set_progress(running.id, "h", {"stage": "denoising"}) is False
+    assert store.request_cancel("nope") is None
+
+
+def test_idempotency_key_yields_one_job_when_submits_race_across_replicas(store_url):
+    stores = [open_job_store(store_url) for _ in range(2)]
+    try:
+        barrier = threading.Barrier(8)
+
+        def submit(i):
+            barrier.wait()
+            return stores[i % 2].create(str(uuid.uuid4()), specs(), "m", "owner", "key-1")
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(submit, range(8)))
+        assert len({job.id for job, _ in answers}) == 1 and sum(created for _, created in answers) == 1
+        assert stores[0].by_idempotency_key("owner", "key-1").id == answers[0][0].id
+        assert stores[0].by_idempotency_key("other", "key-1") is None
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_queue_limits_are_exact_under_concurrent_submits(store_url):
+    stores = [open_job_store(store_url) for _ in range(2)]
+    try:
+        def submit(i):
+            try:
+                stores[i % 2].create(str(uuid.uuid4()), specs(), "m", f"o{i % 3}", max_total=10, max_per_owner=4)
+                return "ok"
+            except QueueFull as e:
+                return e.scope
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(submit, range(30)))
+        assert outcomes.count("ok") == 10 and stores[0].count(("in_queue", "in_progress")) == 10
+        assert stores[0].count() == 10
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_retention_lists_only_final_jobs_finished_before_the_cutoff(store):
+    old, recent, active = new(store), new(store), new(store)
+    for job in (old, recent):
+        store.request_cancel(job.id)
+    cutoff = store.get(recent.id).finished_at  # finished_at of `recent` itself is not before it
+    assert store.finished_before(cutoff) == [old.id]
+    assert set(store.finished_before(time.time() + 3600)) == {old.id, recent.id}  # never the active one
+    store.delete(old.id)
+    assert store.get(old.id) is None and store.get(active.id) is not None
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '', idempotency_key TEXT, status TEXT NOT NULL,
+  model TEXT NOT NULL, specs TEXT NOT NULL, num_prompts INTEGER NOT NULL, progress TEXT NOT NULL DEFAULT '{}',
+  outputs TEXT NOT NULL DEFAULT '[]', error TEXT, metadata TEXT NOT NULL DEFAULT '{}',
+  attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0, lease_owner TEXT,
+  lease_until REAL NOT NULL DEFAULT 0, created_at REAL NOT NULL, started_at REAL, finished_at REAL);
+CREATE UNIQUE INDEX jobs_idem ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_active ON jobs(status, lease_until);
+"""
+
+
+def test_sqlite_database_of_the_first_release_is_migrated_and_its_jobs_still_run(tmp_path):
+    import json
+
+    from serve_app.jobs.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite3"
+    spec = tiny_spec()  # the first release kept the control image inline, base64 in the row
+    db = sqlite3.connect(path)
+    db.executescript(FIRST_RELEASE_SCHEMA)
+    db.execute("INSERT INTO jobs (id, status, model, specs, num_prompts, created_at) VALUES (?,?,?,?,?,?)",
+               ("old-job", "in_queue", "m", json.dumps([spec.model_dump_json()]), 1, time.time()))
+    db.commit()
+    db.close()
+    store = open_job_store(str(path))
+    assert store.schema_version == SCHEMA_VERSION >= 2
+    job = store.claim_next("h", 30)
+    (item,) = job.specs
+    assert job.id == "old-job" and item.image_key is None and item.spec.image_png == spec.image_png
+    reopened = open_job_store(str(path))  # idempotent: a second start migrates nothing
+    assert reopened.get("old-job").lease_owner == "h"
+
+
+def test_a_database_from_a_newer_release_is_refused(store_url):
+    open_job_store(store_url).close()
+    if store_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            conn.execute("UPDATE schema_version SET version = version + 1")
+    else:
+        db = sqlite3.connect(store_url)
+        db.execute("UPDATE schema_version SET version = version + 1")
+        db.commit()
+        db.close()
+    with pytest.raises(SchemaTooNew, match="upgrade"):
+        open_job_store(store_url)
+
+
+def test_postgres_credentials_can_come_from_the_environment(pg_server, monkeypatch):
+    no_password = pg_server.url(pg_server.create_db().rsplit("/", 1)[1], password=False)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with pytest.raises(StoreUnavailable):
+        open_job_store(no_password, timeout_s=2)
+    monkeypatch.setenv("PGPASSWORD", "wan-test-password")
+    s = open_job_store(no_password)
+    assert s.count() == 0
+    s.close()
+
+
+# -- unavailability ----------------------------------------------------------------------------
+
+def test_postgres_lost_and_back_calls_fail_fast_then_work_again():
+    from tests.services import PgServer
+
+    server = PgServer().start()
+    try:
+        store = open_job_store(server.create_db(), timeout_s=2)
+        job = new(store)
+        server.stop()
+        t0 = time.time()
+        with pytest.raises(StoreUnavailable) as e:
+            store.get(job.id)
+        assert e.value.code == "STORE_UNAVAILABLE" and e.value.status == 503 and e.value.headers["Retry-After"]
+        with pytest.raises(StoreUnavailable):
+            new(store)
+        assert time.time() - t0 < 10
+        server.start()
+        deadline = time.time() + 30
+        while True:  # the pool reconnects on its own
+            try:
+                assert store.get(job.id).status == "in_queue"
+                break
+            except StoreUnavailable:
+                assert time.time() < deadline, "the store never came back"
+                time.sleep(0.2)
+        new(store)
+        store.close()
+    finally:
+        server.close()
+
+
+def test_unreachable_postgres_at_start_is_a_clear_error_naming_the_server_not_the_password():
+    from tests.services import free_port
+
+    url = f"postgresql://wan:secret-pw@127.0.0.1:{free_port()}/wan"
+    t0 = time.time()
+    with pytest.raises(StoreUnavailable) as e:
+        open_job_store(url, timeout_s=2)
+    assert time.time() - t0 < 15
+    assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in e.value.message
+    assert "secret-pw" not in e.value.message
+
+
+def test_a_blocked_database_answers_store_unavailable_and_never_blocks_the_event_loop(tmp_path):
+    """A writer holding SQLite's lock stands in for a stalled database: the call gives up after the
+    store's timeout, and meanwhile the event loop keeps running other work."""
+    path = tmp_path / "jobs.sqlite3"
+    jobs = AsyncJobStore(open_job_store(str(path), timeout_s=1.0), timeout_s=3.0)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    async def scenario():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.ensure_future(ticker())
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await jobs.create(str(uuid.uuid4()), specs(), "m")
+        took = time.monotonic() - t0
+        tick.cancel()
+        return took, ticks
+
+    try:
+        took, ticks = asyncio.run(scenario())
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert took < 5
+    assert ticks > took / 0.01 / 4  # the loop ran while the call waited in its thread
+    assert asyncio.run(jobs.count()) == 0
+    jobs.close()
