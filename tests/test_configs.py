@@ -30,7 +30,7 @@ def test_local_config_is_the_open_tiny_cpu_default():
     build_app(app["args"])
 
 
-def test_production_config_needs_keys(tmp_path):
+def test_production_config_needs_keys(tmp_path, monkeypatch):
     _, app = app_section("wan21-i2v-480p.yaml")
     args = app["args"]
     cfg_model = args["gpu"]["model"]
@@ -38,13 +38,16 @@ def test_production_config_needs_keys(tmp_path):
     replica = args["gpu"]["replica"]
     assert replica["min_replicas"] == 1 and replica["max_replicas"] > 1 and replica["target_ongoing_requests"] == 1
     assert cfg_model["speed"]["compile_blocks"] and cfg_model["speed"]["attention_backend"] == "_native_cudnn"
-    missing = {**args, "auth": {**args["auth"], "api_keys_file": str(tmp_path / "absent")}}
+    variable = args["auth"]["api_keys_env"]
+    monkeypatch.delenv(variable, raising=False)
     with pytest.raises(Exception, match="(?i)key"):
-        build_app(missing)
-    keys = tmp_path / "keys"
-    keys.write_text("k1\nk2\n")
-    ok = {**args, "auth": {**args["auth"], "api_keys_file": str(keys)}}
-    assert AppConfig.model_validate(ok).auth.load_keys() == ["k1", "k2"]
-    build_app(ok)
+        build_app(args)
+    monkeypatch.setenv(variable, "k1, k2")
+    assert AppConfig.model_validate(args).auth.load_keys() == ["k1", "k2"]
+    build_app(args)
+    keys = tmp_path / "keys"  # a key file is still an option (one key per line)
+    keys.write_text("k3\n")
+    monkeypatch.delenv(variable)
+    assert AppConfig.model_validate({**args, "auth": {"api_keys_file": str(keys)}}).auth.load_keys() == ["k3"]
     public = {**args, "auth": {"require_keys": True, "public_by_choice": True}}
     build_app(public)
