@@ -10,6 +10,11 @@ fit twice on one GPU):
 2. ``serve``: Ray Serve with the real app (``build_app``), one GPU replica of the same source; the
    same request is POSTed, the status polled every 0.1 s, the result and the file downloaded.
 Overhead = (serve end-to-end - core) / core. Results go to ``serve_overhead.json``.
+
+``--url`` points the serve phase at an app that is already running (``serve run``, or the test
+suite's session app) instead of starting Ray Serve here. That app must serve the model the core
+phase loads (``tiny`` with ``--cpu-smoke``, else ``random-full``), and must not hold the card the
+core phase needs.
 """
 
 from __future__ import annotations
@@ -91,35 +96,44 @@ def run_core(args) -> dict:
 
 def run_serve(args) -> dict:
     import httpx
-    import ray
-    from ray import serve
 
-    from serve_app.app import build_app
+    deploy_s = None
+    if args.url is None:
+        import ray
+        from ray import serve
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    t0 = time.perf_counter()
-    gpus = 1 if args.device == "cuda" else 0
-    serve.run(build_app(app_args(args.source, args.device, args.cache, args.work, gpus)), name="wan-i2v",
-              route_prefix="/")
-    deploy_s = time.perf_counter() - t0
+        from serve_app.app import build_app
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        t0 = time.perf_counter()
+        gpus = 1 if args.device == "cuda" else 0
+        serve.run(build_app(app_args(args.source, args.device, args.cache, args.work, gpus)), name="wan-i2v",
+                  route_prefix="/")
+        deploy_s = round(time.perf_counter() - t0, 2)
     request = make_request(args.width, args.height, args.frames, args.steps)
-    http = httpx.Client(base_url="http://127.0.0.1:8000", timeout=60)
-    t0 = time.perf_counter()
-    rid = http.post("/v1/inference", json=request).raise_for_status().json()["request_id"]
-    submit_s = time.perf_counter() - t0
-    while http.get(f"/v1/requests/{rid}/status").json()["status"] not in ("succeeded", "failed", "canceled"):
-        time.sleep(0.1)
-    result = http.get(f"/v1/requests/{rid}/result").json()
-    video = http.get(f"/v1/requests/{rid}/outputs/0").content
-    e2e = time.perf_counter() - t0
-    serve.shutdown()
-    ray.shutdown()
+    http = httpx.Client(base_url=args.url or "http://127.0.0.1:8000", timeout=60)
+    try:
+        t0 = time.perf_counter()
+        rid = http.post("/v1/inference", json=request).raise_for_status().json()["request_id"]
+        submit_s = time.perf_counter() - t0
+        deadline = time.monotonic() + args.request_timeout_s
+        while http.get(f"/v1/requests/{rid}/status").json()["status"] not in ("succeeded", "failed", "canceled"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"request {rid} not final after {args.request_timeout_s} s")
+            time.sleep(0.1)
+        result = http.get(f"/v1/requests/{rid}/result").json()
+        video = http.get(f"/v1/requests/{rid}/outputs/0").content
+        e2e = time.perf_counter() - t0
+    finally:
+        if args.url is None:
+            serve.shutdown()
+            ray.shutdown()
     if result["status"] != "succeeded":
         raise RuntimeError(f"serve request failed: {result}")
     replica_s = sum(t.get("total", 0) + t.get("encode_video", 0) for t in result["metadata"]["timings"])
-    return {"deploy_s": round(deploy_s, 2), "submit_s": round(submit_s, 4), "serve_e2e_s": round(e2e, 3),
+    return {"deploy_s": deploy_s, "submit_s": round(submit_s, 4), "serve_e2e_s": round(e2e, 3),
             "replica_inside_s": round(replica_s, 3), "bytes": len(video), "timings": result["metadata"]["timings"]}
 
 
@@ -127,11 +141,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, small sizes")
+    p.add_argument("--url", default=None, help="an app already running (base URL): no Ray Serve started here")
+    p.add_argument("--work", type=Path, default=Path("/tmp/serve-overhead"), help="LoRA/video/job dirs")
+    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: WORK/models)")
+    p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--phase", choices=["core", "serve"], help="internal: run one phase in this process")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    a.work = Path("/tmp/serve-overhead")
-    a.cache = a.work / "models"
+    a.cache = a.cache_dir or a.work / "models"
     if a.cpu_smoke:
         a.source, a.device, a.width, a.height, a.frames, a.steps = "tiny", "cpu", 64, 48, 5, 4
     else:
@@ -140,7 +157,10 @@ def main(argv=None) -> int:
         result = run_core(a) if a.phase == "core" else run_serve(a)
         (a.out / f"phase_{a.phase}.json").write_text(json.dumps(result, indent=1))
         return 0
-    base = [sys.executable, __file__, "--out", str(a.out)] + (["--cpu-smoke"] if a.cpu_smoke else [])
+    # Each phase in a process of its own: the full-size model does not fit twice on one card.
+    base = [sys.executable, __file__, "--out", str(a.out), "--work", str(a.work), "--cache-dir", str(a.cache),
+            "--request-timeout-s", str(a.request_timeout_s)]
+    base += (["--cpu-smoke"] if a.cpu_smoke else []) + (["--url", a.url] if a.url else [])
     for phase in ("core", "serve"):
         subprocess.run(base + ["--phase", phase], check=True)
     core = json.loads((a.out / "phase_core.json").read_text())

@@ -3,6 +3,7 @@
 Against ``serve run configs/local.yaml`` (or any deployment of this API)::
 
     python benchmarks/load_bench.py --url http://127.0.0.1:8000 -n 500 -c 16 --json-out load.json
+    python benchmarks/load_bench.py --url http://127.0.0.1:8000 --smoke   # a few jobs: checks the harness
 
 What it does:
   * ``-c`` submitter tasks send ``-n`` logical jobs (tiny sizes by default: 64x48, 5 frames, 2 steps),
@@ -335,7 +336,13 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
-    return ap.parse_args(argv)
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the harness: 6 jobs, 2 clients, every job resubmitted with its key, 0.2 s polls")
+    opts = ap.parse_args(argv)
+    if opts.smoke:
+        opts.n, opts.concurrency, opts.dup_fraction, opts.poll_interval_s, opts.download_sample = 6, 2, 1.0, 0.2, 2
+        opts.timeout_s = min(opts.timeout_s, 300)
+    return opts
 
 
 def main(argv=None) -> int:

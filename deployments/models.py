@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,17 @@ _TOKENIZER_CORPUS = (
     "ocean waves crash on rocks drone footage mountains forest river clouds timelapse "
     "blurry low quality distorted deformed static frame watermark text artifacts"
 )
+
+
+# Pipelines loaded in this process, counted where the load completes: a replica's stats report it,
+# so "the base model was not reloaded" is checked against what happened, not what was meant.
+_loads = 0
+_loads_lock = threading.Lock()
+
+
+def pipeline_loads() -> int:
+    """How many pipelines ``load_pipeline`` has loaded in this process."""
+    return _loads
 
 
 @dataclass
@@ -392,5 +404,8 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     seconds = time.perf_counter() - t0
+    global _loads
+    with _loads_lock:
+        _loads += 1
     log.info("loaded %s on %s (%s) in %.1fs", cfg.source, device, dtype, seconds)
     return LoadedModel(pipe=pipe, device=device, dtype=dtype, source=cfg.source, load_seconds=seconds)

@@ -47,7 +47,17 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     return (frames * 255).round().astype("uint8")
 
 
-class _StageClock:
+# The components a request passes through, in order, and the stage each one's forward counts as.
+STAGES = (
+    ("text_encoder", "text_encode"),
+    ("image_encoder", "image_encode"),
+    ("vae.encoder", "vae_encode"),
+    ("vae.decoder", "vae_decode"),
+    ("transformer", "denoise"),
+)
+
+
+class StageClock:
     """Accumulates the time spent in each pipeline component through forward hooks."""
 
     def __init__(self, device: torch.device):
@@ -68,6 +78,36 @@ class _StageClock:
         began = self._open.pop(stage, None)
         if began is not None:
             self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - began
+
+    def attach(self, pipe) -> list:
+        """Time every stage of ``pipe`` into this clock until the returned hook handles are removed."""
+        return hook_stages(pipe, lambda: self)
+
+
+def hook_stages(pipe, clock_of: Callable[[], StageClock | None]) -> list:
+    """Forward hooks on each component of ``STAGES`` that time it into ``clock_of()`` (None: not timed).
+
+    Returns:
+        The hook handles (``.remove()`` each to detach).
+    """
+    handles = []
+    for path, stage in STAGES:
+        module = pipe
+        for part in path.split("."):
+            module = getattr(module, part)
+
+        def start(*_, s=stage):
+            clock = clock_of()
+            if clock is not None:
+                clock.start(s)
+
+        def stop(*_, s=stage):
+            clock = clock_of()
+            if clock is not None:
+                clock.stop(s)
+
+        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    return handles
 
 
 @dataclass
@@ -94,19 +134,9 @@ class WanGenerator:
         self.adapters: dict[str, str] = {}  # adapter name -> ref
         self.adapter_loads = 0
         self._lora_enabled = False
-        self._clock: _StageClock | None = None
-        self._hooks = []
-        for module, stage in (
-            (self.pipe.text_encoder, "text_encode"),
-            (self.pipe.image_encoder, "image_encode"),
-            (self.pipe.vae.encoder, "vae_encode"),
-            (self.pipe.vae.decoder, "vae_decode"),
-            (self.pipe.transformer, "denoise"),
-        ):
-            self._hooks += [
-                module.register_forward_pre_hook(lambda *_, s=stage: self._clock and self._clock.start(s)),
-                module.register_forward_hook(lambda *_, s=stage: self._clock and self._clock.stop(s)),
-            ]
+        # Hooked once for the generator's life; a clock is set only while ``generate`` runs.
+        self._clock: StageClock | None = None
+        self._hooks = hook_stages(self.pipe, lambda: self._clock)
         # Speed modes (CUDA only; a no-op on CPU). With compiled blocks, adapters go through the
         # fixed LoRA slot (speed.LoraSlots) so that loads, switches and multipliers never recompile.
         self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
@@ -206,7 +236,7 @@ class WanGenerator:
         from PIL import Image
 
         on_progress = on_progress or (lambda p: None)
-        clock = _StageClock(self.device)
+        clock = StageClock(self.device)
         t0 = time.perf_counter()
 
         # 1. Adapters and sampler for this request.

@@ -60,7 +60,6 @@ class WanI2VReplica:
         self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
-        self.pipeline_loads = 1
         self._warmup()
 
     def _warmup(self):
@@ -201,9 +200,12 @@ class WanI2VReplica:
                 raise ReplicaUnavailable(f"GPU is not usable: {e}") from e
 
     def stats(self) -> dict:
+        from .models import pipeline_loads
+
         return {
             "replica": self.replica_id,
-            "pipeline_loads": self.pipeline_loads,
+            # Counted by load_pipeline itself: any reload in this process (a replica is one) shows.
+            "pipeline_loads": pipeline_loads(),
             "adapter_loads": self.generator.adapter_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),

@@ -146,6 +146,8 @@ def test_loras_by_path_by_url_and_stacked_without_reloading_the_base(app, genera
         assert len({out_path, out_url, out_stacked}) == 3
 
         after = app.replica_stats()
+        # The same process (a restarted replica would count from 1 again) loaded the base once.
+        assert after["pid"] == before["pid"]
         assert after["pipeline_loads"] == before["pipeline_loads"] == 1
         loads = after["adapter_loads"]
         # Repeats and a multiplier change load nothing; the URL is fetched once per node.

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from deployments import models
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
 from deployments.lora_files import detect_format, load_state_dict, read_header
 from deployments.pipeline import WanGenerator
@@ -213,7 +214,7 @@ def test_multiplier_change_takes_effect_and_back(gen, base, shapes, inputs, smal
 
 def test_adapter_loads_keep_the_base_pipeline(gen, base, shapes, small_spec, tmp_path):
     pipe, transformer = gen.pipe, gen.pipe.transformer
-    loads = gen.adapter_loads
+    loads, pipeline_loads = gen.adapter_loads, models.pipeline_loads()
     a = make_lora(tmp_path / "a.safetensors", "ai-toolkit", shapes, seed=50)
     k = make_lora(tmp_path / "k.safetensors", "kohya", shapes, seed=51)
 
@@ -239,6 +240,7 @@ def test_adapter_loads_keep_the_base_pipeline(gen, base, shapes, small_spec, tmp
     assert gen.load_adapter("a", str(a.path)) == adapter_name("a")  # evicted, so loaded again
     assert gen.adapter_loads == loads + 3
     assert gen.pipe.transformer is transformer
+    assert models.pipeline_loads() == pipeline_loads  # nothing in this process loaded a pipeline
 
 
 def test_request_for_an_adapter_not_loaded_fails(gen, small_spec):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from deployments.config import ModelConfig
-from deployments.models import build_tiny, ensure_tiny, load_pipeline
+from deployments.models import build_tiny, ensure_tiny, load_pipeline, pipeline_loads
 
 from .conftest import load_tiny
 
@@ -229,6 +229,16 @@ def test_ensure_tiny_is_idempotent(model_cache):
 
 
 def test_random_full_refuses_cpu(tmp_path):
+    loads = pipeline_loads()
     with pytest.raises(ValueError, match="cuda"):
         load_pipeline(ModelConfig(source="random-full", device="cpu", cache_dir=str(tmp_path)))
     assert not (tmp_path / "tiny").exists()  # refused before building anything
+    assert pipeline_loads() == loads  # a refused load is not a load
+
+
+def test_every_completed_load_is_counted(model_cache):
+    """The replica's ``pipeline_loads`` comes from this counter: each real load must move it."""
+    loads = pipeline_loads()
+    first, second = load_tiny(model_cache), load_tiny(model_cache)
+    assert first.pipe is not second.pipe
+    assert pipeline_loads() == loads + 2

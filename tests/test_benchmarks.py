@@ -1,0 +1,111 @@
+"""The benchmark scripts (benchmarks/) in their CPU smoke modes: every section of each must complete.
+
+The GPU runs happen rarely and on another machine, so these smokes are what notices a benchmark
+broken by a change elsewhere (a renamed config key, a removed helper). They read what each script
+writes and fail on any section that recorded an error or was skipped. ``gpu_bench.py`` runs as its
+own process (it compiles and changes process-wide torch settings); the served-app scripts and the
+load benchmark run against the session's app instead of starting Ray Serve themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every section gpu_bench.py runs on a GPU; the smoke forces the optional ones on.
+GPU_BENCH_SECTIONS = (
+    "build", "ref_warm", "ref_request", "ref_forward", "noise_forward", "truth_forward",
+    "ours_init", "ours_forward", "ours_request", "lora", "noise_request", "alt_casts",
+)
+STAGES = {"text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "total"}
+
+
+def _errors(value, path="") -> list[str]:
+    """Every recorded error or skip anywhere in a result tree, with where it is."""
+    found = []
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if key in ("error", "recompile_error", "skipped") and v is not None:
+                found.append(f"{path}.{key}: {v}")
+            found += _errors(v, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _errors(v, f"{path}[{i}]")
+    return found
+
+
+def test_gpu_bench_smoke_runs_every_section(model_cache, tmp_path):
+    out = tmp_path / "out"
+    # A budget of 1 s: in smoke mode no section may be skipped for time.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu-smoke", "--out", str(out),
+         "--cache-dir", str(model_cache), "--budget-s", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    results_file = out / "gpu_bench.json"
+    assert results_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(results_file.read_text())
+    assert r["sections_failed"] == [], {s: r[s] for s in r["sections_failed"]}
+    assert [s for s in GPU_BENCH_SECTIONS if s not in r] == []
+    assert _errors({s: r[s] for s in GPU_BENCH_SECTIONS}) == []
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # The GPU run's paths, not a CPU shortcut: compiled blocks with the LoRA slot, warmed up ...
+    report = r["ours_init"]["speed_report"]
+    assert report["compiled"] and report["lora_slot_rank"] == 8 and "warmup" in report
+    lora = r["lora"]
+    assert lora["zero_recompiles"] is True and lora["graphs_compiled"] == 0
+    assert lora["lora0_rel_change_vs_base"] > 0 and lora["switch_back_bit_equal"] and lora["off_bit_equal_base"]
+    # ... and per-stage times from the product's stage clock on both the reference and our path.
+    for section in ("ref_request", "ours_request", "noise_request"):
+        assert set(r[section]["timings"]) == STAGES, section
+
+
+def test_gpu_serve_overhead_smoke(app, model_cache, tmp_path):
+    from benchmarks import gpu_serve_overhead
+
+    out = tmp_path / "out"
+    rc = gpu_serve_overhead.main(["--cpu-smoke", "--out", str(out), "--url", app.base_url, "--work",
+                                  str(tmp_path / "work"), "--cache-dir", str(model_cache), "--request-timeout-s", "300"])
+    assert rc == 0
+    r = json.loads((out / "serve_overhead.json").read_text())
+    assert r["core"]["core_s"] > 0 and r["core"]["bytes"] > 0
+    assert set(r["core"]["timings"]) == STAGES
+    assert r["serve"]["serve_e2e_s"] > 0 and r["serve"]["bytes"] > 0
+    assert {"total", "encode_video"} <= set(r["serve"]["timings"][0])
+    assert _errors(r) == []
+
+
+def test_gpu_serve_lora_smoke(app, serve_env, model_cache, tmp_path):
+    from benchmarks import gpu_serve_lora
+
+    out = tmp_path / "out"
+    rc = gpu_serve_lora.main(["--cpu-smoke", "--out", str(out), "--url", app.base_url, "--app-name", app.name,
+                              "--lora-root", str(serve_env.lora_root), "--work", str(tmp_path / "work"),
+                              "--cache-dir", str(model_cache), "--request-timeout-s", "300"])
+    r = json.loads((out / "serve_lora.json").read_text())
+    assert [row["status"] for row in r["rows"]] == ["succeeded"] * 7, r["rows"]
+    assert _errors(r) == []
+    # The claims: the base loaded once by the same replica process, each adapter loaded once.
+    assert r["same_replica_process"] and r["pipeline_loads"] == 1 and r["pipeline_loads_during"] == 0
+    assert r["adapter_loads_during"] == 2
+    assert r["pass"] and rc == 0
+
+
+def test_load_bench_smoke(app, tmp_path):
+    from benchmarks import load_bench
+
+    out = tmp_path / "load.json"
+    rc = load_bench.main(["--url", app.base_url, "--smoke", "--jobs-db", app.args["storage"]["jobs_db"],
+                          "--json-out", str(out)])
+    r = json.loads(out.read_text())
+    n = r["n"]
+    assert r["pass"] and rc == 0
+    assert r["accepted"] == r["succeeded"] == n and r["failed"] == 0 and r["lost"] == 0
+    assert r["dup_checks"] == n and r["duplicated"] == 0 and r["db_rows"] == n
+    assert r["other_error_answers"] == {} and r["transport_errors"] == 0
+    assert r["downloads"] == {"ok": 2, "bad": 0} and r["succeeded_without_output"] == 0
