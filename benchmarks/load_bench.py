@@ -202,6 +202,12 @@ async def check_results(opts, client: httpx.AsyncClient, jobs: list[Job], stats:
 
 
 def db_rows(path: str, prefix: str) -> int:
+    """Rows whose Idempotency-Key belongs to this run, in the server's job DB (SQLite path or PostgreSQL URL)."""
+    if path.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(path) as conn:
+            return conn.execute("SELECT COUNT(*) FROM jobs WHERE idempotency_key LIKE %s", (f"{prefix}-%",)).fetchone()[0]
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         return db.execute("SELECT COUNT(*) FROM jobs WHERE idempotency_key LIKE ?", (f"{prefix}-%",)).fetchone()[0]
@@ -330,7 +336,8 @@ def parse(argv=None):
     ap.add_argument("--dup-fraction", type=float, default=0.1, help="accepted jobs resubmitted with their key")
     ap.add_argument("--max-retry-wait-s", type=float, default=5.0, help="cap on Retry-After waits")
     ap.add_argument("--download-sample", type=int, default=20)
-    ap.add_argument("--jobs-db", default=None, help="the server's SQLite job DB, to count rows (same machine)")
+    ap.add_argument("--jobs-db", default=None,
+                    help="the server's job DB (a SQLite path on this machine, or a postgresql:// URL), to count rows")
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--http-timeout-s", type=float, default=60)
     ap.add_argument("--seed", type=int, default=0)

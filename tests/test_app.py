@@ -243,6 +243,7 @@ def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     serve.delete("restart")
 
 
+@pytest.mark.parametrize("app", ["sqlite"], indirect=True)  # about generation, not state: one backend
 def test_seed_page_example_works_as_written(app, loras):
     """The model page's request, verbatim but for a reachable image (832x480, 41 frames, 25 steps)."""
     from tests.conftest import make_image, png_bytes

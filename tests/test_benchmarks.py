@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every section gpu_bench.py runs on a GPU; the smoke forces the optional ones on.
@@ -65,6 +67,8 @@ def test_gpu_bench_smoke_runs_every_section(model_cache, tmp_path):
         assert set(r[section]["timings"]) == STAGES, section
 
 
+# The served-app smokes need one app, not one per state backend (the load smoke runs on both).
+@pytest.mark.parametrize("app", ["sqlite"], indirect=True)
 def test_gpu_serve_overhead_smoke(app, model_cache, tmp_path):
     from benchmarks import gpu_serve_overhead
 
@@ -80,6 +84,7 @@ def test_gpu_serve_overhead_smoke(app, model_cache, tmp_path):
     assert _errors(r) == []
 
 
+@pytest.mark.parametrize("app", ["sqlite"], indirect=True)
 def test_gpu_serve_lora_smoke(app, serve_env, model_cache, tmp_path):
     from benchmarks import gpu_serve_lora
 
@@ -109,3 +114,18 @@ def test_load_bench_smoke(app, tmp_path):
     assert r["dup_checks"] == n and r["duplicated"] == 0 and r["db_rows"] == n
     assert r["other_error_answers"] == {} and r["transport_errors"] == 0
     assert r["downloads"] == {"ok": 2, "bad": 0} and r["succeeded_without_output"] == 0
+
+
+def test_state_bench_smoke_runs_both_backends(serve_env, model_cache, tmp_path):
+    from benchmarks import state_bench
+
+    out = tmp_path / "state.json"
+    rc = state_bench.main(["--smoke", "--serve-port", str(serve_env.port), "--model-cache", str(model_cache),
+                           "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["backends"]) == {"sqlite", "postgres"}
+    for backend, b in r["backends"].items():
+        assert b["pass"] and b["succeeded"] == b["n"] == b["db_rows"], (backend, b)
+        assert b["lost"] == 0 and b["duplicated"] == 0 and b["other_error_answers"] == {}, (backend, b)
+    assert r["backends"]["postgres"]["ingress_replicas"] == 2
+    assert r["submit_p99_ratio_pg_over_sqlite"] > 0 and r["pass"] and rc == 0
