@@ -115,6 +115,12 @@ class DefaultsConfig(_Strict):
 class IngressConfig(_Strict):
     num_replicas: int = 1
     num_cpus: float = 0.1
+    lora_root_visible: bool = Field(
+        True,
+        description="gpu.lora.root is the same directory for the ingress as for the GPU replicas (one machine, or "
+        "shared storage): a root-relative LoRA that is not there is refused at submit (400 LORA_NOT_FOUND). Set "
+        "false where the root exists only on GPU nodes; such a LoRA then fails its job with that code",
+    )
 
 
 class AppConfig(_Strict):
