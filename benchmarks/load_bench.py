@@ -1,6 +1,6 @@
 """Load benchmark: many small jobs from concurrent clients against a running server; nothing lost, nothing doubled.
 
-Against ``serve run configs/local.yaml`` (or any deployment of this API)::
+Against ``wan-serve run configs/local.yaml`` (or any deployment of this API)::
 
     python benchmarks/load_bench.py --url http://127.0.0.1:8000 -n 500 -c 16 --json-out load.json
     python benchmarks/load_bench.py --url http://127.0.0.1:8000 --smoke   # a few jobs: checks the harness

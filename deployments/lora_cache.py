@@ -136,6 +136,33 @@ def validate_ref(ref: str, fetch_cfg: FetchConfig | None = None) -> None:
     _check_suffix(url.split("?", 1)[0].split("#", 1)[0], ref)
 
 
+def is_root_relative(ref: str) -> bool:
+    """Whether a (syntactically valid) reference names a file under the LoRA root rather than a URL."""
+    return _scheme(ref) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files under the root (filesystem, no network): also usable by an ingress that sees the root
+
+
+def find_in_root(root: str | os.PathLike, ref: str) -> str:
+    """The real path of a root-relative reference's file, without reading it.
+
+    Raises:
+        LoraRefInvalid (LORA_REF_INVALID): the real path leaves the root or is not a .safetensors name.
+        LoraNotFound (LORA_NOT_FOUND): no such file.
+    """
+    root = os.path.realpath(os.path.expanduser(root))
+    real = os.path.realpath(os.path.join(root, ref))
+    # Checked on the real path: a symlink inside the root that points out is refused here.
+    if os.path.commonpath([root, real]) != root:
+        raise LoraRefInvalid(f"LoRA path {ref!r} leads outside the LoRA root", {"ref": ref})
+    _check_suffix(real, ref)
+    if not os.path.isfile(real):
+        raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
+    return real
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 
@@ -182,13 +209,7 @@ class LoraStore:
 
     # -- local root -----------------------------------------------------------------------------
     def _resolve_local(self, ref: str) -> str:
-        real = os.path.realpath(self.root / ref)
-        # Checked on the real path: a symlink inside the root that points out is refused here.
-        if os.path.commonpath([str(self.root), real]) != str(self.root):
-            raise LoraRefInvalid(f"LoRA path {ref!r} leads outside the LoRA root", {"ref": ref})
-        _check_suffix(real, ref)
-        if not os.path.isfile(real):
-            raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
+        real = find_in_root(self.root, ref)
         size = os.path.getsize(real)
         if size > self.cfg.max_file_bytes:
             raise LoraTooLarge(f"LoRA {ref!r} is {size} bytes; the limit is {self.cfg.max_file_bytes}",

@@ -1,4 +1,5 @@
-"""``wan-serve``: build the tiny checkpoint, submit a job and download its video, inspect the service.
+"""``wan-serve``: run a config on this machine, build the tiny checkpoint, submit a job and download its
+video, inspect the service.
 
 Exit codes: 0 done; 1 the server refused the request or the job failed (its code and message are
 printed); 2 bad usage; 130 interrupted (Ctrl-C cancels the submitted job on the server).
@@ -30,6 +31,9 @@ def _lora_arg(value: str) -> tuple[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wan-serve", description="Client and tools for the Wan 2.1 I2V service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve run a config on a new local Ray with every port on 127.0.0.1")
+    run.add_argument("config", help="Serve config file, e.g. configs/local.yaml")
 
     tiny = commands.add_parser("tiny-model", help="write the tiny test checkpoint (diffusers format)")
     tiny.add_argument("--out", required=True, type=Path, help="directory to write it to")
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``wan-serve``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from .local_run import run  # imports Ray: only for this command
+
+        return run(args.config)
     if args.command == "tiny-model":
         return _tiny_model(args)
     try:

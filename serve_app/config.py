@@ -159,6 +159,12 @@ class IngressConfig(_Strict):
         None, ge=1, description="spread ingress replicas over nodes (1: one per node), so one node's loss leaves others"
     )
     replica_header: bool = Field(False, description="name the answering replica (host:pid) in X-Wan-Ingress")
+    lora_root_visible: bool = Field(
+        True,
+        description="gpu.lora.root is the same directory for the ingress as for the GPU replicas (one machine, or "
+        "shared storage): a root-relative LoRA that is not there is refused at submit (400 LORA_NOT_FOUND). Set "
+        "false where the root exists only on GPU nodes; such a LoRA then fails its job with that code",
+    )
 
 
 class AppConfig(_Strict):

@@ -33,8 +33,8 @@ def check_model(req: InferenceRequest, cfg: AppConfig) -> None:
 
 
 def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
-    """The request's LoRAs, checked (count, MoE field, duplicates, reference syntax)."""
-    from deployments.lora_cache import validate_ref
+    """The request's LoRAs, checked (count, MoE field, duplicates, syntax; files in a root the ingress sees)."""
+    from deployments.lora_cache import find_in_root, is_root_relative, validate_ref
 
     if len(req.loras) > cfg.limits.max_loras:
         raise limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",
@@ -51,6 +51,11 @@ def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
         seen.add(path)
         validate_ref(path, cfg.gpu.fetch)
         refs.append(LoraRef(ref=path, multiplier=lora.network_multiplier))
+    # After every syntax check, so a malformed list is refused the same way whatever the disk holds.
+    if cfg.ingress.lora_root_visible:
+        for ref in refs:
+            if is_root_relative(ref.ref):
+                find_in_root(cfg.gpu.lora.root, ref.ref)
     return tuple(refs)
 
 

@@ -160,13 +160,34 @@ def test_loras_by_path_by_url_and_stacked_without_reloading_the_base(app, genera
         assert srv.count("/loras/remote.safetensors") == 1
 
 
-def test_lora_errors_fail_the_job_or_the_submit_clearly(app, serve_env, loras):
-    r = app.submit({**small_request(), "loras": [{"path": "missing/nothing.safetensors"}]})
-    if r.status_code == 200:
+def test_missing_lora_is_refused_at_submit_where_the_ingress_sees_the_root(app, loras):
+    # The default app's ingress sees the LoRA root as its replica does (one machine), like the local default.
+    missing = {**small_request(), "loras": [{"path": "my_wan_job/my_wan_job.safetensors"},
+                                            {"path": "missing/nothing.safetensors"}]}
+    before = app.count_jobs()
+    r = app.submit(missing)
+    assert r.status_code == 400, r.text
+    error = r.json()["detail"]["error"]
+    assert error["code"] == "LORA_NOT_FOUND" and error["details"] == {"ref": "missing/nothing.safetensors"}
+    assert app.count_jobs() == before
+
+
+def test_missing_lora_fails_the_job_where_the_ingress_cannot_see_the_root(serve_env):
+    # As on a cluster whose LoRA root exists only on the GPU nodes: the replica's LoRA cache finds out.
+    from ray import serve
+
+    args = serve_env.args_for("unseen-root", ingress={"lora_root_visible": False})
+    app = serve_env.deploy("unseen-root", "/unseen-root", args)
+    try:
+        r = app.submit({**small_request(), "loras": [{"path": "missing/nothing.safetensors"}]})
+        assert r.status_code == 200, r.text
         status = app.wait(r.json()["request_id"])
-        assert status["status"] == "failed" and status["error"]["code"] == "LORA_NOT_FOUND"
-    else:
-        assert r.status_code == 400 and r.json()["detail"]["error"]["code"] == "LORA_NOT_FOUND"
+        assert status["status"] == "failed" and status["error"]["code"] == "LORA_NOT_FOUND", status
+    finally:
+        serve.delete("unseen-root")
+
+
+def test_lora_errors_fail_the_job_clearly(app, serve_env, loras):
     bad = serve_env.lora_root / "wrong_blocks.safetensors"
     from safetensors.torch import save_file
     import torch

@@ -27,6 +27,7 @@ def test_local_config_is_the_open_tiny_cpu_default():
     assert (cfg.gpu.model.source, cfg.gpu.model.device, cfg.gpu.replica.num_gpus) == ("tiny", "cpu", 0)
     assert cfg.auth.load_keys() == [] and not cfg.auth.require_keys
     assert cfg.gpu.lora.root == "./loras" and cfg.storage.jobs_db.startswith("./outputs")
+    assert cfg.ingress.lora_root_visible  # one machine: a missing LoRA is refused at submit
     build_app(app["args"])
 
 
@@ -38,6 +39,7 @@ def test_production_config_needs_keys(tmp_path, monkeypatch):
     replica = args["gpu"]["replica"]
     assert replica["min_replicas"] == 1 and replica["max_replicas"] > 1 and replica["target_ongoing_requests"] == 1
     assert cfg_model["speed"]["compile_blocks"] and cfg_model["speed"]["attention_backend"] == "_native_cudnn"
+    assert args["ingress"]["lora_root_visible"] is False  # the LoRA root is on each GPU node, not the ingress's
     variable = args["auth"]["api_keys_env"]
     monkeypatch.delenv(variable, raising=False)
     with pytest.raises(Exception, match="(?i)key"):

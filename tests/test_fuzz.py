@@ -43,6 +43,16 @@ def srv():
         yield server
 
 
+@pytest.fixture(scope="module")
+def root_loras(serve_env):
+    """Junk files under the app's LoRA root: valid references (the ingress sees the root and finds
+    them) whose jobs fail on the replica with LORA_INVALID."""
+    for ref in ROOT_LORAS:
+        path = serve_env.lora_root / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Strategies
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +108,11 @@ def _small_defaults(p: dict) -> dict:
     return {"width": 32, "height": 32, "num_frames": 1, "sample_steps": 1, **p}
 
 
+ROOT_LORAS = ("fuzz/junk.safetensors", "nested/dir/junk.safetensors")  # in the app's LoRA root (see root_loras)
+
+
 def loras(srv_url: str):
-    refs = st.sampled_from(["fuzz/missing.safetensors", "nested/dir/none.safetensors",
-                            srv_url + "/junk.safetensors", srv_url + "/nothing.safetensors"])
+    refs = st.sampled_from([*ROOT_LORAS, srv_url + "/junk.safetensors", srv_url + "/nothing.safetensors"])
     lora = st.fixed_dictionaries({"path": refs}, optional={
         "network_multiplier": st.floats(-2, 2), "transformer": st.none()})
     return st.lists(lora, max_size=3, unique_by=lambda item: item["path"])
@@ -213,7 +225,7 @@ def _finish(app, http: httpx.Client, ids: list[str]) -> list[dict]:
     return finals
 
 
-def test_fuzz_the_request_schema(app, srv):
+def test_fuzz_the_request_schema(app, srv, root_loras):
     http = httpx.Client(base_url=app.base_url, timeout=TIMEOUT_S)
     before = job_count(app)
     accepted: list[str] = []

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from deployments.errors import ServiceError
 from serve_app.config import AppConfig
 from serve_app.errors import ApiError
 from serve_app.normalize import to_specs
@@ -24,7 +25,9 @@ from serve_app.schemas import InferenceRequest
 from .conftest import make_image, png_bytes
 
 MODEL = "wan21_i2v_14b480p"
-CFG = AppConfig()
+# The LoRA names below stand for files this module never writes: the ingress's look into the LoRA
+# root (on by default) is off here, and tested on its own with roots of its own (LoRA section).
+CFG = AppConfig(ingress={"lora_root_visible": False})
 CTRL_RAW = png_bytes(make_image(64, 48, seed=21))
 CTRL = base64.b64encode(CTRL_RAW).decode()
 
@@ -260,6 +263,65 @@ def test_loras_become_refs():
     assert [(l.ref, l.multiplier) for l in spec.loras] == [("job/a.safetensors", 0.5), ("b.safetensors", 1.0)]
 
 
+def lora_error(req: InferenceRequest, cfg: AppConfig) -> ServiceError:
+    with pytest.raises(ServiceError) as info:
+        to_specs(req, cfg)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_a_missing_lora_under_the_default_root_is_refused(tmp_path, monkeypatch):
+    # The default config: the ingress sees ./loras as the replica does (one machine).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loras" / "job").mkdir(parents=True)
+    (tmp_path / "loras" / "job" / "a.safetensors").write_bytes(b"")  # never read at submit
+    cfg = AppConfig()
+    (spec,) = to_specs(request(loras=[{"path": "job/a.safetensors"}]), cfg)
+    assert spec.loras[0].ref == "job/a.safetensors"
+    err = lora_error(request(loras=[{"path": "job/a.safetensors"}, {"path": "job/b.safetensors"}]), cfg)
+    assert (err.code, err.details) == ("LORA_NOT_FOUND", {"ref": "job/b.safetensors"})
+
+
+def test_the_root_check_follows_real_paths(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "x.safetensors").write_bytes(b"")
+    (root / "real.safetensors").write_bytes(b"")
+    (root / "alias.safetensors").symlink_to(root / "real.safetensors")
+    (root / "escape.safetensors").symlink_to(outside / "x.safetensors")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    (root / "not-a-file.safetensors").mkdir()
+    (root / "x.bin").write_bytes(b"")
+    (root / "bin-link.safetensors").symlink_to(root / "x.bin")
+    cfg = AppConfig(gpu={"lora": {"root": str(root)}})
+    (spec,) = to_specs(request(loras=[{"path": "alias.safetensors"}]), cfg)
+    assert spec.loras[0].ref == "alias.safetensors"
+    for ref, code in [("escape.safetensors", "LORA_REF_INVALID"), ("linkdir/x.safetensors", "LORA_REF_INVALID"),
+                      ("bin-link.safetensors", "LORA_REF_INVALID"), ("not-a-file.safetensors", "LORA_NOT_FOUND"),
+                      ("nothing/here.safetensors", "LORA_NOT_FOUND")]:
+        assert lora_error(request(loras=[{"path": ref}]), cfg).code == code, ref
+
+
+def test_where_the_ingress_cannot_see_the_root_only_the_syntax_is_checked(tmp_path):
+    cfg = AppConfig(gpu={"lora": {"root": str(tmp_path)}}, ingress={"lora_root_visible": False})
+    (spec,) = to_specs(request(loras=[{"path": "job/missing.safetensors"}]), cfg)
+    assert spec.loras[0].ref == "job/missing.safetensors"
+    assert lora_error(request(loras=[{"path": "../x.safetensors"}]), cfg).code == "LORA_REF_INVALID"
+
+
+def test_urls_and_malformed_lists_are_not_looked_up_in_the_root(tmp_path):
+    cfg = AppConfig(gpu={"lora": {"root": str(tmp_path)}})  # an empty root the ingress sees
+    # A URL is fetched on the GPU node, never looked for under the root.
+    (spec,) = to_specs(request(loras=[{"path": "https://example.com/x.safetensors"}]), cfg)
+    assert spec.loras[0].ref == "https://example.com/x.safetensors"
+    # A malformed list is refused for what it is, before the disk is looked at.
+    dup = request(loras=[{"path": "m.safetensors"}, {"path": "m.safetensors"}])
+    assert api_error(dup, cfg).code == "DUPLICATE_LORA"
+    bad = request(loras=[{"path": "m.safetensors"}, {"path": "../x.safetensors"}])
+    assert lora_error(bad, cfg).code == "LORA_REF_INVALID"
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +391,8 @@ def test_four_loras_and_eight_prompts_are_accepted():
 
 
 def test_limits_come_from_the_config():
-    cfg = AppConfig(limits={"max_prompts": 1, "max_frames": 9, "max_loras": 1, "max_long_side": 64})
+    cfg = AppConfig(limits={"max_prompts": 1, "max_frames": 9, "max_loras": 1, "max_long_side": 64},
+                    ingress=CFG.ingress)
     assert api_error(request([{}, {}]), cfg).code == "TOO_MANY_PROMPTS"
     assert api_error(request([{"num_frames": 13}]), cfg).code == "FRAMES_OUT_OF_RANGE"
     assert api_error(request([{"num_frames": 5}], loras=_loras(2)), cfg).code == "TOO_MANY_LORAS"
