@@ -60,6 +60,7 @@ class WanI2VReplica:
         self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
+        self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
         self.pipeline_loads = 1
         self._warmup()
 
@@ -83,7 +84,7 @@ class WanI2VReplica:
 
         for attempt in range(2):
             try:
-                return await self._lora_cache().resolve.remote(ref)
+                return await self._lora_cache().resolve.remote(ref, self._hf_token)
             except RayActorError as e:  # the node's cache actor died: make a new one, once
                 self._cache = None
                 if attempt:
