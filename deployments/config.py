@@ -136,6 +136,12 @@ class FaultInjection(_Strict):
         None, description="a prompt containing this raises fail_kind inside the replica"
     )
     fail_kind: Literal["oom", "bad_weights"] = "oom"
+    fail_stages: list[Literal["denoise", "activate", "load_lora"]] = Field(
+        default_factory=lambda: ["denoise"],
+        description="where the fault is raised: in a denoising step, while the request's adapters are set "
+        "(outside the pipeline call), or while a LoRA whose reference contains the substring is loaded "
+        "(the loader never sees the prompt)",
+    )
     slow_prompt_substring: str | None = Field(
         None, description="a prompt containing this sleeps step_delay_s after each denoising step"
     )
