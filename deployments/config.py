@@ -6,9 +6,10 @@ These models are nested inside the app's ``AppConfig`` (``serve_app/config.py``)
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 
@@ -51,7 +52,23 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     cache_dir: str = Field("./outputs/models", description="where the tiny checkpoint is built, hub cache")
     hf_token_env: str = Field("HF_TOKEN", description="environment variable holding a hub token, if any")
+    hf_token: SecretStr | None = Field(
+        None,
+        description="a hub token, overriding hf_token_env; masked in repr and dumps, but a Serve YAML that holds "
+        "it shows it to anyone who can read the deployed config: prefer the environment variable",
+    )
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+
+    def token(self) -> SecretStr | None:
+        """The hub token for model and LoRA downloads: ``hf_token``, else the ``hf_token_env`` variable.
+
+        Read where it is used (the replica's process, whose environment Ray gives it), kept wrapped so
+        that no repr or log line can show it.
+        """
+        if self.hf_token is not None and self.hf_token.get_secret_value():
+            return self.hf_token
+        value = os.environ.get(self.hf_token_env, "")
+        return SecretStr(value) if value else None
 
 
 class FetchConfig(_Strict):
@@ -66,6 +83,39 @@ class FetchConfig(_Strict):
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     max_redirects: int = 5
+    hf_endpoint: str = Field(
+        "https://huggingface.co",
+        description="where hf:// references point (a hub mirror, or a local stand-in in tests); the only origin "
+        "the hub token is ever sent to",
+    )
+
+    @field_validator("hf_endpoint")
+    @classmethod
+    def _plain_origin(cls, v: str) -> str:
+        import httpx  # the fetcher's own parser, so the origin compared later is the one checked here
+
+        v = v.rstrip("/")
+        try:
+            u = httpx.URL(v)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise ValueError(f"hf_endpoint is not a URL: {e}") from e
+        if u.scheme not in ("https", "http") or not u.host or u.userinfo or u.query or u.path not in ("", "/"):
+            raise ValueError("hf_endpoint must be a bare http(s)://host[:port] origin")
+        return v
+
+
+class RetryConfig(_Strict):
+    """Retries of a LoRA download that failed for a reason that may pass: a connection error, a timeout,
+    a cut body, HTTP 5xx or 429. Never for 4xx, size or format errors."""
+
+    attempts: int = Field(4, ge=1, description="tries in all, the first included")
+    initial_backoff_s: float = Field(
+        1.0, gt=0, description="upper bound of the first wait; it doubles per retry, the wait is random below it"
+    )
+    max_backoff_s: float = Field(30.0, gt=0, description="upper bound of any one wait (also caps Retry-After)")
+    max_elapsed_s: float = Field(
+        300.0, gt=0, description="no retry starts when it would begin later than this after the first attempt"
+    )
 
 
 class LoraCacheConfig(_Strict):
@@ -76,6 +126,7 @@ class LoraCacheConfig(_Strict):
     max_file_bytes: int = Field(2 * 1024**3, description="largest accepted LoRA file")
     disk_quota_bytes: int = Field(50 * 1024**3, description="LRU eviction keeps the cache under this")
     max_header_bytes: int = Field(16 * 1024**2, description="largest accepted safetensors header")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
 
 
 class FaultInjection(_Strict):
@@ -85,6 +136,12 @@ class FaultInjection(_Strict):
         None, description="a prompt containing this raises fail_kind inside the replica"
     )
     fail_kind: Literal["oom", "bad_weights"] = "oom"
+    fail_stages: list[Literal["denoise", "activate", "load_lora"]] = Field(
+        default_factory=lambda: ["denoise"],
+        description="where the fault is raised: in a denoising step, while the request's adapters are set "
+        "(outside the pipeline call), or while a LoRA whose reference contains the substring is loaded "
+        "(the loader never sees the prompt)",
+    )
     slow_prompt_substring: str | None = Field(
         None, description="a prompt containing this sleeps step_delay_s after each denoising step"
     )

@@ -42,6 +42,7 @@ from .errors import ServiceError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HF_HOST = "huggingface.co"
+HF_ENDPOINT = f"https://{HF_HOST}"
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 # Headers that carry the caller's identity; never sent to another origin after a redirect.
 SENSITIVE_HEADERS = {"authorization", "cookie", "proxy-authorization"}
@@ -229,23 +230,33 @@ def resolve_vetted(url: httpx.URL, cfg: FetchConfig) -> list[IPAddress]:
 # Hugging Face references
 
 
-def normalize_lora_url(ref: str) -> str:
+def normalize_lora_url(ref: str, endpoint: str = HF_ENDPOINT) -> str:
     """Hugging Face page and ``hf://`` references -> direct download URLs; other refs unchanged.
 
-    ``https://huggingface.co/<o>/<r>/blob/<rev>/<path>`` -> ``.../resolve/<rev>/<path>``;
-    ``hf://<o>/<r>[@<rev>]/<path>`` -> ``https://huggingface.co/<o>/<r>/resolve/<rev or main>/<path>``.
+    ``<endpoint>/<o>/<r>/blob/<rev>/<path>`` -> ``.../resolve/<rev>/<path>``;
+    ``hf://<o>/<r>[@<rev>]/<path>`` -> ``<endpoint>/<o>/<r>/resolve/<rev or main>/<path>``.
+    ``endpoint`` is ``FetchConfig.hf_endpoint`` (``https://huggingface.co`` unless a mirror is configured).
     """
+    endpoint = endpoint.rstrip("/")
     if ref.startswith("hf://"):
         parts = ref[len("hf://") :].split("/")
         if len(parts) < 3 or any(p in ("", ".", "..") for p in parts):
             raise _refuse(ref, "malformed", "hf:// references look like hf://owner/repo/path/file.safetensors")
         owner, repo, path = parts[0], parts[1], "/".join(parts[2:])
         repo, _, rev = repo.partition("@")
-        return f"https://{HF_HOST}/{owner}/{repo}/resolve/{rev or 'main'}/{path}"
-    m = re.match(rf"^https://{re.escape(HF_HOST)}/([^/?#]+)/([^/?#]+)/blob/(.+)$", ref)
+        return f"{endpoint}/{owner}/{repo}/resolve/{rev or 'main'}/{path}"
+    m = re.match(rf"^{re.escape(endpoint)}/([^/?#]+)/([^/?#]+)/blob/(.+)$", ref)
     if m:
-        return f"https://{HF_HOST}/{m.group(1)}/{m.group(2)}/resolve/{m.group(3)}"
+        return f"{endpoint}/{m.group(1)}/{m.group(2)}/resolve/{m.group(3)}"
     return ref
+
+
+def is_hub_url(url: str, endpoint: str = HF_ENDPOINT) -> bool:
+    """True if ``url`` is on the hub's own origin (scheme, host and port), the only place its token may go."""
+    try:
+        return _origin(httpx.URL(url)) == _origin(httpx.URL(endpoint))
+    except (httpx.InvalidURL, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +324,8 @@ def _stream(
 
     def check_deadline() -> None:
         if deadline is not None and time.monotonic() > deadline:
-            raise FetchTimeout(f"fetch took longer than {total_timeout_s}s", {"url": _redact(url), "reason": "timeout"})
+            raise FetchTimeout(f"fetch took longer than {total_timeout_s:.1f}s",
+                               {"url": _redact(url), "reason": "timeout", "limit_s": total_timeout_s})
 
     try:
         with httpx.Client(trust_env=False, follow_redirects=False, timeout=_timeout(cfg)) as client:
@@ -329,10 +341,11 @@ def _stream(
                         current = nxt
                         continue
                     if not 200 <= resp.status_code < 300:
-                        raise FetchFailed(
-                            f"{_redact(str(current))} answered HTTP {resp.status_code}",
-                            {"url": _redact(url), "reason": "status", "upstream_status": resp.status_code},
-                        )
+                        details = {"url": _redact(url), "reason": "status", "upstream_status": resp.status_code}
+                        retry_after = resp.headers.get("retry-after", "")
+                        if retry_after.isdigit():  # the HTTP-date form is rare; a retrying caller backs off anyway
+                            details["retry_after_s"] = int(retry_after)
+                        raise FetchFailed(f"{_redact(str(current))} answered HTTP {resp.status_code}", details)
                     declared = resp.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > max_bytes:
                         raise FetchTooLarge(

@@ -12,6 +12,15 @@ in the same directory, header-checked, fsync'ed, then ``os.replace``'d, so the f
 names a complete, verified file. Files are evicted least-recently-used (by an explicitly set access
 time) to stay under ``disk_quota_bytes``.
 
+HTTP(S) downloads that fail for a reason that may pass (connection error, read timeout, a cut body,
+HTTP 5xx or 429) are retried with exponential backoff and full jitter, bounded by
+``LoraCacheConfig.retry``; anything else (4xx, refused address, size, format) fails at once.
+
+The hub token (``ModelConfig.token()``) comes with each ``resolve`` call as a ``SecretStr``, so no
+repr, log line or actor name ever holds it, and a redeploy with a rotated token never meets an actor
+that kept the old one. It is sent only to ``FetchConfig.hf_endpoint``'s origin, and the fetcher drops
+it on a redirect to any other origin (the hub's CDN included).
+
 ``LoraStore`` is the plain, blocking implementation; ``LoraCacheActor`` wraps it as one async Ray
 actor per node so concurrent requests for one reference share one download.
 """
@@ -30,9 +39,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import FetchConfig, LoraCacheConfig
+from pydantic import SecretStr
+from tenacity import Retrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity import wait_random_exponential
+
+from .config import FetchConfig, LoraCacheConfig, RetryConfig
 from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound
-from .fetch import FetchError, FetchFailed, FetchTooLarge, check_url, fetch_to_file, normalize_lora_url
+from .fetch import (
+    FetchError,
+    FetchFailed,
+    FetchTooLarge,
+    check_url,
+    fetch_to_file,
+    is_hub_url,
+    normalize_lora_url,
+)
 from .lora_files import read_header
 
 log = logging.getLogger(__name__)
@@ -131,7 +152,7 @@ def validate_ref(ref: str, fetch_cfg: FetchConfig | None = None) -> None:
         return
     if scheme not in ("https", "http", "hf"):
         raise LoraSchemeUnsupported(f"LoRA references with scheme {scheme!r} are not supported", {"scheme": scheme})
-    url = normalize_lora_url(ref)
+    url = normalize_lora_url(ref, fetch_cfg.hf_endpoint)
     check_url(url, fetch_cfg)
     _check_suffix(url.split("?", 1)[0].split("#", 1)[0], ref)
 
@@ -164,28 +185,68 @@ def find_in_root(root: str | os.PathLike, ref: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Retries
+
+
+def is_transient(err: BaseException) -> bool:
+    """A download failure that a later attempt may not meet: connection, read timeout, 5xx, 429.
+
+    Not: 4xx (the file is missing or private), a refused address, a size or format error, DNS (a name
+    that does not resolve rarely starts to), too many redirects, or the whole-download time limit (a
+    server too slow for it stays too slow, and retrying would multiply the time a replica waits).
+    """
+    if not isinstance(err, FetchFailed):
+        return False
+    reason = err.details.get("reason")
+    if reason == "timeout":
+        return "limit_s" not in err.details
+    if reason == "status":
+        status = err.details.get("upstream_status", 0)
+        return status >= 500 or status == 429
+    return reason == "connection"
+
+
+class _Backoff:
+    """Exponential backoff with full jitter, at least the server's ``Retry-After`` (capped alike)."""
+
+    def __init__(self, cfg: RetryConfig):
+        self._cfg = cfg
+        self._jittered = wait_random_exponential(multiplier=cfg.initial_backoff_s, max=cfg.max_backoff_s)
+
+    def __call__(self, state: RetryCallState) -> float:
+        wait = self._jittered(state)
+        err = state.outcome.exception() if state.outcome is not None else None
+        asked = getattr(err, "details", {}).get("retry_after_s")
+        if isinstance(asked, int):
+            wait = max(wait, min(float(asked), self._cfg.max_backoff_s))
+        return wait
+
+
+# ---------------------------------------------------------------------------------------------
 # The store
 
 
 class LoraStore:
     """Resolve LoRA references to verified local files; blocking, thread-safe."""
 
-    def __init__(self, cfg: LoraCacheConfig, fetch_cfg: FetchConfig, hf_token: str | None = None):
+    def __init__(self, cfg: LoraCacheConfig, fetch_cfg: FetchConfig):
         self.cfg = cfg
         self.fetch_cfg = fetch_cfg
-        self._hf_token = hf_token
         # "~" is the home of this node's processes: node-local paths need no per-node config.
         self.root = Path(os.path.realpath(os.path.expanduser(cfg.root)))
         self.cache_dir = Path(cfg.cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # eviction and counters; downloads run outside it
-        self.counts = {"fetches": 0, "hits": 0, "local": 0, "evictions": 0, "failures": 0}
+        self.counts = {"fetches": 0, "hits": 0, "local": 0, "evictions": 0, "failures": 0, "retries": 0}
         self._clean_temps()
 
     # -- public ---------------------------------------------------------------------------------
-    def resolve(self, ref: str) -> str:
+    def resolve(self, ref: str, hf_token: SecretStr | None = None) -> str:
         """A local path of a verified ``.safetensors`` file for ``ref``.
 
+        Args:
+            ref: the reference as the client sent it.
+            hf_token: sent as a bearer token to the hub's origin only (private repositories).
         Raises:
             LoraRefInvalid, LoraSchemeUnsupported, LoraNotFound, LoraInvalid, LoraFetchFailed,
             UrlNotAllowed, FetchTooLarge.
@@ -194,14 +255,18 @@ class LoraStore:
         scheme = _scheme(ref)
         if scheme is None:
             return self._resolve_local(ref)
-        url = ref if scheme in FSSPEC_SCHEMES else normalize_lora_url(ref)
-        return self._resolve_remote(url)
+        url = ref if scheme in FSSPEC_SCHEMES else self.normalize(ref)
+        return self._resolve_remote(url, hf_token)
 
     def cache_path(self, ref: str) -> Path:
         """Where a remote reference is (or would be) cached."""
         scheme = _scheme(ref)
-        url = ref if scheme in FSSPEC_SCHEMES else normalize_lora_url(ref)
+        url = ref if scheme in FSSPEC_SCHEMES else self.normalize(ref)
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest() + SUFFIX)
+
+    def normalize(self, ref: str) -> str:
+        """The download URL of an http(s)/hf reference (hub pages and ``hf://`` on the configured hub)."""
+        return normalize_lora_url(ref, self.fetch_cfg.hf_endpoint)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -220,7 +285,7 @@ class LoraStore:
         return real
 
     # -- downloads ------------------------------------------------------------------------------
-    def _resolve_remote(self, url: str) -> str:
+    def _resolve_remote(self, url: str, hf_token: SecretStr | None) -> str:
         final = self.cache_path(url)
         if self._touch(final):
             with self._lock:
@@ -228,7 +293,7 @@ class LoraStore:
             return str(final)
         tmp = self.cache_dir / f"{TEMP_PREFIX}{final.stem[:16]}-{uuid.uuid4().hex}{SUFFIX}"
         try:
-            self._download(url, tmp)
+            self._download(url, tmp, hf_token)
             read_header(tmp, self.cfg.max_header_bytes)  # before the rename: a bad file never gets the name
             os.replace(tmp, final)
         except BaseException:
@@ -242,17 +307,29 @@ class LoraStore:
         self._evict(keep=final)
         return str(final)
 
-    def _download(self, url: str, tmp: Path) -> None:
+    def _download(self, url: str, tmp: Path, hf_token: SecretStr | None) -> None:
         scheme = _scheme(url)
         if scheme in FSSPEC_SCHEMES:
             self._download_fsspec(url, tmp)
             return
         headers = {}
-        if self._hf_token and url.startswith("https://huggingface.co/"):
-            headers["Authorization"] = f"Bearer {self._hf_token}"  # dropped by fetch on a cross-host redirect
+        if hf_token is not None and is_hub_url(url, self.fetch_cfg.hf_endpoint):
+            # Dropped by the fetcher on a redirect to another origin (the hub sends LFS files to its CDN).
+            headers["Authorization"] = f"Bearer {hf_token.get_secret_value()}"
+        retrying = Retrying(
+            stop=stop_after_attempt(self.cfg.retry.attempts) | stop_before_delay(self.cfg.retry.max_elapsed_s),
+            wait=_Backoff(self.cfg.retry),
+            retry=retry_if_exception(is_transient),
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
+        attempts = 0
         try:
-            fetch_to_file(url, tmp, self.fetch_cfg, self.cfg.max_file_bytes, headers,
-                          total_timeout_s=self.download_timeout_s())
+            for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    fetch_to_file(url, tmp, self.fetch_cfg, self.cfg.max_file_bytes, headers,
+                                  total_timeout_s=self.download_timeout_s())
         except FetchTooLarge as e:
             raise LoraTooLarge(f"LoRA download is larger than {self.cfg.max_file_bytes} bytes",
                                {**e.details, "limit": self.cfg.max_file_bytes}) from e
@@ -260,7 +337,16 @@ class LoraStore:
             upstream = e.details.get("upstream_status")
             if upstream in (401, 403, 404, 410):
                 raise LoraNotFound(f"LoRA URL answered HTTP {upstream}: {e.details.get('url')}", e.details) from e
-            raise LoraFetchFailed(f"cannot download LoRA: {e.message}", e.details) from e
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            raise LoraFetchFailed(f"cannot download LoRA{tries}: {e.message}", {**e.details, "attempts": attempts}) from e
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        with self._lock:
+            self.counts["retries"] += 1
+        err = state.outcome.exception() if state.outcome is not None else None
+        # The message and details name the URL without query or userinfo, and never a header.
+        log.warning("LoRA download attempt %d failed (%s); retrying in %.2fs", state.attempt_number,
+                    getattr(err, "message", type(err).__name__), state.upcoming_sleep)
 
     def download_timeout_s(self) -> float:
         """The whole-download limit: a largest-allowed file at the minimum rate, plus a read timeout."""
@@ -338,20 +424,20 @@ class LoraCacheActor:
     does not need Ray, and tests can drive it directly under asyncio).
     """
 
-    def __init__(self, lora_cfg: LoraCacheConfig | dict, fetch_cfg: FetchConfig | dict, hf_token: str | None = None):
+    def __init__(self, lora_cfg: LoraCacheConfig | dict, fetch_cfg: FetchConfig | dict):
         self._lora_cfg = LoraCacheConfig.model_validate(lora_cfg)
         self._fetch_cfg = FetchConfig.model_validate(fetch_cfg)
-        self._store = LoraStore(self._lora_cfg, self._fetch_cfg, hf_token)
+        self._store = LoraStore(self._lora_cfg, self._fetch_cfg)
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._merged = 0
 
-    async def resolve(self, ref: str) -> str:
-        """Local path for ``ref``; raises the store's typed errors."""
+    async def resolve(self, ref: str, hf_token: SecretStr | None = None) -> str:
+        """Local path for ``ref``; raises the store's typed errors. ``hf_token``: see ``LoraStore.resolve``."""
         scheme = _scheme(ref)
-        key = ref if scheme in (None, *FSSPEC_SCHEMES) else normalize_lora_url(ref)
+        key = ref if scheme in (None, *FSSPEC_SCHEMES) else self._store.normalize(ref)
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self._store.resolve, ref))
+            task = asyncio.ensure_future(asyncio.to_thread(self._store.resolve, ref, hf_token))
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         else:
@@ -367,7 +453,7 @@ class LoraCacheActor:
 
 
 def config_key(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig) -> str:
-    """A short digest of the settings an actor enforces (the token excluded: it is a secret)."""
+    """A short digest of the settings an actor enforces (no token: it comes with each call, never here)."""
     text = json.dumps([lora_cfg.model_dump(mode="json"), fetch_cfg.model_dump(mode="json")], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -376,7 +462,7 @@ def cache_actor_name(node_id: str, key: str = "") -> str:
     return f"wan-lora-cache-{node_id}" + (f"-{key}" if key else "")
 
 
-def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig, hf_token: str | None = None):
+def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig):
     """The LoRA cache actor of the calling node, created on first use (detached, pinned to this node).
 
     If a call on the handle raises ``RayActorError`` (the actor died for good), call this again: a
@@ -404,6 +490,6 @@ def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig,
             max_restarts=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
-        .remote(lora_cfg.model_dump(), fetch_cfg.model_dump(), hf_token)
+        .remote(lora_cfg.model_dump(), fetch_cfg.model_dump())
     )
     return actor

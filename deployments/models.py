@@ -398,7 +398,8 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
         pipe = build_random_full(device, dtype, tiny_dir / "tokenizer")
     else:
         location = str(ensure_tiny(cfg.cache_dir)) if cfg.source == TINY else cfg.source
-        token = os.environ.get(cfg.hf_token_env) or None
+        secret = cfg.token()
+        token = secret.get_secret_value() if secret is not None else None
         kwargs = {"cache_dir": str(Path(cfg.cache_dir).expanduser() / "hub")} if not Path(location).is_dir() else {}
         pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
         pipe.to(device)

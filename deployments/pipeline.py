@@ -42,6 +42,13 @@ def make_scheduler(name: str, checkpoint_scheduler):
     raise ValueError(f"unknown sampler {name!r}")
 
 
+def raise_fault(kind: str, where: str) -> None:
+    """Raise what a test-only fault (``FaultInjection``) stands for: a real torch OOM, or a broken run."""
+    if kind == "oom":
+        raise torch.OutOfMemoryError(f"injected fault ({where}): CUDA out of memory")
+    raise RuntimeError(f"injected fault ({where}): weights produced NaN")
+
+
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] -> uint8, rounded as diffusers' ``numpy_to_pil`` does."""
     return (frames * 255).round().astype("uint8")
@@ -239,24 +246,25 @@ class WanGenerator:
         clock = StageClock(self.device)
         t0 = time.perf_counter()
 
+        fail, slow = self.faults.fail_prompt_substring, self.faults.slow_prompt_substring
+        inject = bool(fail) and fail in spec.prompt
+        delay = self.faults.step_delay_s if slow and slow in spec.prompt else 0.0
+
         # 1. Adapters and sampler for this request.
+        if inject and "activate" in self.faults.fail_stages:
+            raise_fault(self.faults.fail_kind, "activate")
         self._activate(spec)
         self.pipe.scheduler = self.scheduler_for(spec.sampler)
 
         # 2. Inputs exactly as the reference passes them.
         image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-        fail, slow = self.faults.fail_prompt_substring, self.faults.slow_prompt_substring
-        inject = bool(fail) and fail in spec.prompt
-        delay = self.faults.step_delay_s if slow and slow in spec.prompt else 0.0
 
         def step_end(pipe, i, t, kwargs):
             if delay:
                 time.sleep(delay)
-            if inject:
-                if self.faults.fail_kind == "oom":
-                    raise torch.OutOfMemoryError("injected fault: CUDA out of memory")
-                raise RuntimeError("injected fault: weights produced NaN")
+            if inject and "denoise" in self.faults.fail_stages:
+                raise_fault(self.faults.fail_kind, "denoise")
             on_progress(Progress(stage="denoising", step=i + 1, total_steps=spec.steps))
             if should_cancel and should_cancel():
                 raise Canceled("canceled by request", {"step": i + 1})

@@ -3,6 +3,10 @@
 A plain class; ``serve_app/app.py`` turns it into a Serve deployment. ``generate`` is a streaming
 method: it yields progress events, then the result, so the caller can record progress and cancel
 between denoising steps.
+
+Every exception that leaves an entry point (``generate``, ``load_lora_set``) is a ``ServiceError``
+with a code (``as_service_error``): the ingress unpickles what a replica raises and has no torch, and
+a job records a code, not a raw ``torch.OutOfMemoryError`` as ``INTERNAL_ERROR``.
 """
 
 from __future__ import annotations
@@ -18,13 +22,55 @@ from typing import AsyncIterator
 from ray import serve
 
 from .config import GpuConfig
-from .errors import GenerationFailed, LoraFetchFailed, ReplicaUnavailable
+from .errors import GenerationFailed, LoraFetchFailed, OutOfMemory, ReplicaUnavailable, ServiceError
 from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
 
 log = logging.getLogger("ray.serve")
 
 # How often a running generation checks that its caller (an ingress replica) is still alive.
 CALLER_CHECK_S = 2.0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:300]
+
+
+def _plain(value):
+    """JSON-like data only (anything else as its text), so unpickling it never imports a library."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return str(value)
+
+
+def as_service_error(exc: Exception, stage: str) -> ServiceError:
+    """``exc`` as a typed error whose pickle holds only this package's classes and plain values.
+
+    Typed errors keep their class, code and message (details made plain); an out-of-memory (torch's,
+    or the host's ``MemoryError``) becomes ``OutOfMemory``; anything else, a failure the replica did
+    not foresee, ``GenerationFailed`` naming the stage and the error's type. The original stays the
+    ``__cause__`` for the replica's own logs (``ServiceError.__reduce__`` never pickles it).
+    """
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ServiceError):
+        exc = exc.cause  # the LoRA cache actor's error, without Ray's wrapper class around it
+    if isinstance(exc, ServiceError):
+        exc.details = _plain(exc.details)
+        return exc
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemory(f"out of GPU memory while {stage}: {_one_line(exc)}", {"stage": stage})
+    if isinstance(exc, MemoryError):
+        return OutOfMemory(f"out of host memory while {stage}", {"stage": stage})
+    line = _one_line(exc)
+    return GenerationFailed(f"{stage} failed: {type(exc).__name__}" + (f": {line}" if line else ""),
+                            {"stage": stage, "error": type(exc).__name__})
 
 
 class LoraSet:
@@ -60,6 +106,7 @@ class WanI2VReplica:
         self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
+        self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
         self._warmup()
 
     def _warmup(self):
@@ -82,7 +129,7 @@ class WanI2VReplica:
 
         for attempt in range(2):
             try:
-                return await self._lora_cache().resolve.remote(ref)
+                return await self._lora_cache().resolve.remote(ref, self._hf_token)
             except RayActorError as e:  # the node's cache actor died: make a new one, once
                 self._cache = None
                 if attempt:
@@ -90,15 +137,73 @@ class WanI2VReplica:
         raise AssertionError("unreachable")
 
     async def load_lora_set(self, key: str) -> LoraSet:
-        """Resolve every adapter of a set through this node's cache and make it resident."""
-        refs = refs_from_key(key)
-        paths = await asyncio.gather(*(self._resolve(ref) for ref in refs))
-        loop = asyncio.get_running_loop()
-        max_header = self.cfg.lora.max_header_bytes
-        for ref, path in zip(refs, paths):
-            await loop.run_in_executor(self._executor, self.generator.load_adapter, ref, path, max_header)
+        """Resolve every adapter of a set through this node's cache and make it resident.
+
+        All or nothing: a set that fails part-way (or is canceled) removes the adapters it loaded, so
+        none stays resident without a set to own and evict it.
+
+        Raises:
+            ServiceError: always typed (``as_service_error``).
+        """
+        try:
+            refs = refs_from_key(key)
+            paths = await asyncio.gather(*(self._resolve(ref) for ref in refs))
+            loop = asyncio.get_running_loop()
+            in_use = self._refs_in_use()
+            work = loop.run_in_executor(self._executor, self._load_adapters, refs, paths, in_use)
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The loads go on in their thread: wait for them (the caller's locks are still held,
+                # so no other set loads meanwhile), then undo what they made resident.
+                await asyncio.shield(asyncio.wait({work}))
+                if not work.cancelled() and work.exception() is None:
+                    await asyncio.shield(loop.run_in_executor(
+                        self._executor, self._delete_adapters, work.result(), self._refs_in_use()))
+                raise
+        except Exception as e:
+            typed = as_service_error(e, "loading LoRAs")
+            if typed is e:
+                raise
+            raise typed from e
         self._resident[key] = refs
         return LoraSet(self, key, refs)
+
+    def _refs_in_use(self) -> set[str]:
+        """Adapters that some resident set owns (read on the event loop, where ``_resident`` changes)."""
+        return {r for rs in self._resident.values() for r in rs}
+
+    def _load_adapters(self, refs: list[str], paths: list[str], in_use: set[str]) -> list[str]:
+        """Load a set's adapters (worker thread); returns those it newly made resident.
+
+        On failure, removes those again (never one in ``in_use``) and re-raises.
+        """
+        faults = self.cfg.replica.faults
+        fresh: list[str] = []
+        try:
+            for ref, path in zip(refs, paths):
+                new = ref not in self.generator.adapters.values()
+                if faults.fail_prompt_substring and faults.fail_prompt_substring in ref \
+                        and "load_lora" in faults.fail_stages:
+                    from .pipeline import raise_fault
+
+                    raise_fault(faults.fail_kind, "load_lora")
+                self.generator.load_adapter(ref, path, self.cfg.lora.max_header_bytes)
+                if new:
+                    fresh.append(ref)
+        except BaseException:
+            self._delete_adapters(fresh, in_use)
+            raise
+        return fresh
+
+    def _delete_adapters(self, refs: list[str], in_use: set[str]) -> None:
+        for ref in refs:
+            if ref in in_use:
+                continue
+            try:
+                self.generator.delete_adapter(ref)
+            except Exception:  # the load's own error is the one to report; this one only to the log
+                log.exception("could not remove adapter %s after a failed LoRA set load", ref)
 
     async def get_lora_set(self, key: str) -> LoraSet:
         """Unmultiplexed by default; ``make_deployment`` wraps it in ``serve.multiplexed``."""
@@ -122,14 +227,36 @@ class WanI2VReplica:
                 stream whose caller died; this replica then stops at the next step itself, since
                 nobody would receive the result and the job is retried through another ingress.
         """
+        at = {"stage": "starting"}  # where a failure happened, for its message and details
+        stream = self._generate(spec, caller, at)
+        try:
+            async for event in stream:
+                yield event
+        except Exception as e:
+            typed = as_service_error(e, at["stage"])
+            if typed is e:
+                raise
+            if isinstance(typed, OutOfMemory) and self.loaded.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # an OOM outside the pipeline call leaves its cache behind
+            raise typed from e
+        finally:
+            # Closed now, not when collected: a caller that stops reading must free the lock and the
+            # pipeline (the inner stream waits for the running step) before the next request.
+            await stream.aclose()
+
+    async def _generate(self, spec: GenerationSpec, caller, at: dict) -> AsyncIterator[dict]:
         from .media_out import CONTENT_TYPES, encode
 
         async with self._lock:
             # Where this attempt runs, so a job's record names its replica while it runs.
             yield {"started": {"replica": self.replica_id, "pid": os.getpid()}}
             if spec.loras:
+                at["stage"] = "loading LoRAs"
                 yield {"progress": Progress(stage="loading_loras").model_dump()}
                 await self.get_lora_set(spec.lora_key)  # multiplexed: see make_deployment
+            at["stage"] = "generating"
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             cancel = threading.Event()
@@ -149,6 +276,7 @@ class WanI2VReplica:
                     getter.cancel()
                     break
                 frames = work.result()  # raises the generation's typed error
+                at["stage"] = "encoding the video"
                 yield {"progress": Progress(stage="encoding_video", step=spec.steps, total_steps=spec.steps).model_dump()}
                 t0 = loop.time()
                 try:

@@ -5,6 +5,7 @@ Usage::
     with LocalServer() as srv:
         srv.add("/a.bin", b"data")
         srv.redirect("/r", "http://169.254.169.254/")   # never connected: the fetcher must refuse first
+        srv.add_sequence("/flaky", Route(status=503), Route(body=b"ok"))  # 503 first, then ok for good
         fetch_bytes(srv.url("/a.bin"), cfg, 100)
         assert srv.count("/a.bin") == 1
 
@@ -39,13 +40,14 @@ class Route:
     chunk_size: int = 64 * 1024
     chunk_delay_s: float = 0.0  # between body chunks: a slow drip
     close_after: int | None = None  # send this many body bytes, then drop the connection
+    require_headers: dict[str, str] = field(default_factory=dict)  # else 401 (a private file)
 
 
 class LocalServer:
     """Threaded HTTP/1.0 server on a random loopback port; bodies end at close unless Content-Length says."""
 
     def __init__(self, tls_context: ssl.SSLContext | None = None):
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, Route | list[Route]] = {}
         self.counts: Counter[str] = Counter()
         self.requests: list[dict[str, str]] = []  # path + headers of every request, in order
         self._lock = threading.Lock()
@@ -61,6 +63,11 @@ class LocalServer:
     def add(self, path: str, body: bytes = b"", **kw) -> str:
         """Serve ``body`` at ``path`` (see :class:`Route` for options); returns the full URL."""
         self.routes[path] = Route(body=body, **kw)
+        return self.url(path)
+
+    def add_sequence(self, path: str, *routes: Route) -> str:
+        """Answer the n-th request for ``path`` as ``routes[n]``, and every later one as the last route."""
+        self.routes[path] = list(routes)
         return self.url(path)
 
     def redirect(self, path: str, location: str, status: int = 302) -> str:
@@ -97,7 +104,11 @@ class LocalServer:
                 with server._lock:
                     server.counts[path] += 1
                     server.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
-                route = server.routes.get(path, Route(body=b"not found", status=404))
+                    route = server.routes.get(path, Route(body=b"not found", status=404))
+                    if isinstance(route, list):
+                        route = route[min(server.counts[path], len(route)) - 1]
+                if any(self.headers.get(k) != v for k, v in route.require_headers.items()):
+                    route = Route(body=b"unauthorized", status=401)
                 try:
                     self._answer(route)
                 except (BrokenPipeError, ConnectionResetError, ssl.SSLError):

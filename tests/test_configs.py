@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,34 @@ def test_production_config_needs_keys(tmp_path, monkeypatch):
     assert AppConfig.model_validate({**args, "auth": {"api_keys_file": str(keys)}}).auth.load_keys() == ["k3"]
     public = {**args, "auth": {"require_keys": True, "public_by_choice": True}}
     build_app(public)
+
+
+# -- secrets and the hub ----------------------------------------------------------------------------
+
+
+def test_hub_token_from_the_config_or_the_environment_is_masked_everywhere(monkeypatch):
+    from deployments.config import ModelConfig
+
+    secret = "hf_ConfigTokenThatMustNeverLeak789"
+    monkeypatch.delenv("WAN_TEST_TOKEN", raising=False)
+    assert ModelConfig(hf_token_env="WAN_TEST_TOKEN").token() is None
+    monkeypatch.setenv("WAN_TEST_TOKEN", "from-env")
+    assert ModelConfig(hf_token_env="WAN_TEST_TOKEN").token().get_secret_value() == "from-env"
+    cfg = AppConfig.model_validate({"gpu": {"model": {"hf_token": secret, "hf_token_env": "WAN_TEST_TOKEN"}}})
+    assert cfg.gpu.model.token().get_secret_value() == secret  # the explicit setting wins
+    # What gets printed or handed to the ingress (it receives the JSON dump) never shows it.
+    for text in (repr(cfg), str(cfg), repr(cfg.gpu), json.dumps(cfg.model_dump(mode="json")), str(cfg.model_dump()),
+                 repr(cfg.gpu.model.token())):
+        assert secret not in text
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://hub.example", "https://u:p@hub.example", "https://hub.example/api",
+                                      "https://hub.example?x=1", "not a url"])
+def test_hf_endpoint_must_be_a_bare_origin(endpoint):
+    from pydantic import ValidationError
+
+    from deployments.config import FetchConfig
+
+    with pytest.raises(ValidationError):
+        FetchConfig(hf_endpoint=endpoint)
+    assert FetchConfig(hf_endpoint="https://hub.example:8443/").hf_endpoint == "https://hub.example:8443"

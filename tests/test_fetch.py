@@ -25,6 +25,7 @@ from deployments.fetch import (
     check_url,
     fetch_bytes,
     fetch_to_file,
+    is_hub_url,
     normalize_lora_url,
 )
 from tests.http_server import LocalServer, local_server, loopback_only  # noqa: F401  (fixtures)
@@ -383,3 +384,29 @@ def test_normalize_lora_url(ref, expected):
 def test_bad_hf_refs(ref):
     with pytest.raises(UrlNotAllowed):
         normalize_lora_url(ref)
+
+
+def test_hf_refs_on_a_configured_endpoint():
+    mirror = "http://127.0.0.1:8080"
+    assert normalize_lora_url("hf://o/r@v1/x.safetensors", mirror) == f"{mirror}/o/r/resolve/v1/x.safetensors"
+    assert normalize_lora_url(f"{mirror}/o/r/blob/main/x.safetensors", mirror) == f"{mirror}/o/r/resolve/main/x.safetensors"
+    # a page URL of the public hub is left alone when another endpoint is configured
+    page = "https://huggingface.co/o/r/blob/main/x.safetensors"
+    assert normalize_lora_url(page, mirror) == page
+
+
+@pytest.mark.parametrize(
+    "url, endpoint, same",
+    [
+        ("https://huggingface.co/o/r/resolve/main/x.safetensors", "https://huggingface.co", True),
+        ("https://HuggingFace.co:443/o/r/x.safetensors", "https://huggingface.co", True),
+        ("https://huggingface.co.evil.test/o/r/x.safetensors", "https://huggingface.co", False),
+        ("https://evil.test/huggingface.co/x.safetensors", "https://huggingface.co", False),
+        ("https://huggingface.co:8443/x.safetensors", "https://huggingface.co", False),
+        ("http://huggingface.co/x.safetensors", "https://huggingface.co", False),
+        ("https://cdn-lfs.huggingface.co/x.safetensors", "https://huggingface.co", False),
+        ("http://127.0.0.1:8080/o/r/resolve/main/x.safetensors", "http://127.0.0.1:8080", True),
+    ],
+)
+def test_the_token_goes_to_the_hub_origin_only(url, endpoint, same):
+    assert is_hub_url(url, endpoint) is same

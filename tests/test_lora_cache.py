@@ -5,6 +5,7 @@ one fetch for concurrent requests (in-process and through the per-node Ray actor
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from deployments.config import FetchConfig, LoraCacheConfig
+from pydantic import SecretStr
+
+from deployments.config import FetchConfig, LoraCacheConfig, RetryConfig
 from deployments.errors import LoraFetchFailed, LoraInvalid, LoraNotFound
 from deployments.fetch import FetchTooLarge, UrlNotAllowed
 from deployments.lora_cache import (
@@ -23,10 +26,13 @@ from deployments.lora_cache import (
     LoraStore,
     validate_ref,
 )
-from tests.http_server import LocalServer, local_server, loopback_only  # noqa: F401  (fixtures)
+from tests.http_server import LocalServer, Route, local_server, loopback_only  # noqa: F401  (fixtures)
 
 WAIT_S = 180  # generous: a loaded shared machine can take a minute to start an actor worker
 FETCH = FetchConfig(allow_http=True, allowed_hosts=["127.0.0.1"], connect_timeout_s=2, read_timeout_s=2)
+# Retries as configured in production, with waits shrunk so that tests do not sleep for seconds.
+FAST_RETRY = RetryConfig(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
+TOKEN = "hf_TestTokenThatMustNeverLeak123"
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +62,7 @@ def dirs(tmp_path):
 @pytest.fixture
 def store(dirs) -> LoraStore:
     root, cache, _ = dirs
-    return LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache)), FETCH)
+    return LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), retry=FAST_RETRY), FETCH)
 
 
 def leftovers(cache) -> list[str]:
@@ -199,6 +205,8 @@ def test_connection_dropped_mid_download_leaves_nothing(store, dirs, local_serve
     with pytest.raises(LoraFetchFailed) as e:
         store.resolve(url)
     assert e.value.code == "LORA_FETCH_FAILED"
+    assert e.value.details["attempts"] == FAST_RETRY.attempts  # a cut body may pass: retried, then given up
+    assert local_server.count("/cut.safetensors") == FAST_RETRY.attempts
     assert leftovers(cache) == []
 
 
@@ -247,6 +255,135 @@ def test_redirect_to_private_is_refused(store, local_server):  # noqa: F811
     url = local_server.redirect("/r.safetensors", "http://169.254.169.254/latest/x.safetensors")
     with pytest.raises(UrlNotAllowed):
         store.resolve(url)
+
+
+# -- retries ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Route(status=503),
+        Route(status=500),
+        Route(status=429, headers={"Retry-After": "1"}),  # honoured, capped by max_backoff_s
+        Route(body=lora_bytes(rank=64), close_after=1000, chunk_size=500),  # cut body
+        Route(body=lora_bytes(), delay_s=1.0),  # read timeout (0.3 s here)
+    ],
+    ids=["503", "500", "429", "cut-body", "read-timeout"],
+)
+def test_transient_failures_are_retried_until_the_file_comes(dirs, local_server, failure):  # noqa: F811
+    root, cache, _ = dirs
+    body = lora_bytes(seed=3)
+    store = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), retry=FAST_RETRY),
+                      FETCH.model_copy(update={"read_timeout_s": 0.3}))
+    url = local_server.add_sequence("/flaky.safetensors", failure, failure, Route(body=body))
+    path = store.resolve(url)
+    assert open(path, "rb").read() == body
+    assert local_server.count("/flaky.safetensors") == 3
+    assert store.stats()["retries"] == 2 and store.stats()["fetches"] == 1
+    assert [p for p in leftovers(cache) if p.startswith(TEMP_PREFIX)] == []
+
+
+def test_connection_errors_are_retried(store):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(LoraFetchFailed) as e:
+        store.resolve(f"http://127.0.0.1:{port}/a.safetensors")
+    assert e.value.details["reason"] == "connection" and e.value.details["attempts"] == FAST_RETRY.attempts
+    assert store.stats()["retries"] == FAST_RETRY.attempts - 1
+
+
+@pytest.mark.parametrize("status, error", [(401, LoraNotFound), (403, LoraNotFound), (404, LoraNotFound),
+                                           (410, LoraNotFound), (400, LoraFetchFailed)])
+def test_client_errors_are_never_retried(store, local_server, status, error):  # noqa: F811
+    url = local_server.add_sequence("/x.safetensors", Route(status=status), Route(body=lora_bytes()))
+    with pytest.raises(error) as e:
+        store.resolve(url)
+    assert local_server.count("/x.safetensors") == 1
+    assert e.value.details["upstream_status"] == status
+    assert store.stats()["retries"] == 0
+
+
+def test_size_format_and_time_limit_errors_are_never_retried(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    store = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), max_file_bytes=5000, retry=FAST_RETRY),
+                      FETCH.model_copy(update={"read_timeout_s": 0.5}))
+    big = local_server.add("/big.safetensors", lora_bytes(rank=64))
+    junk = local_server.add("/junk.safetensors", os.urandom(1000))
+    # Every read well within the read timeout, the whole over the download limit (0.5 s + 5 kB at 2 MiB/s).
+    drip = local_server.add("/drip.safetensors", lora_bytes(), chunk_size=50, chunk_delay_s=0.2)
+    for url, error in ((big, FetchTooLarge), (junk, LoraInvalid), (drip, LoraFetchFailed)):
+        with pytest.raises(error):
+            store.resolve(url)
+    assert [local_server.count(p) for p in ("/big.safetensors", "/junk.safetensors", "/drip.safetensors")] == [1, 1, 1]
+    assert store.stats()["retries"] == 0
+
+
+def test_a_permanently_failing_download_gives_up_with_its_attempts(store, local_server):  # noqa: F811
+    url = local_server.add("/down.safetensors", b"", status=503)
+    with pytest.raises(LoraFetchFailed) as e:
+        store.resolve(url)
+    assert e.value.code == "LORA_FETCH_FAILED" and e.value.status == 502
+    assert e.value.details["attempts"] == FAST_RETRY.attempts == local_server.count("/down.safetensors")
+    assert e.value.details["upstream_status"] == 503 and f"after {FAST_RETRY.attempts} attempts" in e.value.message
+
+
+def test_retries_stop_at_the_time_budget(dirs, local_server):  # noqa: F811
+    root, cache, _ = dirs
+    budget = RetryConfig(attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.1, max_elapsed_s=0.5)
+    store = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), retry=budget), FETCH)
+    url = local_server.add("/down.safetensors", b"", status=503)
+    with pytest.raises(LoraFetchFailed) as e:
+        store.resolve(url)
+    tries = local_server.count("/down.safetensors")
+    assert 1 < tries < budget.attempts and e.value.details["attempts"] == tries
+
+
+# -- the hub token ----------------------------------------------------------------------------------
+
+
+def test_hub_token_reaches_the_hub_and_nowhere_else(dirs, local_server, loopback_only, caplog):  # noqa: F811
+    """A private hf:// file needs the token; it is sent to the hub's origin only, never logged or raised."""
+    root, cache, _ = dirs
+    loopback_only["cdn.test"] = ["127.0.0.1"]
+    loopback_only["other.test"] = ["127.0.0.1"]
+    fetch = FETCH.model_copy(update={"hf_endpoint": local_server.url(""),
+                                     "allowed_hosts": ["127.0.0.1", "cdn.test", "other.test"]})
+    store = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(cache), retry=FAST_RETRY), fetch)
+    body = lora_bytes(seed=5)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    # The hub answers 503 once (a retry, and its log line), then serves the private file.
+    local_server.add_sequence("/o/r/resolve/main/private.safetensors", Route(status=503),
+                              Route(body=body, require_headers=bearer))
+    local_server.add("/o/r/resolve/main/private2.safetensors", body, require_headers=bearer)
+    # Large files: the hub redirects to its CDN, another origin, which must not see the token.
+    local_server.redirect("/o/r/resolve/main/lfs.safetensors", local_server.url("/cdn/lfs.safetensors", "cdn.test"))
+    local_server.add("/cdn/lfs.safetensors", lora_bytes(seed=6))
+    local_server.add("/elsewhere.safetensors", lora_bytes(seed=7))
+    secret = SecretStr(TOKEN)
+
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(LoraNotFound) as e:  # no token: a private file is refused
+        store.resolve("hf://o/r/private2.safetensors")
+    assert e.value.details["upstream_status"] == 401
+    assert open(store.resolve("hf://o/r/private.safetensors", secret), "rb").read() == body
+    store.resolve("hf://o/r/lfs.safetensors", secret)
+    store.resolve(local_server.url("/elsewhere.safetensors", "other.test"), secret)
+    with pytest.raises(LoraNotFound) as missing:
+        store.resolve("hf://o/r/missing.safetensors", secret)
+
+    seen = {r["path"]: r.get("authorization") for r in local_server.requests}
+    assert seen["/o/r/resolve/main/private.safetensors"] == bearer["Authorization"]
+    assert seen["/o/r/resolve/main/lfs.safetensors"] == bearer["Authorization"]
+    assert seen["/cdn/lfs.safetensors"] is None and seen["/elsewhere.safetensors"] is None
+    assert store.stats()["retries"] == 1
+    for text in (caplog.text, str(missing.value), repr(missing.value), str(missing.value.to_dict()),
+                 repr(secret), str(secret), repr(store.fetch_cfg), repr(store.cfg)):
+        assert TOKEN not in text
 
 
 def test_stale_temp_files_cleaned_on_start(dirs):
@@ -372,3 +509,25 @@ def test_ray_actor_per_node_fetches_once(ray_cluster, dirs):
         assert ray.get(fresh.resolve.remote(url), timeout=WAIT_S) == paths[0]  # still on disk: a hit
         assert srv.count("/a.safetensors") == 1
         ray.kill(fresh)
+
+
+def test_ray_actor_takes_the_token_with_each_call_and_never_in_its_name(ray_cluster, dirs):
+    from deployments.lora_cache import ACTOR_NAMESPACE, get_or_create_cache_actor
+
+    ray = ray_cluster
+    root, cache, _ = dirs
+    lora_cfg = LoraCacheConfig(root=str(root), cache_dir=str(cache), retry=FAST_RETRY)
+    with LocalServer() as hub:
+        fetch = FETCH.model_copy(update={"hf_endpoint": hub.url("")})
+        hub.add("/o/r/resolve/main/p.safetensors", lora_bytes(seed=8),
+                require_headers={"Authorization": f"Bearer {TOKEN}"})
+        actor = get_or_create_cache_actor(lora_cfg, fetch)
+        with pytest.raises(LoraNotFound):
+            ray.get(actor.resolve.remote("hf://o/r/p.safetensors"), timeout=WAIT_S)
+        path = ray.get(actor.resolve.remote("hf://o/r/p.safetensors", SecretStr(TOKEN)), timeout=WAIT_S)
+        assert os.path.dirname(path) == str(cache)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == ACTOR_NAMESPACE]
+        assert names and not any(TOKEN in n for n in names)
+        assert TOKEN not in str(ray.get(actor.config.remote()))
+        ray.kill(actor)
