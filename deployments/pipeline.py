@@ -165,21 +165,45 @@ class WanGenerator:
         name = adapter_name(ref)
         if name in self.adapters:
             return name
-        state_dict = read_lora(path, self._shapes, type(self.pipe), max_header_bytes)
+        lora = read_lora(path, self._shapes, type(self.pipe), max_header_bytes)
         if self._slots is not None:
-            self._resident[name] = self._slots.prepare(name, state_dict)  # raises LoraIncompatible
+            self._resident[name] = self._slots.prepare(name, lora)  # raises LoraIncompatible
             self.adapters[name] = ref
             self.adapter_loads += 1
             return name
         try:
-            self.pipe.load_lora_weights(state_dict, adapter_name=name)
-        except (ValueError, RuntimeError, KeyError) as e:
+            self._load_into_transformer(name, lora)
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
             self._drop_partial(name)
             raise LoraIncompatible(f"LoRA could not be applied: {e}", {"ref": ref}) from e
         self.adapters[name] = ref
         self.adapter_loads += 1
         self._lora_enabled = True
         return name
+
+    def _load_into_transformer(self, name: str, lora) -> None:
+        """Stock ``load_lora_weights(path, adapter_name=name)``, from the file already read and checked.
+
+        Stock reads the file itself to get the adapter metadata (``lora_alpha``); given a state dict
+        it has none and applies every layer at scale 1. So this is the rest of its body, with the
+        metadata it would have read.
+        """
+        from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
+
+        pipe = self.pipe
+        state_dict = pipe._maybe_expand_t2v_lora_for_i2v(transformer=pipe.transformer, state_dict=dict(lora.state_dict))
+        pipe.load_lora_into_transformer(
+            state_dict,
+            transformer=pipe.transformer,
+            adapter_name=name,
+            metadata=lora.metadata,
+            _pipeline=pipe,
+            low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+            hotswap=False,
+        )
+        # peft makes a file's lora_dropout (p > 0 in some training metadata) in training mode, so
+        # stock would drop random activations at inference; the one place we do not follow it.
+        pipe.transformer.eval()
 
     def _drop_partial(self, name: str):
         try:

@@ -10,10 +10,14 @@ the active adapter (a new guard). So, before the first forward, one LoRA *slot* 
 (``SpeedConfig.lora_hotswap_rank``) is created on every ``Linear`` of the transformer, with
 scaling 1.0 and zero weights, and it never changes shape or Python attributes afterwards:
 
-- a resident adapter is a set of GPU tensors (already converted, in the model dtype);
+- a resident adapter is a set of GPU tensors (already converted, in the model dtype), with the
+  scale peft would give each layer (``lora_alpha / r`` from the file's metadata, kohya's ``.alpha``
+  already folded in by the converter, rsLoRA's ``alpha / sqrt(r)``) folded into its ``lora_B`` and
+  ``lora_B.bias``;
 - a request's adapters are written *into* the slot with in-place copies: adapter i occupies rank
-  columns ``[o_i, o_i + r_i)``, its multiplier folded into its ``lora_B`` block, so
-  ``B_slot @ A_slot = sum_i m_i * B_i @ A_i`` (what peft computes for several active adapters);
+  columns ``[o_i, o_i + r_i)``, its multiplier folded into its ``lora_B`` block, and the slot's
+  ``lora_B`` bias holds ``sum_i m_i * s_i * bias_i`` (LightX2V-style ``diff_b``), so the slot adds
+  ``sum_i m_i * s_i * (B_i @ A_i x + bias_i)``: what peft computes for several active adapters;
 - a request without adapters turns the slot off (``_disable_adapters``, peft's own switch), which
   runs the plain ``Linear`` path: both variants are compiled during warm-up, so flipping between
   them later is a cache hit, not a recompile.
@@ -55,11 +59,12 @@ class ResidentAdapter:
 
     name: str
     rank: int  # the largest rank over its layers: the slot columns it occupies
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (lora_A (r, in), lora_B (out, r))
+    # module -> (lora_A (r, in), scale * lora_B (out, r), scale * lora_B.bias (out,) or None)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.pairs.values())
+        return sum(t.numel() * t.element_size() for ts in self.pairs.values() for t in ts if t is not None)
 
 
 class LoraSlots:
@@ -74,7 +79,11 @@ class LoraSlots:
         names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
         ref = next(transformer.parameters())
         self.device, self.dtype = ref.device, ref.dtype
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, init_lora_weights=False)
+        # A bias on every slot lora_B, zero unless an adapter brings one: a fixed graph either way,
+        # and adding a zero bias leaves the LoRA output unchanged bit for bit.
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, init_lora_weights=False, lora_bias=True
+        )
         transformer.add_adapter(config, adapter_name=SLOT)
         from peft.tuners.lora import LoraLayer
 
@@ -87,26 +96,26 @@ class LoraSlots:
             raise RuntimeError(f"LoRA slot not created on {sorted(missing)[:5]}")
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
+        self.bias: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
                 # peft may upcast adapter weights to fp32; the LoRA matmuls must run in the model dtype.
                 layer.lora_A[SLOT].to(device=self.device, dtype=self.dtype)
                 layer.lora_B[SLOT].to(device=self.device, dtype=self.dtype)
-                a, b = layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight
-                a.requires_grad_(False)
-                b.requires_grad_(False)
-                a.zero_()
-                b.zero_()
+                a, b, bias = layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight, layer.lora_B[SLOT].bias
+                for t in (a, b, bias):
+                    t.requires_grad_(False)
+                    t.zero_()
                 if layer.scaling[SLOT] != 1.0:
                     raise RuntimeError(f"slot scaling is {layer.scaling[SLOT]}, expected 1.0")
-                self.A[name], self.B[name] = a, b
+                self.A[name], self.B[name], self.bias[name] = a, b, bias
         self._dirty: set[str] = set()  # modules whose slot weights are non-zero
         self._current: tuple | None = ()  # (name, multiplier) pairs now in the slot; None = unknown
         self.enable(False)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.A, self.B) for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.A, self.B, self.bias) for t in d.values())
 
     def enable(self, on: bool) -> None:
         """Slot on (LoRA path) or off (plain Linear path); both are compiled at warm-up."""
@@ -114,46 +123,45 @@ class LoraSlots:
             layer._disable_adapters = not on  # peft's switch, without its requires_grad side effects
         self.enabled = on
 
-    def prepare(self, name: str, state_dict: dict) -> ResidentAdapter:
-        """Turn a checked, diffusers-format LoRA state dict into a resident adapter on the device.
+    def prepare(self, name: str, lora) -> ResidentAdapter:
+        """Turn a checked LoRA (``lora_files.CheckedLora``) into a resident adapter on the device.
 
         Raises:
-            LoraIncompatible: keys the slot cannot hold (``lora_B.bias``) or a rank above the slot's.
+            LoraIncompatible: a rank above the slot's.
         """
         groups: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state_dict.items():
+        for key, tensor in lora.state_dict.items():
             module = key[len("transformer.") :] if key.startswith("transformer.") else key
-            for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+            for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias")):
                 if module.endswith(part):
                     groups.setdefault(module[: -len(part)], {})[slot] = tensor
                     break
-            else:
-                raise LoraIncompatible(
-                    f"LoRA key {key!r} is not supported with compiled blocks (only lora_A/lora_B weights are)",
-                    {"key": key},
-                )
-        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            else:  # read_lora lets no other key through
+                raise LoraIncompatible(f"LoRA key {key!r} is not supported with compiled blocks", {"key": key})
         rank = 0
         for module, g in groups.items():
-            if module not in self.layers:
-                raise LoraIncompatible(f"LoRA targets {module!r}, which has no slot", {"module": module})
-            if set(g) != {"A", "B"}:
-                raise LoraIncompatible(f"LoRA layer {module!r} lacks lora_A or lora_B", {"module": module})
-            a, b = g["A"], g["B"]
-            r = a.shape[0]
-            if b.shape[1] != r:
-                raise LoraIncompatible(f"LoRA layer {module!r}: lora_A rank {r} != lora_B rank {b.shape[1]}")
-            rank = max(rank, r)
-            pairs[module] = (a, b)
+            if module not in self.layers or module not in lora.scales or not {"A", "B"} <= set(g):
+                raise LoraIncompatible(f"LoRA layer {module!r} has no slot or lacks lora_A/lora_B", {"module": module})
+            rank = max(rank, g["A"].shape[0])
         if rank > self.rank:
             raise LoraIncompatible(
                 f"LoRA rank {rank} exceeds the compiled slot rank {self.rank} (speed.lora_hotswap_rank)",
                 {"rank": rank, "slot_rank": self.rank},
             )
+
+        def scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+            # the scale is applied in fp32, then rounded once to the model dtype
+            t = t.to(self.device, torch.float32)
+            return (t * scale if scale != 1.0 else t).to(self.dtype).contiguous()
+
         with torch.no_grad():
             pairs = {
-                m: (a.to(self.device, self.dtype).contiguous(), b.to(self.device, self.dtype).contiguous())
-                for m, (a, b) in pairs.items()
+                m: (
+                    g["A"].to(self.device, self.dtype).contiguous(),
+                    scaled(g["B"], lora.scales[m]),
+                    scaled(g["bias"], lora.scales[m]) if "bias" in g else None,
+                )
+                for m, g in groups.items()
             }
         return ResidentAdapter(name=name, rank=rank, pairs=pairs)
 
@@ -186,14 +194,14 @@ class LoraSlots:
             )
         with torch.no_grad():
             if self._dirty:
-                torch._foreach_zero_([t for n in self._dirty for t in (self.A[n], self.B[n])])
+                torch._foreach_zero_([t for n in self._dirty for t in (self.A[n], self.B[n], self.bias[n])])
             dst: list[torch.Tensor] = []
             src: list[torch.Tensor] = []
             scaled: dict[float, list[torch.Tensor]] = {}
             offset = 0
             dirty = set()
             for adapter, multiplier in entries:
-                for module, (a, b) in adapter.pairs.items():
+                for module, (a, b, _) in adapter.pairs.items():
                     r = a.shape[0]
                     b_view = self.B[module][:, offset : offset + r]
                     dst += [self.A[module][offset : offset + r], b_view]
@@ -205,6 +213,10 @@ class LoraSlots:
             torch._foreach_copy_(dst, src)
             for multiplier, views in scaled.items():
                 torch._foreach_mul_(views, multiplier)
+            for adapter, multiplier in entries:  # biases of several adapters add up in one vector
+                biased = [(self.bias[m], bias) for m, (_, _, bias) in adapter.pairs.items() if bias is not None]
+                if biased:
+                    torch._foreach_add_([d for d, _ in biased], [b for _, b in biased], alpha=float(multiplier))
         self._dirty = dirty
         self._current = key
         if not self.enabled:

@@ -1,15 +1,19 @@
-"""Random LoRA files for the tiny transformer, in the formats we accept, with their expected effect.
+"""Random LoRA files for the tiny transformer, in every layout we accept, with their expected effect.
 
-Each writer returns a :class:`LoraFile` whose ``deltas`` are the dense weight changes the file
-stands for (``scale * B @ A``, keyed by diffusers module name), so a test can merge them into a
-copy of the base transformer by hand and compare against what the pipeline does with the file.
+Each writer returns a :class:`LoraFile` whose ``deltas`` (and ``bias_deltas``) are the dense weight
+(and bias) changes the file stands for at multiplier 1 (``scale * B @ A``, ``scale * bias``, keyed by
+diffusers module name), so a test can merge them into a copy of the base transformer by hand and
+compare against what the pipeline does with the file. The scale is worked out here from the file's
+own numbers (``.alpha`` / rank, or the metadata's ``lora_alpha`` / ``r``), not by the code under test.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -20,9 +24,29 @@ from safetensors.torch import save_file
 
 from deployments.lora_files import WAN_TO_DIFFUSERS
 
-FORMATS = ("ai-toolkit", "kohya", "diffusers")
+FORMATS = ("ai-toolkit", "kohya", "diffusers")  # the three the hand-merge tests run on
+ALL_FORMATS = FORMATS + ("musubi", "lightx2v")
 
 BLOCK_TARGETS = WAN_TO_DIFFUSERS  # native name -> diffusers name, inside one block
+
+# Every layout stock ``load_lora_weights`` accepts, as keyword arguments of :func:`make_lora`.
+LAYOUTS: dict[str, dict] = {
+    "ai-toolkit": dict(fmt="ai-toolkit"),
+    "kohya": dict(fmt="kohya"),  # .alpha = rank / 2
+    "musubi": dict(fmt="musubi"),  # lora_unet_*, .alpha = rank / 2
+    "lightx2v": dict(fmt="lightx2v"),  # kohya keys + diff_b on every layer, norm/modulation diffs, head.head
+    "diffusers": dict(fmt="diffusers"),
+    "diffusers-bias": dict(fmt="diffusers", bias=True),
+    "diffusers-metadata": dict(fmt="diffusers", metadata={"lora_alpha": 8}),  # rank 4: scale 2
+    "diffusers-metadata-rslora-patterns": dict(
+        fmt="diffusers",
+        bias=True,
+        metadata={"lora_alpha": 6, "use_rslora": True, "alpha_pattern": {"blocks.1.ffn.net.2": 1.5}},
+    ),
+    "kohya-fp16": dict(fmt="kohya", dtype=torch.float16),
+    "lightx2v-bf16": dict(fmt="lightx2v", dtype=torch.bfloat16),
+    "diffusers-metadata-bf16": dict(fmt="diffusers", metadata={"lora_alpha": 2}, dtype=torch.bfloat16),
+}
 
 
 @dataclass
@@ -34,6 +58,8 @@ class LoraFile:
     rank: int
     deltas: dict[str, torch.Tensor]  # diffusers module name -> (out, in) float32
     state_dict: dict[str, torch.Tensor] = field(repr=False)
+    bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # module -> (out,) float32
+    metadata: dict | None = None  # the LoRA config written as diffusers' adapter metadata
 
 
 def block_indices(shapes: Mapping[str, tuple[int, int]]) -> list[int]:
@@ -46,13 +72,31 @@ def file_keys(fmt: str, block: int, native: str) -> tuple[str, str, str | None]:
     if fmt == "ai-toolkit":
         stem = f"diffusion_model.blocks.{block}.{native}"
         return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", None
-    if fmt == "kohya":
+    if fmt in ("kohya", "lightx2v"):
         stem = f"diffusion_model.blocks.{block}.{native}"
+        return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
+    if fmt == "musubi":
+        stem = f"lora_unet_blocks_{block}_{native.replace('.', '_')}"
         return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
     if fmt == "diffusers":
         stem = f"transformer.blocks.{block}.{BLOCK_TARGETS[native]}"
         return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", None
     raise ValueError(f"unknown LoRA format {fmt!r}")
+
+
+def bias_key(fmt: str, block: int, native: str) -> str:
+    """The key of one layer's bias delta: LightX2V's ``diff_b`` or diffusers' ``lora_B.bias``."""
+    if fmt == "lightx2v":
+        return f"diffusion_model.blocks.{block}.{native}.diff_b"
+    if fmt == "diffusers":
+        return f"transformer.blocks.{block}.{BLOCK_TARGETS[native]}.lora_B.bias"
+    raise ValueError(f"{fmt} files carry no bias deltas")
+
+
+def metadata_scale(metadata: Mapping, module: str, rank: int) -> float:
+    """The scale a LoRA config gives ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    alpha = metadata.get("alpha_pattern", {}).get(module, metadata["lora_alpha"])
+    return alpha / (math.sqrt(rank) if metadata.get("use_rslora") else rank)
 
 
 def make_lora(
@@ -66,44 +110,104 @@ def make_lora(
     alpha: float | None = None,
     blocks: Iterable[int] | None = None,
     targets: Sequence[str] | None = None,
+    bias: bool = False,
+    metadata: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LoraFile:
     """Write a random LoRA in ``fmt`` covering ``targets`` (native names) of ``blocks``.
 
     Args:
         path: where to write the ``.safetensors`` file.
-        fmt: 'ai-toolkit', 'kohya' or 'diffusers'.
+        fmt: 'ai-toolkit', 'kohya', 'musubi', 'lightx2v' or 'diffusers'.
         shapes: ``deployments.lora_files.linear_shapes`` of the base transformer.
-        std: standard deviation of both A and B; 0.3 at rank 4 changes outputs visibly.
-        alpha: kohya only, stored as ``.alpha`` (scale = alpha / rank); default rank / 2,
+        std: standard deviation of A, B and biases; 0.3 at rank 4 changes outputs visibly.
+        alpha: kohya/musubi/lightx2v, stored as ``.alpha`` (scale = alpha / rank); default rank / 2,
             so that a wrong alpha handling shows up as a factor of 2.
         blocks: block numbers (default: every block of the model).
         targets: keys of :data:`BLOCK_TARGETS` (default: all twelve).
+        bias: diffusers only: a ``lora_B.bias`` on every layer (lightx2v files always have ``diff_b``).
+        metadata: diffusers only: LoRA config entries (``lora_alpha``, ``use_rslora``,
+            ``alpha_pattern``...) written as diffusers' adapter metadata by stock
+            ``save_lora_weights``, with ``r``, ``target_modules`` and ``lora_bias`` filled in.
+        dtype: the tensors' dtype in the file; the expected deltas use the rounded values.
     Returns:
         The file, with its expected dense deltas.
     """
     gen = torch.Generator().manual_seed(seed)
     blocks = list(block_indices(shapes) if blocks is None else blocks)
     targets = list(BLOCK_TARGETS if targets is None else targets)
-    if fmt == "kohya" and alpha is None:
+    has_alpha = fmt in ("kohya", "musubi", "lightx2v")
+    if has_alpha and alpha is None:
         alpha = rank / 2
-    scale = alpha / rank if fmt == "kohya" else 1.0
+    bias = bias or fmt == "lightx2v"
+    if metadata is not None:
+        assert fmt == "diffusers", "adapter metadata is a diffusers-format feature"
+        modules = sorted({BLOCK_TARGETS[t] for t in targets})
+        metadata = {"r": rank, "target_modules": modules, "lora_bias": bias, **metadata}
+
+    def rnd(*size):
+        return (torch.randn(*size, generator=gen) * std).to(dtype)
+
     state_dict: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
+
+    def add(module: str, fans: tuple[int, int], keys: tuple[str, str, str | None], scale: float, bias_scale: float):
+        (fan_in, fan_out), (key_a, key_b, key_bias) = fans, keys
+        a, b = rnd(rank, fan_in), rnd(fan_out, rank)
+        state_dict[key_a], state_dict[key_b] = a, b
+        deltas[module] = (scale * (b.double() @ a.double())).float()
+        if key_bias is not None:
+            state_dict[key_bias] = rnd(fan_out)
+            bias_deltas[module] = (bias_scale * state_dict[key_bias].double()).float()
+
     for block in blocks:
         for native in targets:
             module = f"blocks.{block}.{BLOCK_TARGETS[native]}"
-            fan_in, fan_out = shapes.get(module, shapes[f"blocks.0.{BLOCK_TARGETS[native]}"])
-            a = torch.randn(rank, fan_in, generator=gen) * std
-            b = torch.randn(fan_out, rank, generator=gen) * std
+            fans = shapes.get(module, shapes[f"blocks.0.{BLOCK_TARGETS[native]}"])  # blocks past the model's too
             key_a, key_b, key_alpha = file_keys(fmt, block, native)
-            state_dict[key_a] = a
-            state_dict[key_b] = b
+            if metadata is not None:
+                scale = metadata_scale(metadata, module, rank)
+            else:
+                scale = alpha / rank if has_alpha else 1.0
+            # the converter folds .alpha into A and B only; peft scales the bias by the config's scale
+            bias_scale = 1.0 if has_alpha else scale
+            add(module, fans, (key_a, key_b, bias_key(fmt, block, native) if bias else None), scale, bias_scale)
             if key_alpha is not None:
-                state_dict[key_alpha] = torch.tensor(float(alpha))
-            deltas[module] = (scale * (b.double() @ a.double())).float()
+                state_dict[key_alpha] = torch.tensor(float(alpha), dtype=dtype)
+        if fmt == "lightx2v":
+            # what stock's converter drops: norm diffs (zero in real files) and modulation diffs
+            fan = shapes["blocks.0.attn1.to_q"][1]
+            state_dict[f"diffusion_model.blocks.{block}.norm3.diff"] = torch.zeros(fan, dtype=dtype)
+            state_dict[f"diffusion_model.blocks.{block}.norm3.diff_b"] = torch.zeros(fan, dtype=dtype)
+            state_dict[f"diffusion_model.blocks.{block}.self_attn.norm_q.diff"] = torch.zeros(fan, dtype=dtype)
+            state_dict[f"diffusion_model.blocks.{block}.diff_m"] = torch.zeros(1, 6, fan, dtype=dtype)
+    if fmt == "lightx2v":  # the output head, with its bias delta, unscaled (it has no .alpha)
+        head = "diffusion_model.head.head"
+        keys = (f"{head}.lora_down.weight", f"{head}.lora_up.weight", f"{head}.diff_b")
+        add("proj_out", shapes["proj_out"], keys, 1.0, 1.0)
     path = Path(path)
-    save_file(state_dict, str(path))
-    return LoraFile(path=path, fmt=fmt, rank=rank, deltas=deltas, state_dict=state_dict)
+    if metadata is not None:
+        from diffusers import WanImageToVideoPipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            WanImageToVideoPipeline.save_lora_weights(
+                tmp,
+                transformer_lora_layers={k.removeprefix("transformer."): v for k, v in state_dict.items()},
+                weight_name="lora.safetensors",
+                transformer_lora_adapter_metadata=dict(metadata),
+            )
+            path.write_bytes((Path(tmp) / "lora.safetensors").read_bytes())
+    else:
+        save_file(state_dict, str(path))
+    return LoraFile(
+        path=path, fmt=fmt, rank=rank, deltas=deltas, state_dict=state_dict, bias_deltas=bias_deltas, metadata=metadata
+    )
+
+
+def make_layout(path: str | Path, layout: str, shapes: Mapping[str, tuple[int, int]], **kwargs) -> LoraFile:
+    """:func:`make_lora` with the settings of one of :data:`LAYOUTS`."""
+    return make_lora(path, shapes=shapes, **{**LAYOUTS[layout], **kwargs})
 
 
 def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor]) -> Path:
@@ -135,18 +239,20 @@ def merged_copy(transformer: torch.nn.Module, applied: Sequence[tuple[LoraFile, 
 
 
 def merge_into(transformer: torch.nn.Module, applied: Sequence[tuple[LoraFile, float]]) -> None:
-    """Merge ``W + sum(m * dW)`` into a plain transformer's Linear weights, in place."""
+    """Merge ``W + sum(m * dW)`` (and ``b + sum(m * db)``) into a plain transformer's Linears, in place."""
     modules = dict(transformer.named_modules())
-    totals: dict[str, torch.Tensor] = {}
+    totals: dict[tuple[str, str], torch.Tensor] = {}
     for lora, multiplier in applied:
-        for name, delta in lora.deltas.items():
-            totals[name] = totals.get(name, 0) + multiplier * delta.double()
+        for kind, deltas in (("weight", lora.deltas), ("bias", lora.bias_deltas)):
+            for name, delta in deltas.items():
+                totals[name, kind] = totals.get((name, kind), 0) + multiplier * delta.double()
     with torch.no_grad():
-        for name, delta in totals.items():
+        for (name, kind), delta in totals.items():
             linear = modules[name]
             if not isinstance(linear, torch.nn.Linear):
                 raise TypeError(f"{name} is {type(linear).__name__}, not a plain Linear (LoRA already loaded?)")
-            linear.weight.copy_((linear.weight.double() + delta).to(linear.weight.dtype))
+            param = getattr(linear, kind)
+            param.copy_((param.double() + delta).to(param.dtype))
 
 
 def transformer_inputs(seed: int = 0, *, in_channels: int = 36, text_dim: int = 32, image_dim: int = 32) -> dict:

@@ -1,32 +1,42 @@
-"""LoRA adapters on the real tiny pipeline: every accepted format does exactly W + m * dW.
+"""LoRA adapters on the real tiny pipeline: every accepted layout does what stock diffusers does.
 
-The expected result is always computed independently: a pipeline loaded separately, never shown a
-LoRA, with the dense deltas merged into a copy of its transformer by hand. The generators under
-test load their own pipelines too, so nothing here touches the session-shared ``generator``.
+Two independent references: stock ``WanImageToVideoPipeline.load_lora_weights(file)`` +
+``set_adapters`` on a pristine pipeline (the reference server's path), and the dense deltas merged
+into a copy of a never-LoRA'd transformer by hand (``W + m * dW``). The generators under test load
+their own pipelines too, so nothing here touches the session-shared ``generator``.
 """
 
 from __future__ import annotations
 
+import copy
+import io
+import json
 import struct
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from deployments import models
+from deployments import pipeline as pipeline_mod
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
 from deployments.lora_files import detect_format, load_state_dict, read_header
-from deployments.pipeline import WanGenerator
+from deployments.pipeline import MAX_SEQUENCE_LENGTH, WanGenerator
 from deployments.spec import LoraRef, adapter_name
 
 from .conftest import load_tiny, tiny_spec
 from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)
     FORMATS,
+    LAYOUTS,
     base,
     base_out,
     file_keys,
     forward,
     inputs,
+    make_layout,
     make_lora,
     merge_into,
     merged_copy,
@@ -134,6 +144,254 @@ def test_kohya_alpha_is_applied(gen, base, shapes, inputs, small_spec, tmp_path)
     assert _maxdiff(_lora_forward(gen, small_spec, inputs, ("k", 1.0)), _lora_forward(gen, small_spec, inputs, ("p", 0.5))) <= ATOL
 
 
+# -- 1b. every layout == stock diffusers, video level -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pristine_source(model_cache):
+    """A pipeline nothing ever touches: each test takes a deep copy as its pristine stock pipeline."""
+    return load_tiny(model_cache).pipe
+
+
+@pytest.fixture
+def pristine(pristine_source):
+    return lambda: copy.deepcopy(pristine_source)
+
+
+def reference_frames(pipe, spec) -> np.ndarray:
+    """Float frames of the reference server's call on a stock pipeline (the arguments the product passes)."""
+    from PIL import Image
+
+    out = pipe(
+        image=Image.open(io.BytesIO(spec.image_png)).convert("RGB"),
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        height=spec.height,
+        width=spec.width,
+        num_frames=spec.num_frames,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        generator=torch.Generator(device="cpu").manual_seed(spec.seed),
+        output_type="np",
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+    return out.frames[0]
+
+
+def product_frames(gen, spec) -> np.ndarray:
+    """Float frames of ``gen.generate(spec)``, taken just before they are rounded to uint8."""
+    seen = []
+    real = pipeline_mod.frames_to_uint8
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_mod, "frames_to_uint8", lambda frames: seen.append(frames.copy()) or real(frames))
+        gen.generate(spec)
+    return seen[0]
+
+
+def stock_with(pristine, path, multiplier: float):
+    stock = pristine()
+    stock.load_lora_weights(str(path), adapter_name="lora")
+    stock.set_adapters(["lora"], [multiplier])
+    return stock
+
+
+@pytest.fixture(scope="module")
+def base_float_frames(base_gen, small_spec_module):
+    return product_frames(base_gen, small_spec_module())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_video_equals_stock_diffusers(gen, pristine, base_float_frames, shapes, small_spec, tmp_path, layout):
+    """The product's video is bit-identical (fp32, CPU) to stock load_lora_weights(file) + set_adapters."""
+    lora = make_layout(tmp_path / f"{layout}.safetensors", layout, shapes, seed=5)
+    multiplier = 0.8
+    gen.load_adapter("style", str(lora.path))
+    spec = _spec_with(small_spec, ("style", multiplier))
+
+    ours = product_frames(gen, spec)
+    expected = reference_frames(stock_with(pristine, lora.path, multiplier), spec)
+
+    assert np.array_equal(ours, expected), float(np.abs(ours - expected).max())
+    assert np.abs(ours - base_float_frames).max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_hand_merge(gen, base, base_out, shapes, inputs, small_spec, tmp_path, layout):
+    """Each layout's scale (alpha / r from .alpha or metadata, rsLoRA, patterns) and bias deltas, by hand."""
+    lora = make_layout(tmp_path / f"{layout}.safetensors", layout, shapes, seed=6)
+    gen.load_adapter("style", str(lora.path))
+    out = _lora_forward(gen, small_spec, inputs, ("style", -0.6))
+    expected = forward(merged_copy(base.pipe.transformer, [(lora, -0.6)]), inputs)
+    assert _maxdiff(out, expected) <= ATOL
+    assert _maxdiff(out, base_out) > VISIBLE
+
+
+def test_metadata_alpha_is_applied(gen, shapes, inputs, small_spec, tmp_path):
+    """lora_alpha = 2 * r in the metadata: the same tensors without metadata at multiplier 2."""
+    meta = make_lora(tmp_path / "m.safetensors", "diffusers", shapes, seed=8, metadata={"lora_alpha": 8})
+    plain = make_lora(tmp_path / "p.safetensors", "diffusers", shapes, seed=8)
+    gen.load_adapter("m", str(meta.path))
+    gen.load_adapter("p", str(plain.path))
+    out = _lora_forward(gen, small_spec, inputs, ("m", 0.5))
+    assert _maxdiff(out, _lora_forward(gen, small_spec, inputs, ("p", 1.0))) <= ATOL
+    assert _maxdiff(out, _lora_forward(gen, small_spec, inputs, ("p", 0.5))) > VISIBLE
+
+
+def _refused_by_stock_too(tmp_path, shapes):
+    """Files stock diffusers cannot use (it fails on load or at the first forward), and what we name."""
+    musubi = make_lora(tmp_path / "musubi.safetensors", "musubi", shapes, seed=90)
+    partial_musubi = {k: v for k, v in musubi.state_dict.items() if not k.startswith("lora_unet_blocks_1_ffn_2.")}
+    lightx2v = make_lora(tmp_path / "lightx2v.safetensors", "lightx2v", shapes, seed=91)
+    partial_bias = {k: v for k, v in lightx2v.state_dict.items() if k != "diffusion_model.blocks.1.ffn.2.diff_b"}
+    diffusers = make_lora(tmp_path / "d.safetensors", "diffusers", shapes, seed=92, targets=["self_attn.q"])
+
+    def with_metadata(name, **config):
+        path = tmp_path / f"{name}.safetensors"
+        entries = {f"transformer.{k}": v for k, v in config.items()}
+        save_file(diffusers.state_dict, str(path), metadata={"lora_adapter_metadata": json.dumps(entries)})
+        return path
+
+    return {
+        "musubi file missing a layer": (
+            save_state_dict(tmp_path / "x1.safetensors", partial_musubi),
+            ("missing_keys", ["blocks_1_ffn_2.lora_down.weight"]),
+        ),
+        "diff_b on all layers but one": (
+            save_state_dict(tmp_path / "x2.safetensors", partial_bias),
+            ("unmatched_keys", ["transformer.blocks.1.ffn.net.2.lora_B.bias (missing; other layers have one)"]),
+        ),
+        "metadata rank differs from the tensors": (
+            with_metadata("x3", r=8, lora_alpha=8, target_modules=["to_q"]),
+            (
+                "shape_mismatches",
+                [f"transformer.blocks.{b}.attn1.to_q.lora_A.weight: rank 4 but lora_adapter_metadata says 8" for b in (0, 1)],
+            ),
+        ),
+        "metadata without target_modules": (
+            with_metadata("x4", r=4, lora_alpha=8),
+            ("metadata_keys", ["lora_alpha", "r"]),
+        ),
+        "metadata turns on DoRA": (
+            with_metadata("x5", r=4, lora_alpha=8, target_modules=["to_q"], use_dora=True),
+            ("unsupported_options", ["use_dora"]),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "musubi file missing a layer",
+        "diff_b on all layers but one",
+        "metadata rank differs from the tensors",
+        "metadata without target_modules",
+        "metadata turns on DoRA",
+    ],
+)
+def test_layouts_stock_cannot_use_are_refused_naming_the_keys(
+    gen, pristine, base_out, base_frames, shapes, inputs, small_spec, tmp_path, case
+):
+    path, (detail, named) = _refused_by_stock_too(tmp_path, shapes)[case]
+    with pytest.raises(Exception):  # stock fails too: on load, or on the first forward
+        reference_frames(stock_with(pristine, path, 1.0), small_spec(steps=1))
+
+    loads = gen.adapter_loads
+    with pytest.raises(LoraIncompatible) as err:
+        gen.load_adapter("x", str(path))
+    assert err.value.code == "LORA_INCOMPATIBLE"
+    assert err.value.details[detail] == named, err.value.details
+    _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec)
+
+
+def test_biases_the_metadata_would_ignore_are_refused(
+    gen, pristine, base_out, base_frames, shapes, inputs, small_spec, tmp_path
+):
+    """Stock drops lora_B.bias when the metadata says lora_bias=false: the file would be half applied."""
+    lora = make_lora(tmp_path / "b.safetensors", "diffusers", shapes, seed=93, bias=True, targets=["ffn.2"])
+    path = tmp_path / "ignored-bias.safetensors"
+    config = {"r": 4, "lora_alpha": 4, "target_modules": ["net.2"], "lora_bias": False}
+    config = {f"transformer.{k}": v for k, v in config.items()}
+    save_file(lora.state_dict, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+    stock = stock_with(pristine, path, 1.0)  # loads, without the biases
+    assert not any("lora_B" in n and n.endswith(".bias") for n, _ in stock.transformer.named_parameters())
+
+    loads = gen.adapter_loads
+    with pytest.raises(LoraIncompatible) as err:
+        gen.load_adapter("x", str(path))
+    assert err.value.details["unmatched_keys"] == [
+        f"transformer.blocks.{b}.ffn.net.2.lora_B.bias (ignored: lora_adapter_metadata has lora_bias false)"
+        for b in (0, 1)
+    ]
+    _assert_untouched(gen, loads, base_out, base_frames, inputs, small_spec)
+
+
+@pytest.mark.parametrize("metadata", ["{not json", "[1, 2]"])
+def test_unreadable_metadata_is_invalid(gen, shapes, tmp_path, metadata):
+    lora = make_lora(tmp_path / "d.safetensors", "diffusers", shapes, seed=94)
+    path = tmp_path / "bad-metadata.safetensors"
+    save_file(lora.state_dict, str(path), metadata={"lora_adapter_metadata": metadata})
+    with pytest.raises(LoraInvalid) as err:
+        gen.load_adapter("x", str(path))
+    assert "lora_adapter_metadata" in err.value.message
+    assert gen.adapters == {}
+
+
+def test_lora_dropout_in_metadata_is_off_at_inference(gen, pristine, shapes, inputs, small_spec, tmp_path):
+    """Stock leaves peft's lora_dropout modules in training mode (random output); we run them in eval
+    mode, which is stock's output with its transformer put in eval mode."""
+    lora = make_lora(tmp_path / "d.safetensors", "diffusers", shapes, seed=95, metadata={"lora_alpha": 8, "lora_dropout": 0.5})
+    stock = stock_with(pristine, lora.path, 0.7)
+    assert _maxdiff(forward(stock.transformer, inputs), forward(stock.transformer, inputs)) > 0  # random as it is
+    stock.transformer.eval()
+
+    gen.load_adapter("d", str(lora.path))
+    out = _lora_forward(gen, small_spec, inputs, ("d", 0.7))
+    assert torch.equal(out, forward(stock.transformer, inputs))
+    assert torch.equal(out, forward(gen.pipe.transformer, inputs))
+
+
+_TARGETS = ["blocks.0.attn1.to_q", "attn1.to_q", "to_q", "ffn.net.2", "x"]
+_METADATA = st.fixed_dictionaries(
+    {"r": st.just(4), "target_modules": st.sampled_from([["to_q", "net.2"], ".*(to_q|net\\.2)", ["attn1.to_q", "ffn.net.2"]])},
+    optional={
+        "lora_alpha": st.integers(-4, 16) | st.floats(-1, 20) | st.sampled_from([None, "8", True]),
+        "use_rslora": st.booleans(),
+        "alpha_pattern": st.dictionaries(st.sampled_from(_TARGETS), st.integers(1, 9) | st.floats(0.1, 9), max_size=2),
+        "rank_pattern": st.dictionaries(st.sampled_from(_TARGETS), st.sampled_from([4, 8, 0]), max_size=1),
+        "lora_bias": st.booleans(),
+        "lora_dropout": st.sampled_from([0.0, 0.2, None, 2.0]),
+        "init_lora_weights": st.sampled_from([True, False, "gaussian", "pissa", "olora"]),
+        "layers_to_transform": st.sampled_from([None, [0], 1]),
+        "fan_in_fan_out": st.booleans(),
+        "bias": st.sampled_from(["none", "all"]),
+        "use_dora": st.booleans(),
+        "bogus": st.just(1),
+    },
+)
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(config=_METADATA, bias=st.booleans())
+def test_fuzzed_metadata_is_refused_or_applied_as_stock(gen, pristine, shapes, inputs, small_spec, tmp_path, config, bias):
+    """Whatever the metadata holds: a typed refusal with nothing loaded, or stock's exact output."""
+    lora = make_lora(tmp_path / "t.safetensors", "diffusers", shapes, seed=96, targets=["self_attn.q", "ffn.2"], bias=bias)
+    path = tmp_path / "fuzzed.safetensors"
+    entries = json.dumps({f"transformer.{k}": v for k, v in config.items()})
+    save_file(lora.state_dict, str(path), metadata={"lora_adapter_metadata": entries})
+    try:
+        gen.load_adapter("fuzzed", str(path))
+    except (LoraIncompatible, LoraInvalid):
+        assert gen.adapters == {} and not getattr(gen.pipe.transformer, "peft_config", {})
+        return
+    try:
+        out = _lora_forward(gen, small_spec, inputs, ("fuzzed", 0.7))
+        stock = stock_with(pristine, path, 0.7)
+        stock.transformer.eval()
+        assert torch.equal(out, forward(stock.transformer, inputs)), config
+    finally:
+        gen.delete_adapter("fuzzed")
+
+
 # -- 2. stacked LoRAs ---------------------------------------------------------------------------
 
 
@@ -155,6 +413,21 @@ def test_stacked_loras_equal_hand_merged_sum(gen, base, base_out, shapes, inputs
     one = _lora_forward(gen, small_spec, inputs, ("d", 0.6))
     assert _maxdiff(one, forward(merged_copy(base.pipe.transformer, [(d, 0.6)]), inputs)) <= ATOL
     assert _maxdiff(one, base_out) > VISIBLE
+
+
+def test_stacked_layouts_with_bias_deltas_and_metadata_scales(gen, base, shapes, inputs, small_spec, tmp_path):
+    files = {
+        "x": make_layout(tmp_path / "x.safetensors", "lightx2v", shapes, seed=16),
+        "b": make_layout(tmp_path / "b.safetensors", "diffusers-metadata-rslora-patterns", shapes, seed=17),
+        "m": make_layout(tmp_path / "m.safetensors", "diffusers-metadata", shapes, seed=18),
+        "u": make_layout(tmp_path / "u.safetensors", "musubi", shapes, seed=19),
+    }
+    for name, lora in files.items():
+        gen.load_adapter(name, str(lora.path))
+    for pairs in ([("x", 0.7), ("b", -1.2)], [("m", 0.4), ("u", 1.1), ("x", -0.5)], [("m", 1.0)]):
+        out = _lora_forward(gen, small_spec, inputs, *pairs)
+        expected = forward(merged_copy(base.pipe.transformer, [(files[n], m) for n, m in pairs]), inputs)
+        assert _maxdiff(out, expected) <= ATOL, pairs
 
 
 # -- 3. no LoRA after loading == base ----------------------------------------------------------
@@ -307,6 +580,8 @@ def _bad_state_dicts():
         "full weight, not a LoRA": ({**ok, "transformer.blocks.0.attn1.to_q.weight": torch.randn(16, 16)}, "unmatched_keys"),
         "other component": ({**ok, "text_encoder.encoder.block.0.lora_A.weight": torch.randn(4, 32)}, "unmatched_keys"),
         "unknown layer name": ({"transformer.blocks.0.attn1.to_z.lora_A.weight": torch.randn(4, 16)}, "unmatched_keys"),
+        # stock loads only transformer.* keys: the unprefixed pair would be dropped without a word
+        "no transformer. prefix": ({**ok, **{k.removeprefix("transformer."): v for k, v in _diffusers_pair(1).items()}}, "unmatched_keys"),
         "unrecognised prefix": ({"model.layers.0.q_proj.lora_A.weight": torch.randn(4, 16)}, "unmatched_keys"),
         "unplaceable ai-toolkit key": ({"diffusion_model.blocks.0.self_attn.z.lora_A.weight": torch.randn(4, 16)}, None),
     }

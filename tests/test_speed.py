@@ -20,7 +20,17 @@ from deployments.spec import LoraRef
 from deployments.speed import SLOT, LoraSlots, apply_speed_modes
 
 from .conftest import load_tiny
-from .lora_factory import base, base_out, forward, inputs, make_lora, merged_copy, shapes  # noqa: F401 (fixtures)
+from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)
+    LAYOUTS,
+    base,
+    base_out,
+    forward,
+    inputs,
+    make_layout,
+    make_lora,
+    merged_copy,
+    shapes,
+)
 
 ATOL = 1e-5
 VISIBLE = 1e-2
@@ -83,17 +93,22 @@ def test_slot_is_created_at_the_configured_rank_and_off(slot_gen, shapes, base_o
     assert set(slots.layers) == set(shapes)
     for name, (fan_in, fan_out) in shapes.items():
         assert slots.A[name].shape == (SLOT_RANK, fan_in) and slots.B[name].shape == (fan_out, SLOT_RANK)
+        assert slots.bias[name].shape == (fan_out,) and not slots.bias[name].any()
         assert slots.layers[name].scaling[SLOT] == 1.0
     assert not slots.enabled
     assert torch.equal(forward(slot_gen.pipe.transformer, inputs), base_out)
 
 
 @pytest.mark.parametrize("multiplier", [1.0, -0.7])
-@pytest.mark.parametrize("fmt", ["ai-toolkit", "kohya", "diffusers"])
-def test_slot_single_lora_equals_hand_merge(sgen, base, base_out, shapes, inputs, small_spec, tmp_path, fmt, multiplier):
-    lora = make_lora(tmp_path / f"{fmt}.safetensors", fmt, shapes, seed=1)
-    sgen.load_adapter(fmt, str(lora.path))
-    out = _lora_forward(sgen, small_spec, inputs, (fmt, multiplier))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_slot_single_lora_equals_hand_merge(
+    sgen, base, base_out, shapes, inputs, small_spec, tmp_path, layout, multiplier
+):
+    """Every layout through the slot: the scale stock gives each layer (.alpha, metadata, rsLoRA,
+    patterns) and the bias deltas, as the hand merge computes them from the file's numbers."""
+    lora = make_layout(tmp_path / f"{layout}.safetensors", layout, shapes, seed=1)
+    sgen.load_adapter(layout, str(lora.path))
+    out = _lora_forward(sgen, small_spec, inputs, (layout, multiplier))
     expected = forward(merged_copy(base.pipe.transformer, [(lora, multiplier)]), inputs)
     assert _maxdiff(out, expected) <= ATOL
     assert _maxdiff(out, base_out) > VISIBLE
@@ -121,6 +136,26 @@ def test_slot_stacked_switch_multiplier_and_off(sgen, base, base_out, shapes, in
 
     sgen._activate(small_spec())
     assert torch.equal(forward(sgen.pipe.transformer, inputs), base_out)  # off: the plain Linear path
+
+
+def test_slot_stacked_with_bias_deltas_and_metadata_scales(sgen, base, shapes, inputs, small_spec, tmp_path):
+    x = make_layout(tmp_path / "x.safetensors", "lightx2v", shapes, seed=13)  # diff_b on every layer
+    b = make_layout(tmp_path / "b.safetensors", "diffusers-metadata-rslora-patterns", shapes, seed=14)
+    m = make_layout(tmp_path / "m.safetensors", "diffusers-metadata", shapes, seed=15)
+    files = {"x": x, "b": b, "m": m}
+    for name, lora in files.items():
+        sgen.load_adapter(name, str(lora.path))
+    cases = [
+        [("x", 0.7), ("b", -1.2)],  # two biases add up in the slot's one bias vector
+        [("x", 0.7), ("b", -1.2), ("m", 0.4)],
+        [("m", 1.0)],  # no bias: the previous biases must be cleared
+        [("b", 0.5)],
+        [("x", 1.5)],
+    ]
+    for pairs in cases:
+        out = _lora_forward(sgen, small_spec, inputs, *pairs)
+        expected = forward(merged_copy(base.pipe.transformer, [(files[n], mult) for n, mult in pairs]), inputs)
+        assert _maxdiff(out, expected) <= ATOL, pairs
 
 
 def test_slot_delete_then_reload_under_same_name_rewrites(sgen, base, shapes, inputs, small_spec, tmp_path):
@@ -156,7 +191,9 @@ def test_slot_keeps_generation_api(sgen, shapes, small_spec, tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("WAN_SLOW_TESTS") != "1", reason="compiles on CPU (minutes); WAN_SLOW_TESTS=1")
-def test_compiled_slot_never_recompiles(model_cache, shapes, inputs, small_spec, tmp_path):
+def test_compiled_slot_never_recompiles(model_cache, base, shapes, inputs, small_spec, tmp_path):
+    """Loads, switches and multipliers never recompile, for every kind of file the slot takes
+    (bias deltas, metadata scales included), and the compiled slot still computes W + sum(m * dW)."""
     from deployments import speed as speed_mod
 
     loaded = load_tiny(model_cache)
@@ -165,14 +202,23 @@ def test_compiled_slot_never_recompiles(model_cache, shapes, inputs, small_spec,
         mp.setattr(pipeline_mod, "apply_speed_modes", lambda p, s, d: speed_mod._apply(p, s))
         gen = pipeline_mod.WanGenerator(loaded, speed)  # compiles both variants in the warm-up
     assert gen.speed_report["compiled"] and "warmup" in gen.speed_report and gen.adapter_loads == 0
-    for i in range(2):
-        gen.load_adapter(f"l{i}", str(make_lora(tmp_path / f"l{i}.safetensors", "ai-toolkit", shapes, seed=50 + i).path))
+    files = {f"l{i}": make_lora(tmp_path / f"l{i}.safetensors", "ai-toolkit", shapes, seed=50 + i) for i in range(2)}
+    files["x"] = make_layout(tmp_path / "x.safetensors", "lightx2v", shapes, seed=52, rank=2)
+    files["m"] = make_layout(tmp_path / "m.safetensors", "diffusers-metadata-rslora-patterns", shapes, seed=53, rank=2)
+    for name, lora in files.items():
+        gen.load_adapter(name, str(lora.path))
+    requests = [[("l0", 1.0)], [("l1", 1.0)], [("l1", 0.5)], [("l0", 1.0), ("l1", -0.3)], [],
+                [("x", 1.0)], [("x", 0.6), ("m", -1.0)], [("m", 0.8)], [("l0", 1.0), ("x", 0.5)], []]
     torch._dynamo.config.error_on_recompile = True
     try:
-        for loras in ([("l0", 1.0)], [("l1", 1.0)], [("l1", 0.5)], [("l0", 1.0), ("l1", -0.3)], []):
+        for loras in requests:
             gen.generate(small_spec(loras=tuple(LoraRef(ref=r, multiplier=m) for r, m in loras)))
     finally:
         torch._dynamo.config.error_on_recompile = False
+    pairs = [("l0", 0.9), ("x", -0.6), ("m", 1.3)]  # ranks 4 + 2 + 2 = 8
+    out = _lora_forward(gen, small_spec, inputs, *pairs)  # other shapes than the warm-up's: compiles again
+    expected = forward(merged_copy(base.pipe.transformer, [(files[n], m) for n, m in pairs]), inputs)
+    assert _maxdiff(out, expected) <= 1e-4
 
 
 def test_warmup_runs_every_configured_size_through_both_slot_variants(sgen):
