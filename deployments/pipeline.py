@@ -173,6 +173,10 @@ class WanGenerator:
             return name
         try:
             self._load_into_transformer(name, lora)
+        except torch.OutOfMemoryError as e:  # a RuntimeError too: not the file's fault
+            self._drop_partial(name)
+            self._free_memory()
+            raise OutOfMemory(f"out of GPU memory while loading a LoRA: {e}", {"ref": ref}) from e
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             self._drop_partial(name)
             raise LoraIncompatible(f"LoRA could not be applied: {e}", {"ref": ref}) from e

@@ -752,3 +752,19 @@ def test_read_header_limits(tmp_path):
         read_header(tmp_path / "x.ckpt")  # extension is checked before anything is opened
     with pytest.raises(LoraNotFound):
         read_header(tmp_path / "absent.safetensors")
+
+
+def test_out_of_memory_while_loading_is_out_of_memory_not_an_incompatible_file(gen, shapes, tmp_path, monkeypatch):
+    import torch
+
+    from deployments.errors import OutOfMemory
+
+    lora = make_lora(tmp_path / "a.safetensors", "ai-toolkit", shapes, seed=3)
+
+    def oom(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(gen, "_load_into_transformer", oom)
+    with pytest.raises(OutOfMemory) as e:
+        gen.load_adapter("a.safetensors", str(lora.path))
+    assert e.value.code == "OUT_OF_MEMORY" and gen.adapters == {}
