@@ -129,6 +129,10 @@ class JobRunner:
         self._slots = asyncio.Semaphore(self.window)
         self._wake = asyncio.Event()
         self._order = itertools.count()
+        # Claim order of the runs whose first prompt has not been sent yet: they are sent in this
+        # order, whatever their image reads or database calls before it took.
+        self._unsent: list[int] = []
+        self._turn = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
         # Passed with each generation: if this process dies, the GPU replica notices and stops.
         self.me = _current_actor()
@@ -178,6 +182,7 @@ class JobRunner:
                 continue
             run = _Run(job.id, next(self._order), loop.time() + self.lease_s - self.renew_every)
             self.runs[job.id] = run
+            self._unsent.append(run.order)
             run.task = loop.create_task(self._run(run, job))
 
     async def _wait_for_overtaken(self) -> None:
@@ -186,8 +191,18 @@ class JobRunner:
             starved = [r for r in self.runs.values() if not r.started and r.overtaken >= self.cfg.jobs.max_overtakes]
             if not starved:
                 return
-            await asyncio.wait({asyncio.ensure_future(r.started_event.wait()) for r in starved},
-                               return_when=asyncio.FIRST_COMPLETED)
+            waiters = {asyncio.ensure_future(r.started_event.wait()) for r in starved}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def _sent(self, run: _Run) -> None:
+        async with self._turn:
+            if run.order in self._unsent:
+                self._unsent.remove(run.order)
+                self._turn.notify_all()
 
     def _mark_started(self, run: _Run) -> None:
         if run.started:
@@ -237,6 +252,7 @@ class JobRunner:
             run.started_event.set()  # nobody waits on a job that is gone
             self.runs.pop(run.job_id, None)
             self._slots.release()
+            await self._sent(run)  # a job that ends before sending anything must not hold up younger ones
 
     async def _keep_lease(self, run: _Run) -> None:
         """Renew the lease; stop the job's work once it is not surely ours; notice cancel requests."""
@@ -313,8 +329,11 @@ class JobRunner:
             if not counted:  # one attempt per try, counted only when work really reaches a replica
                 run.attempt = await self.jobs.start_attempt(job.id, self.holder)
                 counted = True
+            async with self._turn:  # older jobs' first prompts go to Serve's queue first
+                await self._turn.wait_for(lambda: not self._unsent or self._unsent[0] >= run.order)
             response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(
                 spec, caller=self.me)
+            await self._sent(run)
             run.response = response
             if run.cancel_requested:
                 response.cancel()

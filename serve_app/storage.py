@@ -31,8 +31,10 @@ log = logging.getLogger("ray.serve")
 
 CHUNK = 1024 * 1024
 # botocore's own defaults retry a dead endpoint for about ten seconds a call; with our own retries on
-# top, a lost store would hold a submit for a minute. Options given in the config win.
-DEFAULT_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
+# top, a lost store would hold a submit for a minute. s3fs's listing cache would let one replica see
+# an object another replica (or the retention sweep) already deleted. Options given in the config win.
+DEFAULT_OPTIONS = {"s3": {"use_listings_cache": False,
+                          "config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
                                             "retries": {"max_attempts": 2, "mode": "standard"}}}}
 
 

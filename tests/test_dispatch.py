@@ -57,12 +57,13 @@ def test_lora_affinity_overtakes_an_older_job_at_most_the_documented_bound(order
     assert order_app.run({**small_request(seed=70), **x})["status"] == "succeeded"  # X is resident now
     blocker = order_app.submit(small_request(prompt=f"{SLOW_PROMPT} blocker", sample_steps=6)).json()["request_id"]
     older = order_app.submit({**small_request(seed=71), "loras": [{"path": "order_y.safetensors"}]}).json()
-    younger = [order_app.submit({**small_request(seed=72 + i), **x}).json()["request_id"] for i in range(8)]
+    younger = [order_app.submit({**small_request(seed=72 + i), **x}).json()["request_id"] for i in range(12)]
     ids = [blocker, older["request_id"], *younger]
     for rid in ids:
         assert order_app.wait(rid, timeout=180)["status"] == "succeeded"
     order = _start_order(order_app, ids)
-    overtaken_by = order.index(older["request_id"]) - 1  # the blocker started first in any case
-    assert order[0] == blocker and overtaken_by <= BOUND, order
-    # the younger ones among themselves still start oldest first
-    assert [i for i in order if i in younger] == younger
+    assert order[0] == blocker, order
+    # No job, the older one with the other LoRA set or a younger one with the resident set (Serve's
+    # retries can reorder those too), was overtaken by more younger jobs than the bound.
+    overtaken = {rid: sum(order.index(y) < order.index(rid) for y in ids[ids.index(rid) + 1:]) for rid in ids}
+    assert max(overtaken.values()) <= BOUND, overtaken
