@@ -264,7 +264,8 @@ class WanI2VReplica:
             def on_progress(p: Progress):
                 loop.call_soon_threadsafe(events.put_nowait, p)
 
-            work = loop.run_in_executor(self._executor, self.generator.generate, spec, on_progress, cancel.is_set)
+            work = loop.run_in_executor(self._executor, self.generator.generate, spec, on_progress, cancel.is_set,
+                                        self.cfg.model.speed.stream_video)
             watch = asyncio.ensure_future(self._watch_caller(caller, cancel)) if caller is not None else None
             try:
                 while True:
@@ -279,14 +280,16 @@ class WanI2VReplica:
                 at["stage"] = "encoding the video"
                 yield {"progress": Progress(stage="encoding_video", step=spec.steps, total_steps=spec.steps).model_dump()}
                 t0 = loop.time()
+                data = frames.video  # already encoded while the VAE decoded (MP4), else now
                 try:
-                    data = await loop.run_in_executor(self._executor, encode, frames.frames, spec.fps,
-                                                      spec.output_format)
+                    if data is None:
+                        data = await loop.run_in_executor(self._executor, encode, frames.frames, spec.fps,
+                                                          spec.output_format)
                 except Exception as e:  # e.g. the ffmpeg subprocess died (seen under load: broken pipe)
                     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     raise GenerationFailed(f"video encoding failed: {type(e).__name__}: {first_line}",
                                            {"stage": "encode_video", "format": spec.output_format}) from e
-                timings = {**frames.timings, "encode_video": round(loop.time() - t0, 4)}
+                timings = {"encode_video": round(loop.time() - t0, 4), **frames.timings}
                 n, h, w, _ = frames.frames.shape
                 video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
                                     width=w, height=h, num_frames=n, fps=spec.fps, seed=frames.seed, data=data)
