@@ -44,6 +44,27 @@ from .storage import OutputStore, OutputWriteFailed
 log = logging.getLogger("ray.serve")
 
 
+class _Path:
+    """Seconds between the milestones of one prompt on the served path, each from the one before.
+
+    Kept as [stage, seconds] pairs in the order they happened (a JSON object's key order does not
+    survive PostgreSQL's jsonb).
+    """
+
+    def __init__(self, **known: float):
+        self._pairs = [[k, round(v, 4)] for k, v in known.items()]
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        if all(name != stage for name, _ in self._pairs):  # the first time counts (a retry repeats marks)
+            self._pairs.append([stage, round(now - self._last, 4)])
+        self._last = now
+
+    def seconds(self) -> list[list]:
+        return [list(p) for p in self._pairs]
+
+
 class LeaseLost(Exception):
     """This runner no longer holds the job's lease: stop, write nothing."""
 
@@ -321,6 +342,11 @@ class JobRunner:
         stored = job.specs
         began = time.time()
         counted = False
+        timings = list(job.metadata.get("timings", []))  # of outputs finished before a restart
+        # The stage account of the served path (metadata.timings[n]["path"], seconds): from the claim
+        # (the first prompt's "queued" is creation -> claim, both on the database's clock) to the
+        # output recorded; the replica's own stages are the other keys of timings[n].
+        path = _Path(queued=max(0.0, job.lease_until - self.lease_s - job.created_at))
         for index, item in enumerate(stored):
             if index < len(job.outputs):  # finished before a restart
                 continue
@@ -333,6 +359,7 @@ class JobRunner:
                 await self._turn.wait_for(lambda: not self._unsent or self._unsent[0] >= run.order)
             response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(
                 spec, caller=self.me)
+            path.mark("dispatch")
             await self._sent(run)
             run.response = response
             if run.cancel_requested:
@@ -341,13 +368,17 @@ class JobRunner:
             try:
                 async for event in response:
                     if "progress" in event:
+                        if event["progress"]["stage"] == "denoising" and event["progress"]["step"] == 1:
+                            path.mark("to_first_step")
                         progress = {**event["progress"], "prompt_index": index, "num_prompts": len(stored)}
                         await self._best_effort(self.jobs.set_progress(job.id, self.holder, progress))
                     elif "started" in event:
+                        path.mark("replica_wait")
                         self._mark_started(run)
                         await self._best_effort(self.jobs.merge_metadata(
                             job.id, self.holder, {"running_on": event["started"]["replica"]}))
                     else:
+                        path.mark("from_first_step")  # the rest of the generation, encoding, the transfer
                         result = event["result"]
             except RequestCancelledError:
                 if not run.cancel_requested:
@@ -372,12 +403,12 @@ class JobRunner:
                     return
                 raise RuntimeError("replica stream ended without a result")
             try:
-                await self._store_output(run, job, index, result)
+                await self._store_output(run, job, index, result, path)
             except OutputWriteFailed as e:
                 await self._finish(run, "failed", {**e.to_dict(), "details": {**e.details, "prompt_index": index}})
                 return
-        done = await self.jobs.get(job.id)
-        timings = done.metadata.get("timings", []) if done else []
+            timings.append(result.timings)
+            path = _Path()
         await self._finish(run, "succeeded", None, {
             "inference_time": round(sum(t.get("total", 0) + t.get("encode_video", 0) for t in timings), 4),
             "wall_time": round(time.time() - began, 4)})
@@ -389,15 +420,18 @@ class JobRunner:
         png = await asyncio.to_thread(self.outputs.read, item.image_key)
         return item.spec.model_copy(update={"image_png": png})
 
-    async def _store_output(self, run: _Run, job: Job, index: int, result: GenerationResult) -> None:
+    async def _store_output(self, run: _Run, job: Job, index: int, result: GenerationResult, path: "_Path") -> None:
         video = result.video
         key = self.outputs.video_key(job.id, index, video.format)
         await asyncio.to_thread(self.outputs.put, key, video.data)
+        path.mark("store")
         self._check_lease(run)
         output = {"format": video.format, "width": video.width, "height": video.height,
                   "num_frames": video.num_frames, "fps": video.fps, "seed": video.seed, "key": key,
                   "file_path": self.outputs.url(key), "content_type": video.content_type, "bytes": len(video.data),
                   "replica": result.replica}
+        # "record" (the database write of the output itself) is the one stage not in its own account.
+        result.timings = {**result.timings, "path": path.seconds()}
         if not await self._until_lease_ends(run, self.jobs.add_output, job.id, self.holder, output, result.timings):
             raise LeaseLost("lease lost before the output was recorded")
 

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated
@@ -139,6 +140,7 @@ class Ingress:
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> SubmitResponse:
         """Queue a job and answer at once with its id and URLs."""
+        t0 = time.perf_counter()
         owner = self._owner(authorization)
         job = await self.jobs.by_idempotency_key(owner, idempotency_key) if idempotency_key is not None else None
         if job is None:
@@ -146,8 +148,10 @@ class Ingress:
             job_id = str(uuid.uuid4())
             stored = await asyncio.to_thread(self._store_images, job_id, specs)
             try:
-                job, created = await self.jobs.create(job_id, stored, req.model, owner, idempotency_key,
-                                                      self.cfg.limits.max_queue_total, self.cfg.limits.max_queue_per_key)
+                # submit_s: validation, control images decoded and stored, up to the row (the stage account)
+                job, created = await self.jobs.create(
+                    job_id, stored, req.model, owner, idempotency_key, self.cfg.limits.max_queue_total,
+                    self.cfg.limits.max_queue_per_key, {"submit_s": round(time.perf_counter() - t0, 4)})
             except QueueFull as e:
                 await asyncio.to_thread(self.outputs.delete_job, job_id)
                 raise errors.ApiError(429, "QUEUE_FULL", str(e) + "; retry later",

@@ -81,6 +81,10 @@ def test_submit_progress_result_download(app):
     timings = result["metadata"]["timings"][0]
     for stage in ("text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "encode_video"):
         assert timings[stage] >= 0
+    # The stage account of the served path, each stage present and in the order it happened.
+    assert [stage for stage, _ in timings["path"]] == ["queued", "dispatch", "replica_wait", "to_first_step",
+                                                       "from_first_step", "store"]
+    assert all(s >= 0 for _, s in timings["path"]) and result["metadata"]["submit_s"] > 0
     data = _download(app, result)
     assert data.headers["content-type"] == "video/mp4"
     frames = iio.imread(io.BytesIO(data.content), index=None, extension=".mp4")

@@ -140,7 +140,8 @@ class PostgresJobStore(JobStore):
     # -- creation -------------------------------------------------------------------------------
 
     @_unavailable
-    def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None):
+    def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None,
+               metadata=None):
         with self._pool.connection() as conn, conn.transaction():
             # One submit at a time cluster-wide: the limits below are exact, and an idempotency key
             # raced from two nodes yields one row (the unique index would refuse the second anyway).
@@ -160,10 +161,10 @@ class PostgresJobStore(JobStore):
                 if n >= max_per_owner:
                     raise QueueFull("per-key", max_per_owner)
             row = conn.execute(
-                "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, created_at)"
-                f" VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,{NOW}) RETURNING {SUMMARY_COLUMNS}",
+                "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, metadata,"
+                f" created_at) VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,%s,{NOW}) RETURNING {SUMMARY_COLUMNS}",
                 (job_id, owner, idempotency_key, model, specs_to_json(specs), len(specs),
-                 Jsonb(initial_progress(specs)))).fetchone()
+                 Jsonb(initial_progress(specs)), Jsonb(metadata or {}))).fetchone()
         return row_to_job(row), True
 
     # -- reads ----------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ class SqliteJobStore(JobStore):
     # -- creation -------------------------------------------------------------------------------
 
     @_unavailable
-    def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None):
+    def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None,
+               metadata=None):
         now = time.time()
         with self._tx() as db:
             if idempotency_key is not None:
@@ -149,7 +150,7 @@ class SqliteJobStore(JobStore):
                 "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, metadata,"
                 " created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (job_id, owner, idempotency_key, "in_queue", model, specs_to_json(specs), len(specs),
-                 json.dumps(initial_progress(specs)), "{}", now),
+                 json.dumps(initial_progress(specs)), json.dumps(metadata or {}), now),
             )
             row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return row_to_job(row), True

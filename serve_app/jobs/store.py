@@ -56,7 +56,7 @@ class JobStore(ABC):
     @abstractmethod
     def create(self, job_id: str, specs: list[StoredSpec], model: str, owner: str = "",
                idempotency_key: str | None = None, max_total: int | None = None,
-               max_per_owner: int | None = None) -> tuple[Job, bool]:
+               max_per_owner: int | None = None, metadata: dict[str, Any] | None = None) -> tuple[Job, bool]:
         """Insert a job in ``in_queue``; returns (job, created). An idempotency key repeats the first job.
 
         Raises:
