@@ -61,6 +61,7 @@ class WanI2VReplica:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
         self.pipeline_loads = 1
+        self.caller_died_stops = 0  # generations stopped because their caller (an ingress) died
         self._warmup()
 
     def _warmup(self):
@@ -184,6 +185,7 @@ class WanI2VReplica:
                 await asyncio.wait_for(caller.__ray_ready__.remote(), timeout=30)
             except ActorDiedError:
                 log.warning("the caller of this generation died; stopping it at the next step")
+                self.caller_died_stops += 1
                 cancel.set()
             except Exception:
                 pass
@@ -204,6 +206,7 @@ class WanI2VReplica:
         return {
             "replica": self.replica_id,
             "pipeline_loads": self.pipeline_loads,
+            "caller_died_stops": self.caller_died_stops,
             "adapter_loads": self.generator.adapter_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),
