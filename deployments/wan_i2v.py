@@ -107,6 +107,7 @@ class WanI2VReplica:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
         self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
+        self.caller_died_stops = 0  # generations stopped because their caller (an ingress) died
         self._warmup()
 
     def _warmup(self):
@@ -314,6 +315,7 @@ class WanI2VReplica:
                 await asyncio.wait_for(caller.__ray_ready__.remote(), timeout=30)
             except ActorDiedError:
                 log.warning("the caller of this generation died; stopping it at the next step")
+                self.caller_died_stops += 1
                 cancel.set()
             except Exception:
                 pass
@@ -337,6 +339,7 @@ class WanI2VReplica:
             "replica": self.replica_id,
             # Counted by load_pipeline itself: any reload in this process (a replica is one) shows.
             "pipeline_loads": pipeline_loads(),
+            "caller_died_stops": self.caller_died_stops,
             "adapter_loads": self.generator.adapter_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),

@@ -100,6 +100,25 @@ def tiny_spec(**overrides):
     return GenerationSpec(**values)
 
 
+def wait_for(predicate, timeout: float, what, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    For tests that expect a state: a fixed sleep is either too short on a busy machine or wasted on
+    an idle one. Raises AssertionError after ``timeout`` seconds, saying ``what`` was awaited (a
+    string, or a function called then, to describe the state at that moment).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not within {timeout} s")
+        time.sleep(interval)
+
+
 @pytest.fixture
 def small_spec():
     """``tiny_spec`` as a fixture."""

@@ -403,12 +403,14 @@ def test_lru_eviction_under_quota(dirs, local_server):  # noqa: F811
         LoraCacheConfig(root=str(root), cache_dir=str(cache), disk_quota_bytes=int(size * 2.5)), FETCH
     )
     urls = {name: local_server.add(f"/{name}.safetensors", body) for name, body in bodies.items()}
+    # Recency is a file's access time, set here explicitly (a an hour ago, b a minute later): file
+    # times tick coarsely (milliseconds), so back-to-back resolves could share one.
+    hour_ago = time.time() - 3600
     pa = store.resolve(urls["a"])
-    time.sleep(0.02)
+    os.utime(pa, (hour_ago, hour_ago))
     pb = store.resolve(urls["b"])
-    time.sleep(0.02)
-    store.resolve(urls["a"])  # a is now more recent than b
-    time.sleep(0.02)
+    os.utime(pb, (hour_ago + 60, hour_ago + 60))
+    store.resolve(urls["a"])  # a cache hit makes a the most recent again: b is now the oldest
     pc = store.resolve(urls["c"])
     assert os.path.exists(pa) and os.path.exists(pc) and not os.path.exists(pb)
     assert store.stats()["evictions"] == 1
