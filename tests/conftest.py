@@ -80,6 +80,27 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def stock_frames(pipe, spec, image=None) -> np.ndarray:
+    """Float frames of the reference server's call on a stock pipeline, with its arguments (512 tokens)."""
+    import torch
+    from PIL import Image
+
+    out = pipe(
+        image=image if image is not None else Image.open(io.BytesIO(spec.image_png)).convert("RGB"),
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        height=spec.height,
+        width=spec.width,
+        num_frames=spec.num_frames,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(spec.seed),
+        output_type="np",
+        max_sequence_length=512,
+    )
+    return out.frames[0]
+
+
 def tiny_spec(**overrides):
     """A fast spec on the tiny model: 64x48, 5 frames, 2 steps, CFG on."""
     from deployments.spec import GenerationSpec

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from ..errors import StoreUnavailable
 from .records import CANCELED, FINAL, SUMMARY_COLUMNS, Job, initial_progress, row_to_job, specs_to_json
-from .store import JobStore, Lease, QueueFull, SchemaTooNew
+from .store import JobStore, Lease, QueueFull, migration_statements
 
 NOW = "extract(epoch from clock_timestamp())::double precision"
 ACTIVE_SQL = "status IN ('in_queue','in_progress')"
@@ -122,12 +122,8 @@ class PostgresJobStore(JobStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_MIGRATE,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             current = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version").fetchone()["v"]
-            if current > SCHEMA_VERSION:
-                raise SchemaTooNew(f"job database {self.url} has schema version {current}; this release knows "
-                                   f"up to {SCHEMA_VERSION}: upgrade the application")
-            for script in MIGRATIONS[current:]:
-                for statement in filter(str.strip, script.split(";")):
-                    conn.execute(statement)
+            for statement in migration_statements(MIGRATIONS, current, self.url):
+                conn.execute(statement)
             if current < SCHEMA_VERSION:
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from ..errors import StoreUnavailable
 from .records import CANCELED, FINAL, SUMMARY_COLUMNS, Job, initial_progress, row_to_job, specs_to_json
-from .store import JobStore, Lease, QueueFull, SchemaTooNew
+from .store import JobStore, Lease, QueueFull, migration_statements
 
 _ACTIVE_SQL = "('in_queue','in_progress')"
 
@@ -114,12 +114,8 @@ class SqliteJobStore(JobStore):
                 current = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
             else:
                 current = 1 if "jobs" in tables else 0
-            if current > SCHEMA_VERSION:
-                raise SchemaTooNew(f"job database {self.path} has schema version {current}; this release "
-                                   f"knows up to {SCHEMA_VERSION}: upgrade the application")
-            for script in MIGRATIONS[current:]:
-                for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
+            for statement in migration_statements(MIGRATIONS, current, str(self.path)):
+                db.execute(statement)
             if current < SCHEMA_VERSION:
                 db.execute("DELETE FROM schema_version")
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))

@@ -135,6 +135,18 @@ class JobStore(ABC):
         """Release connections (a no-op where there are none to release)."""
 
 
+def migration_statements(migrations: list[str], current: int, where: str) -> list[str]:
+    """The statements that take a database at schema version ``current`` to ``len(migrations)``.
+
+    Raises:
+        SchemaTooNew: the database was migrated by a newer release.
+    """
+    if current > len(migrations):
+        raise SchemaTooNew(f"job database {where} has schema version {current}; this release knows up to "
+                           f"{len(migrations)}: upgrade the application")
+    return [statement for script in migrations[current:] for statement in filter(str.strip, script.split(";"))]
+
+
 def open_job_store(url: str, pool_size: int = 8, timeout_s: float = 5.0) -> JobStore:
     """The backend ``storage.jobs_db`` names: a ``postgresql://`` URL, else a SQLite file path.
 
