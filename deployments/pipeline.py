@@ -60,9 +60,17 @@ STAGES = (
     ("text_encoder", "text_encode"),
     ("image_encoder", "image_encode"),
     ("vae.encoder", "vae_encode"),
-    ("vae.decoder", "vae_decode"),
     ("transformer", "denoise"),
+    ("vae.decoder", "vae_decode"),
 )
+# The progress stage a request shows while in each timed stage.
+PROGRESS_STAGES = {
+    "text_encode": "encoding_text",
+    "image_encode": "encoding_image",
+    "vae_encode": "vae_encoding",
+    "denoise": "denoising",
+    "vae_decode": "vae_decoding",
+}
 
 
 class StageClock:
@@ -92,7 +100,35 @@ class StageClock:
         return hook_stages(pipe, lambda: self)
 
 
-def hook_stages(pipe, clock_of: Callable[[], StageClock | None]) -> list:
+class StageProgress:
+    """A StageClock that also announces each stage once, when a generation first enters it.
+
+    The encoders and the VAE run in several forwards (the VAE one per latent frame); only the first
+    entry into a stage is news. A stage entered again after a later one (never in the stock pipeline)
+    is not announced, so progress never goes backwards.
+    """
+
+    def __init__(self, clock: StageClock, on_progress: Callable[[Progress], None], total_steps: int):
+        self.clock = clock
+        self.on_progress = on_progress
+        self.total_steps = total_steps
+        self._order = [stage for _, stage in STAGES]
+        self._reached = -1
+
+    def start(self, stage: str):
+        rank = self._order.index(stage)
+        if rank > self._reached:
+            self._reached = rank
+            # The decode comes after the last step: it shows every step done, not a bar back at 0.
+            step = self.total_steps if stage == "vae_decode" else 0
+            self.on_progress(Progress(stage=PROGRESS_STAGES[stage], step=step, total_steps=self.total_steps))
+        self.clock.start(stage)
+
+    def stop(self, stage: str):
+        self.clock.stop(stage)
+
+
+def hook_stages(pipe, clock_of: Callable[[], "StageClock | StageProgress | None"]) -> list:
     """Forward hooks on each component of ``STAGES`` that time it into ``clock_of()`` (None: not timed).
 
     Returns:
@@ -171,7 +207,7 @@ class WanGenerator:
         self.adapter_loads = 0
         self._lora_enabled = False
         # Hooked once for the generator's life; a clock is set only while ``generate`` runs.
-        self._clock: StageClock | None = None
+        self._clock: StageProgress | None = None
         self._hooks = hook_stages(self.pipe, lambda: self._clock)
         # Speed modes (CUDA only; a no-op on CPU). With compiled blocks, adapters go through the
         # fixed LoRA slot (speed.LoraSlots) so that loads, switches and multipliers never recompile.
@@ -293,7 +329,9 @@ class WanGenerator:
 
         Args:
             spec: the normalised request; its LoRAs must already be resident.
-            on_progress: called after each denoising step.
+            on_progress: called as each stage begins (``PROGRESS_STAGES``, in that order: the
+                text and image encoders, the VAE encode, denoising at step 0, the VAE decode at the
+                last step) and after each denoising step.
             should_cancel: polled after each step; True stops the run with ``Canceled``.
             stream_video: for MP4, encode each chunk of frames as the VAE decodes it (``Frames.video``),
                 so little of the encoding is left once the decode ends.
@@ -330,11 +368,11 @@ class WanGenerator:
                 raise Canceled("canceled by request", {"step": i + 1})
             return {}
 
-        # 3. The stock pipeline call (the decoder hook only reads the chunks the VAE makes).
-        on_progress(Progress(stage="encoding", step=0, total_steps=spec.steps))
+        # 3. The stock pipeline call (the decoder hook only reads the chunks the VAE makes); the
+        #    stage hooks time each component and announce it as it begins.
         stream = self._video_stream(spec) if stream_video else None
         hook = self.pipe.vae.decoder.register_forward_hook(stream.hook) if stream is not None else None
-        self._clock = clock
+        self._clock = StageProgress(clock, on_progress, spec.steps)
         try:
             out = self.pipe(
                 image=image,

@@ -104,9 +104,13 @@ class GenerationResult(BaseModel):
 
 
 class Progress(BaseModel):
-    """A progress event streamed by a replica while it works on one spec."""
+    """A progress event streamed by a replica while it works on one spec, stages in this order.
 
-    stage: Literal["loading_loras", "encoding", "denoising", "decoding", "encoding_video"]
+    ``step`` counts denoising steps: 0 before the first, ``total_steps`` from the VAE decode on.
+    """
+
+    stage: Literal["loading_loras", "encoding_text", "encoding_image", "vae_encoding", "denoising",
+                   "vae_decoding", "encoding_video"]
     step: int = 0
     total_steps: int = 0
 

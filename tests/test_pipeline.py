@@ -212,12 +212,41 @@ def test_long_prompt_is_truncated_to_512_tokens(spec, core_runs):
     assert result.frames.shape == SHAPE
 
 
-def test_progress_reports_every_step(spec, core_runs):
+def test_progress_reports_each_stage_in_order_and_every_step(spec, core_runs):
     _, _, events = core_runs(spec())
-    denoising = [e for e in events if e.stage == "denoising"]
-    assert [e.step for e in denoising] == list(range(1, STEPS + 1))
+    assert [(e.stage, e.step) for e in events] == [
+        ("encoding_text", 0), ("encoding_image", 0), ("vae_encoding", 0),
+        *[("denoising", step) for step in range(STEPS + 1)],
+        ("vae_decoding", STEPS),  # the decode no longer hides under the last step
+    ]
     assert {e.total_steps for e in events} == {STEPS}
-    assert events[0].stage == "encoding"  # announced before the first step
+
+
+def test_each_stage_is_announced_as_its_component_starts(spec, generator):
+    """Each stage's event comes right before its component's first forward, and after the previous
+    component's last one: a status read at any moment names the stage that is running."""
+    components = {"encoding_text": "text_encoder", "encoding_image": "image_encoder",
+                  "vae_encoding": "vae.encoder", "denoising": "transformer", "vae_decoding": "vae.decoder"}
+    log: list[tuple[str, str]] = []
+    hooks = []
+    for path in components.values():
+        module = generator.pipe
+        for part in path.split("."):
+            module = getattr(module, part)
+        # registered after the generator's own hooks, so they run after its announcement
+        hooks.append(module.register_forward_pre_hook(lambda *_, p=path: log.append(("forward", p))))
+    try:
+        generator.generate(spec(seed=5), on_progress=lambda e: log.append(("progress", e.stage)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # a component's forwards form one run, entered right after its stage's first event
+    runs = [entry for i, entry in enumerate(log) if i == 0 or entry != log[i - 1]]
+    called = [p for kind, p in log if kind == "forward"]
+    assert [p for i, p in enumerate(called) if i == 0 or p != called[i - 1]] == list(components.values()), runs
+    for stage, path in components.items():
+        announced = runs.index(("progress", stage))
+        assert runs[announced + 1] == ("forward", path), runs
 
 
 def test_timings_cover_every_stage(spec, core_runs):
@@ -248,7 +277,7 @@ def test_cancel_after_first_step_then_next_run_is_unaffected(spec, core_runs, ge
     assert info.value.details == {"step": 1}
     assert polls == [1]
     assert record["transformer_calls"] == 2  # one CFG step, then nothing more
-    assert [e.step for e in events if e.stage == "denoising"] == [1]
+    assert [e.step for e in events if e.stage == "denoising"] == [0, 1]
 
     after = generator.generate(spec())
     assert np.array_equal(after.frames, fresh.frames)
