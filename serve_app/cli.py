@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write the tiny test checkpoint (diffusers format)")
     tiny.add_argument("--out", required=True, type=Path, help="directory to write it to")
 
+
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=os.environ.get("WAN_SERVER", "http://127.0.0.1:8000"),
                        help="service base URL (env WAN_SERVER; default %(default)s)")
@@ -172,31 +173,66 @@ def _output_path(out: Path | None, request_id: str, fmt: str, n: int, count: int
     return out if count == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
 
 
-class _ProgressBar:
-    """A tqdm bar of denoising steps, a fresh one per prompt, labelled with the stage."""
+# How the progress stages read on the terminal (unknown ones are shown as they come).
+_STAGE_LABELS = {
+    "queued": "queued",
+    "loading_loras": "loading LoRAs",
+    "encoding_text": "encoding the prompt",
+    "encoding_image": "encoding the first frame",
+    "vae_encoding": "VAE encoding the first frame",
+    "vae_decoding": "VAE decoding the frames",
+    "encoding_video": "encoding the video",
+}
 
-    def __init__(self, disabled: bool = False):
+
+class _ProgressBar:
+    """Progress of a job on stderr: a tqdm bar of denoising steps, one line for each other stage.
+
+    The bar exists only while denoising, so its rate and ETA count steps alone: the encoders before
+    and the VAE decode after (tens of seconds at real sizes) are lines of their own, never time
+    hidden in a step.
+    """
+
+    def __init__(self, disabled: bool = False, file=None):
         self.disabled = disabled
+        self.file = file if file is not None else sys.stderr
         self.bar = None
-        self.prompt_index = None
+        self.shown = None  # (prompt_index, stage) last shown
 
     def update(self, status: dict[str, Any]) -> None:
         if self.disabled:
             return
-        from tqdm import tqdm
-
         p = status.get("progress") or {}
         index, count = p.get("prompt_index", 0), p.get("num_prompts", 1)
-        total, step = p.get("total_steps") or None, p.get("step", 0)
-        if self.bar is None or index != self.prompt_index:
+        stage = p.get("stage") or "queued"
+        if status.get("status") == "in_queue":
+            stage = "queued"
+        elif status.get("status") in ("succeeded", "failed", "canceled"):
+            stage = status["status"]
+        prefix = f"prompt {index + 1}/{count}" if count > 1 else ""
+        if stage == "denoising" and status.get("status") == "in_progress":
+            self._denoising(index, prefix, p.get("step", 0), p.get("total_steps") or None)
+            return
+        self.close()
+        if (index, stage) != self.shown:
+            self.shown = (index, stage)
+            label = _STAGE_LABELS.get(stage, stage.replace("_", " "))
+            print(f"{prefix}: {label}" if prefix else label, file=self.file, flush=True)
+
+    def _denoising(self, index: int, prefix: str, step: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or self.shown != (index, "denoising"):
             self.close()
-            self.prompt_index = index
-            self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+            self.shown = (index, "denoising")
+            # Started at the step first seen: tqdm's rate counts only the steps it watched.
+            self.bar = tqdm(total=total, initial=step, unit="step", file=self.file, dynamic_ncols=True,
+                            desc=f"{prefix} denoising" if prefix else "denoising")
+            return
         if total and self.bar.total != total:
             self.bar.total = total
-        self.bar.set_description(f"prompt {index + 1}/{count} {p.get('stage') or status.get('status', '')}")
-        self.bar.n = step
-        self.bar.refresh()
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

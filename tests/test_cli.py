@@ -234,3 +234,58 @@ def test_tiny_model_writes_a_loadable_checkpoint(tmp_path, capsys):
     pipe = WanImageToVideoPipeline.from_pretrained(out)
     assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
     assert pipe.transformer.config.num_layers == 2
+
+
+# -- progress on the terminal ----------------------------------------------------------------------
+
+
+def _status(status: str, stage: str | None = None, step: int = 0, total: int = 4, index: int = 0, count: int = 1):
+    progress = {"prompt_index": index, "num_prompts": count, "stage": stage or "queued", "step": step,
+                "total_steps": total}
+    return {"status": status, "progress": progress}
+
+
+def test_progress_bar_counts_denoising_steps_only_and_shows_other_stages_as_lines():
+    import io
+
+    from serve_app.cli import _ProgressBar
+
+    out = io.StringIO()
+    bar = _ProgressBar(file=out)
+    for stage in ("loading_loras", "encoding_text", "encoding_image", "vae_encoding"):
+        bar.update(_status("in_progress", stage))
+        assert bar.bar is None, stage  # no bar (and no ETA) while the encoders run
+    bar.update(_status("in_progress", "denoising", step=1))
+    assert (bar.bar.n, bar.bar.total) == (1, 4)
+    bar.update(_status("in_progress", "denoising", step=3))
+    assert bar.bar.n == 3
+    bar.update(_status("in_progress", "vae_decoding", step=4))
+    assert bar.bar is None  # closed: the decode is not a step at 100%
+    bar.update(_status("in_progress", "vae_decoding", step=4))  # polled again: no second line
+    bar.update(_status("in_progress", "encoding_video", step=4))
+    bar.update(_status("succeeded", "encoding_video", step=4))
+    lines = [line.strip() for line in out.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+    stages = [line for line in lines if "step" not in line]
+    assert stages == ["loading LoRAs", "encoding the prompt", "encoding the first frame",
+                      "VAE encoding the first frame", "VAE decoding the frames", "encoding the video", "succeeded"]
+    assert any(line.startswith("denoising") and "3/4" in line for line in lines), lines
+
+
+def test_progress_bar_starts_again_for_each_prompt_and_a_retry():
+    import io
+
+    from serve_app.cli import _ProgressBar
+
+    out = io.StringIO()
+    bar = _ProgressBar(file=out)
+    bar.update(_status("in_queue"))
+    bar.update(_status("in_progress", "denoising", step=2, count=2))
+    first = bar.bar
+    bar.update(_status("in_progress", "encoding_text", index=1, count=2))
+    bar.update(_status("in_progress", "denoising", step=1, index=1, count=2))
+    assert bar.bar is not first and bar.bar.n == 1
+    assert "prompt 2/2 denoising" in out.getvalue() and "prompt 2/2: encoding the prompt" in out.getvalue()
+    bar.update(_status("in_progress", "encoding_text", index=1, count=2))  # a retry starts over
+    bar.update(_status("in_progress", "denoising", step=0, index=1, count=2))
+    assert bar.bar.n == 0
+    bar.close()
