@@ -255,7 +255,7 @@ class WanI2VReplica:
             yield {"started": {"replica": self.replica_id, "pid": os.getpid()}}
             if spec.loras:
                 at["stage"] = "loading LoRAs"
-                yield {"progress": Progress(stage="loading_loras").model_dump()}
+                yield {"progress": Progress(stage="loading_loras", total_steps=spec.steps).model_dump()}
                 await self.get_lora_set(spec.lora_key)  # multiplexed: see make_deployment
             at["stage"] = "generating"
             loop = asyncio.get_running_loop()

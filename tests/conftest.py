@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -229,6 +230,59 @@ def db_rows(jobs_db: str, where: str, params: tuple = ()) -> list[dict]:
     try:
         return [dict(r) for r in db.execute(f"SELECT * FROM jobs WHERE {where}", params).fetchall()]
     finally:
+        db.close()
+
+
+@contextmanager
+def job_updates(app):
+    """Record every write to the app's job rows, as it happens, in the job database itself (a trigger).
+
+    A status poll sees only what is there when it asks; a state that lasts less than a poll (a
+    retry's first steps) is in this log all the same. Yields ``updates(job_id)``: that job's rows
+    after each write (attempts, status, lease_owner, lease_until, progress), oldest first.
+    """
+    import json
+    import sqlite3
+
+    jobs_db = app.args["storage"]["jobs_db"]
+    if jobs_db.startswith("postgresql://"):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        db = psycopg.connect(jobs_db, autocommit=True, row_factory=dict_row)
+        db.execute("""
+            CREATE TABLE test_job_updates (seq bigserial PRIMARY KEY, job_id text, attempts int, status text,
+                                           lease_owner text, lease_until double precision, progress jsonb);
+            CREATE FUNCTION test_log_job_update() RETURNS trigger AS $$ BEGIN
+                INSERT INTO test_job_updates (job_id, attempts, status, lease_owner, lease_until, progress)
+                VALUES (NEW.id, NEW.attempts, NEW.status, NEW.lease_owner, NEW.lease_until, NEW.progress);
+                RETURN NEW; END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER test_log_job_updates AFTER UPDATE ON jobs FOR EACH ROW
+                EXECUTE FUNCTION test_log_job_update();""")
+        select = "SELECT * FROM test_job_updates WHERE job_id=%s ORDER BY seq"
+        drop = "DROP TRIGGER test_log_job_updates ON jobs; DROP FUNCTION test_log_job_update(); DROP TABLE test_job_updates;"
+    else:
+        db = sqlite3.connect(jobs_db, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.executescript("""
+            CREATE TABLE test_job_updates (seq INTEGER PRIMARY KEY, job_id TEXT, attempts INTEGER, status TEXT,
+                                           lease_owner TEXT, lease_until REAL, progress TEXT);
+            CREATE TRIGGER test_log_job_updates AFTER UPDATE ON jobs BEGIN
+                INSERT INTO test_job_updates (job_id, attempts, status, lease_owner, lease_until, progress)
+                VALUES (NEW.id, NEW.attempts, NEW.status, NEW.lease_owner, NEW.lease_until, NEW.progress);
+            END;""")
+        select = "SELECT * FROM test_job_updates WHERE job_id=? ORDER BY seq"
+        drop = "DROP TRIGGER test_log_job_updates; DROP TABLE test_job_updates;"
+
+    def updates(job_id: str) -> list[dict]:
+        rows = [dict(r) for r in db.execute(select, (job_id,)).fetchall()]
+        return [{**r, "progress": json.loads(r["progress"]) if isinstance(r["progress"], str) else r["progress"]}
+                for r in rows]
+
+    try:
+        yield updates
+    finally:
+        (db.execute(drop) if jobs_db.startswith("postgresql://") else db.executescript(drop))
         db.close()
 
 

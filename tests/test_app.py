@@ -11,7 +11,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from tests.conftest import BACKENDS, SLOW_PROMPT, small_request
+from tests.conftest import BACKENDS, SLOW_PROMPT, job_updates, small_request
 from tests.http_server import LocalServer
 
 
@@ -89,6 +89,21 @@ def test_submit_progress_result_download(app):
     assert data.headers["content-type"] == "video/mp4"
     frames = iio.imread(io.BytesIO(data.content), index=None, extension=".mp4")
     assert frames.shape == (5, 48, 64, 3)
+
+
+def test_status_shows_every_stage_in_order(app, loras):
+    """Every progress the job's status showed (each write of its row, so none is missed between polls)."""
+    request = {**small_request(sample_steps=3), "loras": [{"path": "my_wan_job/my_wan_job.safetensors"}]}
+    with job_updates(app) as updates:
+        result = app.run(request)
+        assert result["status"] == "succeeded", result
+        shown = [(u["progress"]["stage"], u["progress"]["step"], u["progress"]["total_steps"])
+                 for u in updates(result["request_id"]) if u["progress"].get("stage")]
+    shown = [p for i, p in enumerate(shown) if i == 0 or p != shown[i - 1]]
+    assert shown == [("queued", 0, 3), ("loading_loras", 0, 3), ("encoding_text", 0, 3), ("encoding_image", 0, 3), ("vae_encoding", 0, 3),
+                     *[("denoising", step, 3) for step in range(4)], ("vae_decoding", 3, 3), ("encoding_video", 3, 3)]
+    progress = app.http.get(f"/v1/requests/{result['request_id']}/status").json()["progress"]
+    assert (progress["stage"], progress["step"], progress["total_steps"]) == ("encoding_video", 3, 3)
 
 
 def test_several_prompts_each_with_its_output(app):
