@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.lora_files import WAN_TO_DIFFUSERS
+from deployments.lora_writer import LIGHTX2V_HEAD, bias_key, block_indices, file_keys, random_lora
 
 FORMATS = ("ai-toolkit", "kohya", "diffusers")  # the three the hand-merge tests run on
 ALL_FORMATS = FORMATS + ("musubi", "lightx2v")
@@ -60,37 +61,6 @@ class LoraFile:
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # module -> (out,) float32
     metadata: dict | None = None  # the LoRA config written as diffusers' adapter metadata
-
-
-def block_indices(shapes: Mapping[str, tuple[int, int]]) -> list[int]:
-    """The transformer block numbers present in a ``linear_shapes`` map."""
-    return sorted({int(name.split(".")[1]) for name in shapes if name.startswith("blocks.")})
-
-
-def file_keys(fmt: str, block: int, native: str) -> tuple[str, str, str | None]:
-    """(A key, B key, alpha key or None) of one target layer in a given file format."""
-    if fmt == "ai-toolkit":
-        stem = f"diffusion_model.blocks.{block}.{native}"
-        return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", None
-    if fmt in ("kohya", "lightx2v"):
-        stem = f"diffusion_model.blocks.{block}.{native}"
-        return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
-    if fmt == "musubi":
-        stem = f"lora_unet_blocks_{block}_{native.replace('.', '_')}"
-        return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
-    if fmt == "diffusers":
-        stem = f"transformer.blocks.{block}.{BLOCK_TARGETS[native]}"
-        return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", None
-    raise ValueError(f"unknown LoRA format {fmt!r}")
-
-
-def bias_key(fmt: str, block: int, native: str) -> str:
-    """The key of one layer's bias delta: LightX2V's ``diff_b`` or diffusers' ``lora_B.bias``."""
-    if fmt == "lightx2v":
-        return f"diffusion_model.blocks.{block}.{native}.diff_b"
-    if fmt == "diffusers":
-        return f"transformer.blocks.{block}.{BLOCK_TARGETS[native]}.lora_B.bias"
-    raise ValueError(f"{fmt} files carry no bias deltas")
 
 
 def metadata_scale(metadata: Mapping, module: str, rank: int) -> float:
@@ -133,7 +103,6 @@ def make_lora(
     Returns:
         The file, with its expected dense deltas.
     """
-    gen = torch.Generator().manual_seed(seed)
     blocks = list(block_indices(shapes) if blocks is None else blocks)
     targets = list(BLOCK_TARGETS if targets is None else targets)
     has_alpha = fmt in ("kohya", "musubi", "lightx2v")
@@ -144,48 +113,33 @@ def make_lora(
         assert fmt == "diffusers", "adapter metadata is a diffusers-format feature"
         modules = sorted({BLOCK_TARGETS[t] for t in targets})
         metadata = {"r": rank, "target_modules": modules, "lora_bias": bias, **metadata}
+    state_dict = random_lora(shapes, fmt, rank=rank, std=std, seed=seed, alpha=alpha, blocks=blocks,
+                             targets=targets, bias=bias, dtype=dtype)
 
-    def rnd(*size):
-        return (torch.randn(*size, generator=gen) * std).to(dtype)
-
-    state_dict: dict[str, torch.Tensor] = {}
+    # What the file stands for, worked out from its own tensors and numbers.
     deltas: dict[str, torch.Tensor] = {}
     bias_deltas: dict[str, torch.Tensor] = {}
 
-    def add(module: str, fans: tuple[int, int], keys: tuple[str, str, str | None], scale: float, bias_scale: float):
-        (fan_in, fan_out), (key_a, key_b, key_bias) = fans, keys
-        a, b = rnd(rank, fan_in), rnd(fan_out, rank)
-        state_dict[key_a], state_dict[key_b] = a, b
+    def add(module: str, key_a: str, key_b: str, key_bias: str | None, scale: float, bias_scale: float):
+        a, b = state_dict[key_a], state_dict[key_b]
         deltas[module] = (scale * (b.double() @ a.double())).float()
         if key_bias is not None:
-            state_dict[key_bias] = rnd(fan_out)
             bias_deltas[module] = (bias_scale * state_dict[key_bias].double()).float()
 
     for block in blocks:
         for native in targets:
             module = f"blocks.{block}.{BLOCK_TARGETS[native]}"
-            fans = shapes.get(module, shapes[f"blocks.0.{BLOCK_TARGETS[native]}"])  # blocks past the model's too
-            key_a, key_b, key_alpha = file_keys(fmt, block, native)
+            key_a, key_b, _ = file_keys(fmt, block, native)
             if metadata is not None:
                 scale = metadata_scale(metadata, module, rank)
             else:
                 scale = alpha / rank if has_alpha else 1.0
             # the converter folds .alpha into A and B only; peft scales the bias by the config's scale
             bias_scale = 1.0 if has_alpha else scale
-            add(module, fans, (key_a, key_b, bias_key(fmt, block, native) if bias else None), scale, bias_scale)
-            if key_alpha is not None:
-                state_dict[key_alpha] = torch.tensor(float(alpha), dtype=dtype)
-        if fmt == "lightx2v":
-            # what stock's converter drops: norm diffs (zero in real files) and modulation diffs
-            fan = shapes["blocks.0.attn1.to_q"][1]
-            state_dict[f"diffusion_model.blocks.{block}.norm3.diff"] = torch.zeros(fan, dtype=dtype)
-            state_dict[f"diffusion_model.blocks.{block}.norm3.diff_b"] = torch.zeros(fan, dtype=dtype)
-            state_dict[f"diffusion_model.blocks.{block}.self_attn.norm_q.diff"] = torch.zeros(fan, dtype=dtype)
-            state_dict[f"diffusion_model.blocks.{block}.diff_m"] = torch.zeros(1, 6, fan, dtype=dtype)
+            add(module, key_a, key_b, bias_key(fmt, block, native) if bias else None, scale, bias_scale)
     if fmt == "lightx2v":  # the output head, with its bias delta, unscaled (it has no .alpha)
-        head = "diffusion_model.head.head"
-        keys = (f"{head}.lora_down.weight", f"{head}.lora_up.weight", f"{head}.diff_b")
-        add("proj_out", shapes["proj_out"], keys, 1.0, 1.0)
+        add("proj_out", f"{LIGHTX2V_HEAD}.lora_down.weight", f"{LIGHTX2V_HEAD}.lora_up.weight",
+            f"{LIGHTX2V_HEAD}.diff_b", 1.0, 1.0)
     path = Path(path)
     if metadata is not None:
         from diffusers import WanImageToVideoPipeline
