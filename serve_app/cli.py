@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write the tiny test checkpoint (diffusers format)")
     tiny.add_argument("--out", required=True, type=Path, help="directory to write it to")
 
+    samples = commands.add_parser(
+        "samples", help="write a sample first frame and a sample LoRA for the local default (tiny model)")
+    samples.add_argument("--out", type=Path, default=Path("."),
+                         help="directory that wan-serve run runs in (default: the current one); writes "
+                              "first_frame.png and loras/sample/sample.safetensors there")
+    samples.add_argument("--force", action="store_true", help="replace files of the same names that differ")
 
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=os.environ.get("WAN_SERVER", "http://127.0.0.1:8000"),
@@ -92,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args.config)
     if args.command == "tiny-model":
         return _tiny_model(args)
+    if args.command == "samples":
+        return _samples(args)
     try:
         with WanClient(args.server, api_key=args.api_key, timeout=args.http_timeout) as client:
             if args.command == "submit":
@@ -117,6 +125,20 @@ def _tiny_model(args: argparse.Namespace) -> int:
     from deployments.models import build_tiny  # torch and diffusers: only for this command
 
     print(build_tiny(args.out).resolve())
+    return EXIT_OK
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from .samples import LORA_REF, write_samples  # torch: only for this command
+
+    written = write_samples(args.out, force=args.force)
+    for what, w in written.items():
+        if w.kept:
+            _error(f"{w.path} exists and is not the sample: left as it is (--force replaces it)")
+        else:
+            print(w.path)
+    print(f'request with "ctrl_img" from {written["first_frame"].path} and "loras": [{{"path": "{LORA_REF}"}}] '
+          "(see the README's first example)", file=sys.stderr)
     return EXIT_OK
 
 
