@@ -29,6 +29,7 @@ from .errors import StoreUnavailable
 from .jobs import AsyncJobStore, Job, QueueFull, StoredSpec, open_job_store
 from .middleware import ApiKeyAuth, BodyLimit, ReplicaHeader, bearer_key, unauthorized
 from .normalize import to_specs
+from .readiness import ReadinessProbe
 from .schemas import (
     ErrorBody,
     InferenceRequest,
@@ -83,6 +84,7 @@ class Ingress:
             raise RuntimeError(f"refusing to start: {e.message}") from e
         self.jobs = AsyncJobStore(store, storage.db_timeout_s, max_workers=storage.db_pool_size)
         self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica)
+        self.readiness = ReadinessProbe(replica.app_name, replica.deployment_name)
         self.runner.start()
         self._retention = asyncio.get_running_loop().create_task(retention.sweep_forever(
             self.jobs, self.outputs, storage.retention_s, storage.retention_sweep_s))
@@ -130,7 +132,17 @@ class Ingress:
 
     @api.get("/health")
     async def health(self) -> dict:
+        """This ingress replica answers (says nothing of the model: see /ready)."""
         return {"status": "healthy"}
+
+    @api.get("/ready", responses={503: {"description": "no model replica is loaded and warmed up yet"}})
+    async def ready(self) -> dict:
+        """200 once a GPU replica has loaded and warmed up the model (a job would start now), else 503."""
+        readiness = await self.readiness.check()
+        if not readiness.ready:
+            raise errors.ApiError(503, "NOT_READY", "no model replica has loaded and warmed up the model yet",
+                                  readiness.details(), headers={"Retry-After": "5"})
+        return {"status": "ready", **readiness.details()}
 
     @api.post("/v1/inference", response_model=SubmitResponse)
     async def submit(

@@ -77,7 +77,7 @@ def unauthorized() -> errors.ApiError:
 
 
 class ApiKeyAuth:
-    """ASGI middleware: with API keys configured, every path but /health needs a valid key.
+    """ASGI middleware: with API keys configured, every path but /health and /ready needs a valid key.
 
     A gate in front of everything (the docs, the OpenAPI schema, unknown paths included), so an
     unauthenticated caller learns nothing and never gets its body read; the routes still derive the
@@ -85,7 +85,7 @@ class ApiKeyAuth:
     """
 
     keys: list[str] = []
-    open_paths = ("/health",)
+    open_paths = ("/health", "/ready")
 
     def __init__(self, app):
         self.app = app

@@ -54,6 +54,50 @@ def test_health_and_models(app):
     assert "/v1/inference" in app.http.get("/openapi.json").json()["paths"]
 
 
+def test_ready_once_a_model_replica_has_loaded_the_model(app):
+    r = app.http.get("/ready")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ready" and body["model_replicas"]["running"] >= 1
+    # counts and Serve's status word only: no hosts, pids, paths or error texts
+    assert set(body) == {"status", "model_replicas", "deployment_status"}
+    assert set(body["model_replicas"]) == {"running", "starting"} and body["deployment_status"] == "HEALTHY"
+
+
+def test_ready_is_503_while_no_model_replica_is_loaded(serve_env):
+    """The ingress serves (/health, submit) while the GPU replica cannot start: /ready says so."""
+    from ray import serve
+
+    from serve_app.app import build_app
+    from tests.conftest import wait_for
+
+    # A GPU the test cluster does not have: the replica waits for one, forever. (Serve waits the
+    # graceful shutdown timeout before it gives up on a replica that never started.)
+    args = serve_env.args_for("no-gpu", gpu={"replica": {"num_gpus": 1, "graceful_shutdown_timeout_s": 1}})
+    serve.run_many([serve.RunTarget(build_app(args), name="no-gpu", route_prefix="/no-gpu")],
+                   wait_for_applications_running=False)
+    base = f"http://127.0.0.1:{serve_env.port}/no-gpu"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            wait_for(lambda: _get_or_none(http, "/health") == 200, 120, "the no-gpu ingress answers /health")
+            r = http.get("/ready")
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "5"
+            error = r.json()["detail"]["error"]
+            assert error["code"] == "NOT_READY"
+            assert error["details"]["model_replicas"]["running"] == 0, error
+            assert set(error["details"]) == {"model_replicas", "deployment_status"}
+    finally:
+        serve.delete("no-gpu")
+
+
+def _get_or_none(http, path: str) -> int | None:
+    try:
+        return http.get(path).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def test_submit_progress_result_download(app):
     request = small_request(prompt=f"{SLOW_PROMPT} a runner", sample_steps=4, width=70, num_frames=6)
     r = app.submit(request)

@@ -175,8 +175,9 @@ BAD_AUTH = [
 ]
 
 
-def test_every_route_but_health_needs_a_key(secure):
+def test_every_route_but_health_and_ready_needs_a_key(secure):
     assert secure.http.get("/health").json() == {"status": "healthy"}
+    assert secure.http.get("/ready").json()["status"] == "ready"
     before = job_count(secure)
     for value in BAD_AUTH:
         headers = {} if value is None else {"Authorization": value}
