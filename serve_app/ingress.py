@@ -16,8 +16,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated
 
-from fastapi import Body, FastAPI, Header, Request
+from fastapi import Body, Header, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 
 from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
@@ -46,10 +47,16 @@ from .storage import OutputStore, parse_range
 
 log = logging.getLogger("ray.serve")
 
-api = FastAPI(
+DOCS_ASSETS = "/docs/assets"
+
+# /docs and /redoc with their scripts and styles served from here (fastapi-offline ships them): the
+# stock pages load them from a CDN and are blank on a machine without internet access.
+api = FastAPIOffline(
     title="Wan 2.1 I2V 14B (480P) LoRA inference",
     description="ai-toolkit-inference compatible API: submit a first frame, a prompt and LoRAs; get a video.",
     version="0.1.0",
+    static_url=DOCS_ASSETS,
+    swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
 )
 errors.install(api)
 api.add_middleware(ReplicaHeader)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import imageio.v3 as iio
@@ -52,6 +53,30 @@ def test_health_and_models(app):
     assert set(m["samplers"]) == {"unipc", "flowmatch_euler"} and set(m["output_formats"]) == {"mp4", "webp"}
     assert app.http.get("/docs").status_code == 200
     assert "/v1/inference" in app.http.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_load_everything_from_this_server(app, page):
+    """Offline, a page that loads Swagger UI or ReDoc from a CDN is blank: every file is served here."""
+    import re
+    from urllib.parse import urlsplit
+
+    r = app.http.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "http:" not in html and "https:" not in html and "//" not in html.replace("://", "")
+    refs = re.findall(r'(?:src|href|spec-url)="([^"]*)"', html) + re.findall(r"url: '([^']*)'", html)
+    prefix = urlsplit(app.base_url).path  # the app's route prefix ("" or "/pg")
+    types = {".css": "text/css", ".js": "javascript", ".png": "image/png", ".json": "application/json"}
+    assert {Path(ref).suffix for ref in refs} >= ({".css", ".js", ".png", ".json"} if page == "/docs"
+                                                   else {".js", ".png", ".json"})
+    origin = app.base_url[:len(app.base_url) - len(prefix)]
+    for ref in refs:
+        assert ref.startswith(f"{prefix}/") and not ref.startswith("//"), ref
+        got = httpx.get(origin + ref, timeout=30)
+        assert got.status_code == 200, (ref, got.status_code)
+        assert types[Path(ref).suffix] in got.headers["content-type"], (ref, got.headers["content-type"])
+        assert len(got.content) > 1000, ref
 
 
 def test_ready_once_a_model_replica_has_loaded_the_model(app):

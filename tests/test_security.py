@@ -154,6 +154,8 @@ PROTECTED = [
     ("GET", "/v1/requests/x/outputs/0"),
     ("POST", "/v1/requests/x/cancel"),
     ("GET", "/docs"),
+    ("GET", "/docs/assets/swagger-ui-bundle.js"),
+    ("GET", "/redoc"),
     ("GET", "/openapi.json"),
     ("GET", "/no/such/route"),
     ("GET", "/healthz"),
