@@ -34,6 +34,15 @@ def _rebuild(cls, message, details, code):
     return cls(message, details, code)
 
 
+def is_client_error(exc: BaseException | None) -> bool:
+    """A typed error that the request itself caused (a 4xx: a missing or unusable LoRA, a cancel).
+
+    Such an error is an answer to the request, not a fault of the service: logged as one warning
+    line, never as an error with a traceback.
+    """
+    return isinstance(exc, ServiceError) and 400 <= exc.status < 500
+
+
 class InvalidRequest(ServiceError):
     code = "INVALID_REQUEST"
     status = 400

@@ -94,9 +94,11 @@ class WanI2VReplica:
     def __init__(self, cfg: GpuConfig):
         import torch  # noqa: F401  (fail early if the replica's environment lacks torch)
 
+        from . import logs
         from .models import load_pipeline
         from .pipeline import WanGenerator
 
+        logs.install()
         self.cfg = cfg
         # One worker thread: pipeline calls, adapter loads and deletes never overlap.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan-gpu")

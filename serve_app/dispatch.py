@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from deployments.errors import ServiceError
+from deployments.errors import ServiceError, is_client_error
 from deployments.spec import GenerationResult, GenerationSpec
 
 from . import errors
@@ -392,6 +392,9 @@ class JobRunner:
                 if typed.code == "CANCELED":
                     await self._finish(run, "canceled", dict(CANCELED))
                     return
+                # one line: a request's own mistake is no fault of ours; a fault's traceback is in the replica's log
+                log.log(logging.WARNING if is_client_error(typed) else logging.ERROR, "job %s failed: %s: %s",
+                        job.id, typed.code, typed.message)
                 await self._finish(run, "failed", {**typed.to_dict(), "details": {
                     **errors._jsonable(typed.details), "prompt_index": index}})
                 return

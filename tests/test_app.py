@@ -12,7 +12,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from tests.conftest import BACKENDS, SLOW_PROMPT, job_updates, small_request
+from tests.conftest import BACKENDS, FAIL_PROMPT, SLOW_PROMPT, job_updates, small_request, wait_for
 from tests.http_server import LocalServer
 
 
@@ -94,7 +94,6 @@ def test_ready_is_503_while_no_model_replica_is_loaded(serve_env):
     from ray import serve
 
     from serve_app.app import build_app
-    from tests.conftest import wait_for
 
     # A GPU the test cluster does not have: the replica waits for one, forever. (Serve waits the
     # graceful shutdown timeout before it gives up on a replica that never started.)
@@ -267,12 +266,56 @@ def test_missing_lora_fails_the_job_where_the_ingress_cannot_see_the_root(serve_
     args = serve_env.args_for("unseen-root", ingress={"lora_root_visible": False})
     app = serve_env.deploy("unseen-root", "/unseen-root", args)
     try:
-        r = app.submit({**small_request(), "loras": [{"path": "missing/nothing.safetensors"}]})
-        assert r.status_code == 200, r.text
-        status = app.wait(r.json()["request_id"])
-        assert status["status"] == "failed" and status["error"]["code"] == "LORA_NOT_FOUND", status
+        with ServeLogs("unseen-root") as logs:
+            r = app.submit({**small_request(), "loras": [{"path": "missing/nothing.safetensors"}]})
+            assert r.status_code == 200, r.text
+            rid = r.json()["request_id"]
+            status = app.wait(rid)
+            assert status["status"] == "failed" and status["error"]["code"] == "LORA_NOT_FOUND", status
+            # A user's mistake is one WARNING line naming the job in the logs, not an ERROR traceback.
+            wait_for(lambda: any(rid in line for line in logs.lines()), 30, lambda: f"a log line with {rid}")
+            named = [line for line in logs.lines() if rid in line]
+            assert len(named) == 1 and named[0].startswith("WARNING") and "LORA_NOT_FOUND" in named[0], named
+            assert not [line for line in logs.lines() if line.startswith(("ERROR", "CRITICAL"))], logs.text()
+            assert "Traceback" not in logs.text(), logs.text()
+        # A fault of the service still logs its traceback (an injected out-of-memory in a denoising step).
+        with ServeLogs("unseen-root") as logs:
+            failed = app.run(small_request(prompt=f"{FAIL_PROMPT} bug"))
+            assert failed["status"] == "failed" and failed["error"]["code"] == "OUT_OF_MEMORY", failed
+            wait_for(lambda: "Traceback" in logs.text(), 30, "a traceback for the injected fault")
     finally:
         serve.delete("unseen-root")
+
+
+class ServeLogs:
+    """What the Serve log files of one app (its replicas' logs in this Ray session) get while the block runs."""
+
+    def __init__(self, app_name: str):
+        self.app_name = app_name
+
+    def _files(self) -> list:
+        import ray
+
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+        return sorted(p for p in logs.glob(f"replica_{self.app_name}_*.log"))
+
+    def __enter__(self):
+        self.start = {p: p.stat().st_size for p in self._files()}
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def text(self) -> str:
+        parts = []
+        for p in self._files():
+            with open(p, "rb") as f:
+                f.seek(self.start.get(p, 0))
+                parts.append(f.read().decode("utf-8", "replace"))
+        return "".join(parts)
+
+    def lines(self) -> list[str]:
+        return [line for line in self.text().splitlines() if line.strip()]
 
 
 def test_lora_errors_fail_the_job_clearly(app, serve_env, loras):
