@@ -30,6 +30,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from deployments.errors import ServiceError
 from deployments.spec import GenerationResult, GenerationSpec
@@ -131,8 +132,14 @@ def _current_actor():
 class JobRunner:
     """Runs jobs from the shared store through the GPU replicas; one per ingress replica."""
 
-    def __init__(self, cfg: AppConfig, jobs: AsyncJobStore, outputs: OutputStore, replica):
+    def __init__(self, cfg: AppConfig, jobs: AsyncJobStore, outputs: OutputStore, replica,
+                 on_final: Callable[[], None] = lambda: None):
+        """
+        Args:
+            on_final: called after this runner made a job final (the webhook sender looks for work).
+        """
         self.cfg = cfg
+        self.on_final = on_final
         self.jobs = jobs
         self.outputs = outputs
         self.replica = replica
@@ -436,7 +443,8 @@ class JobRunner:
             raise LeaseLost("lease lost before the output was recorded")
 
     async def _finish(self, run: _Run, status: str, error: dict | None, metadata: dict | None = None) -> None:
-        await self._until_lease_ends(run, self.jobs.finish, run.job_id, status, error, self.holder, metadata)
+        if await self._until_lease_ends(run, self.jobs.finish, run.job_id, status, error, self.holder, metadata):
+            self.on_final()
 
     async def _until_lease_ends(self, run: _Run, call, *args):
         """A write that must land: retried while the database is unreachable, as long as our lease lasts.

@@ -295,6 +295,8 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
             },
             "storage": storage_for(name, backend),
             "jobs": {"lease_s": 3.0, "sweep_interval_s": 0.5},
+            # Three quick tries (the loopback receivers are allowed by gpu.fetch above).
+            "webhooks": {"attempts": 3, "initial_backoff_s": 0.2, "max_backoff_s": 0.5, "timeout_s": 2.0},
         }
         return _merge(base, overrides)
 

@@ -166,6 +166,102 @@ def test_retention_lists_only_final_jobs_finished_before_the_cutoff(store):
     assert store.get(old.id) is None and store.get(active.id) is not None
 
 
+# -- webhook deliveries ------------------------------------------------------------------------
+
+HOOK = "https://hooks.example/wan"
+
+
+def _wait_claim(store, holder: str, lease_s: float = 30, timeout: float = 10):
+    deadline = time.time() + timeout
+    while (job := store.claim_webhook(holder, lease_s)) is None:
+        assert time.time() < deadline, "the delivery never became due"
+        time.sleep(0.05)
+    return job
+
+
+def test_webhook_is_due_once_the_job_is_final_and_leased_to_one_holder(store):
+    job = new(store, webhook_url=HOOK)
+    plain = new(store)
+    assert (job.webhook_url, job.webhook_state, job.webhook_attempts) == (HOOK, "pending", [])
+    assert plain.webhook_state is None
+    assert store.claim_webhook("a", 30) is None  # not final yet: nothing to deliver
+    assert store.claim_next("r", 30).id == job.id
+    assert store.finish(job.id, "succeeded", holder="r") and store.finish(plain.id, "failed")
+    claimed = store.claim_webhook("a", 30)
+    assert claimed.id == job.id and claimed.status == "succeeded" and claimed.webhook_url == HOOK
+    assert store.claim_webhook("b", 30) is None  # leased; the job without a webhook is never due
+    assert store.record_webhook_attempt(job.id, "b", {"at": "t0", "error": "x"}, "failed") is False
+    assert store.record_webhook_attempt(job.id, "a", {"at": "t1", "status_code": 500}, "pending", 0.3)
+    assert store.claim_webhook("b", 30) is None  # the next attempt is not due yet
+    again = _wait_claim(store, "b")
+    assert again.id == job.id and again.webhook_attempts == [{"at": "t1", "status_code": 500}]
+    assert store.record_webhook_attempt(job.id, "a", {"at": "t2"}, "delivered") is False  # no longer a's
+    assert store.record_webhook_attempt(job.id, "b", {"at": "t2", "status_code": 204}, "delivered")
+    done = store.get(job.id)
+    assert done.webhook_state == "delivered" and [a["at"] for a in done.webhook_attempts] == ["t1", "t2"]
+    assert store.claim_webhook("c", 30) is None  # delivered: never again
+    assert store.record_webhook_attempt(job.id, "b", {"at": "t3"}, "failed") is False
+
+
+def test_an_expired_delivery_lease_is_taken_over(store):
+    job = new(store, webhook_url=HOOK)
+    store.request_cancel(job.id)  # a queued job canceled at once is final: its webhook is due
+    assert store.claim_webhook("dead", 0.3).id == job.id
+    taken = _wait_claim(store, "alive")
+    assert taken.id == job.id and taken.status == "canceled"
+    assert store.record_webhook_attempt(job.id, "dead", {"at": "late"}, "delivered") is False
+    assert store.record_webhook_attempt(job.id, "alive", {"at": "t", "status_code": 200}, "delivered")
+
+
+def test_concurrent_senders_never_claim_the_same_delivery(store_url):
+    stores = [open_job_store(store_url) for _ in range(3)]
+    try:
+        ids = []
+        for _ in range(12):
+            job = new(stores[0], webhook_url=HOOK)
+            stores[0].request_cancel(job.id)
+            ids.append(job.id)
+        barrier = threading.Barrier(6)
+
+        def claim_all(i):
+            barrier.wait()
+            got = []
+            while (job := stores[i % 3].claim_webhook(f"s{i}", 30)) is not None:
+                got.append(job.id)
+            return got
+
+        with ThreadPoolExecutor(6) as pool:
+            claimed = [jid for got in pool.map(claim_all, range(6)) for jid in got]
+        assert sorted(claimed) == sorted(ids) and len(claimed) == len(set(claimed))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_retention_keeps_a_job_whose_webhook_is_pending(store):
+    pending, delivered = new(store, webhook_url=HOOK), new(store, webhook_url=HOOK)
+    for job in (pending, delivered):
+        store.request_cancel(job.id)
+    job = store.claim_webhook("s", 30)
+    while job.id != delivered.id:  # deliver only the second one
+        store.record_webhook_attempt(job.id, "s", {"at": "t", "status_code": 500}, "pending", 3600)
+        job = store.claim_webhook("s", 30)
+    store.record_webhook_attempt(delivered.id, "s", {"at": "t", "status_code": 200}, "delivered")
+    assert store.finished_before(time.time() + 3600) == [delivered.id]
+
+
+def test_the_server_secret_is_made_once_and_shared(store_url):
+    first, second = open_job_store(store_url), open_job_store(store_url)
+    try:
+        secret = first.server_secret("webhook_signing_secret")
+        assert len(secret) == 64 and int(secret, 16) >= 0
+        assert second.server_secret("webhook_signing_secret") == secret
+        assert first.server_secret("another") != secret
+    finally:
+        first.close()
+        second.close()
+
+
 # -- schema ------------------------------------------------------------------------------------
 
 FIRST_RELEASE_SCHEMA = """
@@ -199,6 +295,67 @@ def test_sqlite_database_of_the_first_release_is_migrated_and_its_jobs_still_run
     assert job.id == "old-job" and item.image_key is None and item.spec.image_png == spec.image_png
     reopened = open_job_store(str(path))  # idempotent: a second start migrates nothing
     assert reopened.get("old-job").lease_owner == "h"
+
+
+def _database_of_the_previous_release(url: str):
+    """A database at the schema version before the current one, with a finished and a queued job."""
+    import json
+
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        from serve_app.jobs.postgres import MIGRATIONS
+
+        version = len(MIGRATIONS) - 1
+        with psycopg.connect(url, autocommit=True) as conn:
+            for script in MIGRATIONS[:version]:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+            conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (%s)", (version,))
+            for job_id, status, finished in (("done", "succeeded", time.time()), ("queued", "in_queue", None)):
+                conn.execute("INSERT INTO jobs (id, status, model, specs, num_prompts, created_at, finished_at) "
+                             "VALUES (%s,%s,'m',%s,1,%s,%s)",
+                             (job_id, status, json.dumps([s.to_json() for s in specs()]), time.time(), finished))
+        return version
+    from serve_app.jobs.sqlite import MIGRATIONS
+
+    version = len(MIGRATIONS) - 1
+    db = sqlite3.connect(url)
+    for script in MIGRATIONS[:version]:
+        db.executescript(script)
+    db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    for job_id, status, finished in (("done", "succeeded", time.time()), ("queued", "in_queue", None)):
+        db.execute("INSERT INTO jobs (id, status, model, specs, num_prompts, created_at, finished_at) "
+                   "VALUES (?,?,'m',?,1,?,?)",
+                   (job_id, status, json.dumps([s.to_json() for s in specs()]), time.time(), finished))
+    db.commit()
+    db.close()
+    return version
+
+
+def test_a_database_of_the_previous_release_gains_webhooks_and_keeps_its_jobs(store_url):
+    """SQLite 2 -> 3, PostgreSQL 1 -> 2: the webhook columns and the settings table are added."""
+    old = _database_of_the_previous_release(store_url)
+    store = open_job_store(store_url)
+    try:
+        assert store.schema_version == old + 1
+        done = store.get("done")
+        assert done.status == "succeeded" and (done.webhook_url, done.webhook_state, done.webhook_attempts) == (
+            None, None, [])
+        assert store.claim_webhook("s", 30) is None  # old jobs have nothing to deliver
+        assert store.claim_next("r", 30).id == "queued"  # and the queued one still runs
+        assert store.finish("queued", "succeeded", holder="r")
+        hooked = new(store, webhook_url=HOOK)
+        store.request_cancel(hooked.id)
+        assert store.claim_webhook("s", 30).id == hooked.id
+        assert store.server_secret("webhook_signing_secret")
+        assert sorted(store.finished_before(time.time() + 60)) == ["done", "queued"]
+    finally:
+        store.close()
+    reopened = open_job_store(store_url)  # a second start migrates nothing
+    assert reopened.schema_version == old + 1 and reopened.get(hooked.id).webhook_state == "pending"
+    reopened.close()
 
 
 def test_a_database_from_a_newer_release_is_refused(store_url):

@@ -153,6 +153,7 @@ PROTECTED = [
     ("GET", "/v1/requests/x/result"),
     ("GET", "/v1/requests/x/outputs/0"),
     ("POST", "/v1/requests/x/cancel"),
+    ("GET", "/v1/webhook-secret"),
     ("GET", "/docs"),
     ("GET", "/openapi.json"),
     ("GET", "/no/such/route"),
@@ -316,6 +317,17 @@ def test_default_fetch_rules_refuse_private_urls_at_submit(secure):
                     "https://[::1]/x.safetensors", "https://0x7f.0.0.1/x.safetensors"):
             rejected(secure, {**small_request(), "loras": [{"path": ref}]}, 400, "URL_NOT_ALLOWED", headers=key)
         assert srv.count("/img.png") == 0 and srv.count("/l.safetensors") == 0  # never connected
+        hook = srv.add("/hook")
+        for webhook_url in (hook, hook.replace("http://", "https://"), "https://169.254.169.254/hook",
+                            "https://[::1]/hook", "https://0x7f.0.0.1/hook", "https://10.1.2.3/hook"):
+            rejected(secure, {**small_request(), "webhook_url": webhook_url}, 400, "URL_NOT_ALLOWED", headers=key)
+        assert srv.count("/hook") == 0
+
+
+def test_each_key_has_its_own_webhook_secret(secure):
+    secrets = [secure.http.get("/v1/webhook-secret", headers=auth(k)).json()["secret"] for k in (*KEYS, FILE_KEY)]
+    assert len(set(secrets)) == 3 and all(s.startswith("whsec_") and len(s) == 6 + 64 for s in secrets)
+    assert secure.http.get("/v1/webhook-secret", headers=auth(KEYS[0])).json()["secret"] == secrets[0]
 
 
 def test_redirects_to_private_addresses_are_refused(app):
