@@ -57,7 +57,16 @@ def loaded_model(model_cache):
 
 
 @pytest.fixture(scope="session")
-def generator(loaded_model):
+def tiny_shapes(loaded_model):
+    """``linear_shapes`` of the tiny transformer, taken before any adapter is loaded into it: a loaded
+    adapter wraps each Linear, which then shows only as ``<name>.base_layer`` (also once deleted)."""
+    from deployments.lora_files import linear_shapes
+
+    return linear_shapes(loaded_model.pipe.transformer)
+
+
+@pytest.fixture(scope="session")
+def generator(loaded_model, tiny_shapes):
     """A WanGenerator over the session's tiny pipeline (shared: tests must not leave adapters active)."""
     from deployments.pipeline import WanGenerator
 

@@ -107,16 +107,14 @@ def test_served_output_equals_the_generation_core(app, generator, fmt):
 
 
 @pytest.fixture(scope="module")
-def loras(serve_env, loaded_model):
+def loras(serve_env, tiny_shapes):
     """Two LoRA files in the app's LoRA root (ai-toolkit and kohya formats)."""
-    from deployments.lora_files import linear_shapes
     from tests.lora_factory import make_lora
 
-    shapes = linear_shapes(loaded_model.pipe.transformer)
     sub = serve_env.lora_root / "my_wan_job"
     sub.mkdir(exist_ok=True)
-    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", shapes, seed=1)
-    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", shapes, seed=2)
+    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", tiny_shapes, seed=1)
+    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", tiny_shapes, seed=2)
     return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
 
 
