@@ -135,6 +135,10 @@ class JobsConfig(_Strict):
         2, ge=1, description="younger jobs that may start before an older one (LoRA affinity) before the runner "
         "stops taking new jobs until the older one starts",
     )
+    metrics_interval_s: float = Field(
+        5.0, gt=0, description="how often each ingress replica reads the active jobs per state (the wan_jobs_active "
+        "gauge) from the database",
+    )
 
 
 class WebhooksConfig(_Strict):

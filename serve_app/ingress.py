@@ -27,6 +27,7 @@ from .config import AppConfig
 from .dispatch import JobRunner
 from .errors import StoreUnavailable
 from .jobs import AsyncJobStore, Job, QueueFull, StoredSpec, open_job_store
+from .metrics import JobMetrics
 from .middleware import ApiKeyAuth, BodyLimit, ReplicaHeader, bearer_key, unauthorized
 from .normalize import to_specs
 from .schemas import (
@@ -80,7 +81,8 @@ class Ingress:
         except StoreUnavailable as e:
             raise RuntimeError(f"refusing to start: {e.message}") from e
         self.webhooks = webhooks.WebhookSender(self.cfg, self.jobs, self.webhook_secret)
-        self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica, on_final=self.webhooks.wake)
+        self.metrics = JobMetrics()
+        self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica, self.metrics, on_final=self.webhooks.wake)
         self.runner.start()
         self.webhooks.start()
         self._retention = asyncio.get_running_loop().create_task(retention.sweep_forever(
@@ -166,6 +168,8 @@ class Ingress:
                 await asyncio.to_thread(self.outputs.delete_job, job_id)
                 raise
             if created:
+                self.metrics.submitted.inc()
+                log.info("job %s: queued (%d prompts, %d LoRAs)", job.id, len(specs), len(req.loras))
                 self.runner.wake()
             else:  # a racing retry with the same Idempotency-Key won: its job has its own images
                 await asyncio.to_thread(self.outputs.delete_job, job_id)
@@ -216,7 +220,11 @@ class Ingress:
     async def cancel(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         job = await self._job(request_id, authorization)
         if not job.final:
-            job = await self.jobs.request_cancel(request_id) or job
+            after, canceled_now = await self.jobs.request_cancel(request_id)
+            job = after or job
+            if canceled_now:  # nobody held it: it ends here, not in a runner
+                self.metrics.finished("canceled", None)
+            log.info("job %s: cancel requested (%s)", request_id, "canceled" if canceled_now else "flagged")
             self.runner.cancel(request_id)
             if job.final:  # a queued job ends at once: its webhook is due now
                 self.webhooks.wake()

@@ -110,20 +110,6 @@ def test_served_output_equals_the_generation_core(app, generator, fmt):
     assert _download(app, result).content == _core_bytes(app, generator, request)
 
 
-@pytest.fixture(scope="module")
-def loras(serve_env, loaded_model):
-    """Two LoRA files in the app's LoRA root (ai-toolkit and kohya formats)."""
-    from deployments.lora_files import linear_shapes
-    from tests.lora_factory import make_lora
-
-    shapes = linear_shapes(loaded_model.pipe.transformer)
-    sub = serve_env.lora_root / "my_wan_job"
-    sub.mkdir(exist_ok=True)
-    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", shapes, seed=1)
-    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", shapes, seed=2)
-    return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
-
-
 def test_loras_by_path_by_url_and_stacked_without_reloading_the_base(app, generator, loras):
     base = app.run(small_request(output_format="webp"))
     before = app.replica_stats()

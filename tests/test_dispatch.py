@@ -18,18 +18,16 @@ BOUND = MAX_OVERTAKES + MAX_IN_FLIGHT - 1
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def order_app(request, serve_env, loaded_model):
+def order_app(request, serve_env, tiny_shapes):
     """One GPU replica, a small in-flight window, and two LoRA files in the LoRA root."""
     from ray import serve
 
-    from deployments.lora_files import linear_shapes
     from tests.lora_factory import make_lora
 
-    shapes = linear_shapes(loaded_model.pipe.transformer)
     for name, seed in (("order_x", 51), ("order_y", 52)):
         path = serve_env.lora_root / f"{name}.safetensors"
         if not path.exists():
-            make_lora(path, "ai-toolkit", shapes, seed=seed)
+            make_lora(path, "ai-toolkit", tiny_shapes, seed=seed)
     name = f"order-{request.param}"
     args = serve_env.args_for(name, request.param, jobs={"max_in_flight": MAX_IN_FLIGHT,
                                                          "max_overtakes": MAX_OVERTAKES})

@@ -107,14 +107,56 @@ def test_cancel_ends_an_unleased_job_at_once_and_flags_a_running_one(store):
     store.release(queued.id, "h")
     assert store.claim_next("h", 30).id == queued.id
     store.release(queued.id, "h")
-    assert store.request_cancel(queued.id).status == "canceled"
+    canceled, now = store.request_cancel(queued.id)
+    assert canceled.status == "canceled" and now is True
+    assert store.request_cancel(queued.id) == (store.get(queued.id), False)  # final already: nothing changed
     assert store.claim_next("h", 30).id == running.id
     assert store.renew(running.id, "h", 30).cancel_requested is False
-    after = store.request_cancel(running.id)
-    assert after.status == "in_queue" and after.cancel_requested
+    after, now = store.request_cancel(running.id)
+    assert after.status == "in_queue" and after.cancel_requested and now is False  # its runner ends it
     assert store.renew(running.id, "h", 30).cancel_requested is True
     assert store.set_progress(running.id, "h", {"stage": "denoising"}) is False
-    assert store.request_cancel("nope") is None
+    assert store.request_cancel("nope") == (None, False)
+
+
+def test_concurrent_cancels_of_a_queued_job_report_one_cancel(store_url):
+    # The ingress counts a cancel that ended the job itself: two replicas canceling at once count one.
+    stores = [open_job_store(store_url) for _ in range(2)]
+    try:
+        jobs = [new(stores[0]) for _ in range(4)]
+        barrier = threading.Barrier(8)
+
+        def cancel(i):
+            barrier.wait()
+            return stores[i % 2].request_cancel(jobs[i // 2].id)[1]
+
+        with ThreadPoolExecutor(8) as pool:
+            canceled_now = list(pool.map(cancel, range(8)))
+        assert [canceled_now[2 * j] + canceled_now[2 * j + 1] for j in range(4)] == [1, 1, 1, 1]
+        assert all(stores[1].get(job.id).status == "canceled" for job in jobs)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_active_counts_tell_waiting_dispatched_and_running_jobs_apart(store):
+    assert store.active_counts() == {"waiting": 0, "dispatched": 0, "running": 0}
+    dispatched, running, expired, done, queued = (new(store) for _ in range(5))  # claimed oldest first
+    assert store.claim_next("h", 30).id == dispatched.id  # held by a runner, not started on a replica
+    assert store.claim_next("h", 30).id == running.id
+    assert store.set_progress(running.id, "h", {"stage": "denoising"})
+    assert store.claim_next("dead", 0.3).id == expired.id  # started, then its runner died
+    assert store.set_progress(expired.id, "dead", {"stage": "denoising"})
+    assert store.claim_next("h", 30).id == done.id
+    assert store.finish(done.id, "succeeded", holder="h")  # final: not active
+    assert store.active_counts()["dispatched"] == 1
+    deadline = time.time() + 10
+    # `queued` was never claimed; `expired` waits for a runner again once its lease runs out.
+    while (counts := store.active_counts()) != {"waiting": 2, "dispatched": 1, "running": 1}:
+        assert time.time() < deadline, counts
+        time.sleep(0.05)
+    store.request_cancel(queued.id)
+    assert store.active_counts() == {"waiting": 1, "dispatched": 1, "running": 1}
 
 
 def test_idempotency_key_yields_one_job_when_submits_race_across_replicas(store_url):

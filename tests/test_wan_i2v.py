@@ -31,17 +31,15 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def lora_files(serve_env, loaded_model) -> dict[str, Path]:
+def lora_files(serve_env, tiny_shapes) -> dict[str, Path]:
     """Valid LoRA files in the LoRA root (one to load first, one whose name triggers the load fault) and
     one that does not fit the transformer."""
     from safetensors.torch import save_file
     import torch
 
-    from deployments.lora_files import linear_shapes
     from tests.lora_factory import make_lora
 
-    shapes = linear_shapes(loaded_model.pipe.transformer)
-    files = {name: make_lora(serve_env.lora_root / name, "ai-toolkit", shapes, seed=i).path
+    files = {name: make_lora(serve_env.lora_root / name, "ai-toolkit", tiny_shapes, seed=i).path
              for i, name in enumerate((GOOD, FAULTY, "0-half-good.safetensors"))}
     bad = serve_env.lora_root / "z-half-bad.safetensors"
     save_file({"diffusion_model.blocks.39.self_attn.q.lora_A.weight": torch.zeros(4, 16),

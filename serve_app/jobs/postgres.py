@@ -206,6 +206,16 @@ class PostgresJobStore(JobStore):
             return self._one("SELECT COUNT(*) AS n FROM jobs")["n"]
         return self._one("SELECT COUNT(*) AS n FROM jobs WHERE status = ANY(%s)", (list(statuses),))["n"]
 
+    @_unavailable
+    def active_counts(self) -> dict[str, int]:
+        # One clock reading for every row (clock_timestamp() changes while a statement runs).
+        row = self._one(
+            "SELECT count(*) FILTER (WHERE lease_until < n.t) AS waiting,"
+            " count(*) FILTER (WHERE lease_until >= n.t AND status='in_queue') AS dispatched,"
+            " count(*) FILTER (WHERE lease_until >= n.t AND status='in_progress') AS running"
+            f" FROM jobs, (SELECT {NOW} AS t) AS n WHERE {ACTIVE_SQL}")
+        return {k: int(row[k]) for k in ("waiting", "dispatched", "running")}
+
     # -- leases ---------------------------------------------------------------------------------
 
     @_unavailable
@@ -275,14 +285,14 @@ class PostgresJobStore(JobStore):
         return self._one(query + " RETURNING id", params) is not None
 
     @_unavailable
-    def request_cancel(self, job_id: str) -> Job | None:
+    def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute(f"UPDATE jobs SET cancel_requested=true WHERE id=%s AND {ACTIVE_SQL}", (job_id,))
-            conn.execute(f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, "
-                         f"lease_until=0 WHERE id=%s AND status='in_queue' AND lease_until < {NOW}",
-                         (Jsonb(CANCELED), job_id))
+            cur = conn.execute(f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, "
+                               f"lease_until=0 WHERE id=%s AND status='in_queue' AND lease_until < {NOW}",
+                               (Jsonb(CANCELED), job_id))
             row = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=%s", (job_id,)).fetchone()
-        return row_to_job(row) if row else None
+        return (row_to_job(row) if row else None), cur.rowcount == 1
 
     # -- webhook deliveries ---------------------------------------------------------------------
 

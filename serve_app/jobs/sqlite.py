@@ -194,6 +194,16 @@ class SqliteJobStore(JobStore):
         marks = ",".join("?" * len(statuses))
         return self._conn().execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
 
+    @_unavailable
+    def active_counts(self) -> dict[str, int]:
+        now = time.time()
+        row = self._conn().execute(
+            "SELECT COALESCE(SUM(lease_until < ?), 0) AS waiting,"
+            " COALESCE(SUM(lease_until >= ? AND status='in_queue'), 0) AS dispatched,"
+            " COALESCE(SUM(lease_until >= ? AND status='in_progress'), 0) AS running"
+            f" FROM jobs WHERE status IN {_ACTIVE_SQL}", (now, now, now)).fetchone()
+        return {k: int(row[k]) for k in ("waiting", "dispatched", "running")}
+
     # -- leases ---------------------------------------------------------------------------------
 
     @_unavailable
@@ -284,15 +294,15 @@ class SqliteJobStore(JobStore):
             return cur.rowcount == 1
 
     @_unavailable
-    def request_cancel(self, job_id: str) -> Job | None:
+    def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
         now = time.time()
         with self._tx() as db:
             db.execute(f"UPDATE jobs SET cancel_requested=1 WHERE id=? AND status IN {_ACTIVE_SQL}", (job_id,))
-            db.execute("UPDATE jobs SET status='canceled', finished_at=?, error=?, lease_owner=NULL, lease_until=0 "
-                       "WHERE id=? AND status='in_queue' AND lease_until < ?",
-                       (now, json.dumps(CANCELED), job_id, now))
+            cur = db.execute("UPDATE jobs SET status='canceled', finished_at=?, error=?, lease_owner=NULL, "
+                             "lease_until=0 WHERE id=? AND status='in_queue' AND lease_until < ?",
+                             (now, json.dumps(CANCELED), job_id, now))
             row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return row_to_job(row) if row else None
+        return (row_to_job(row) if row else None), cur.rowcount == 1
 
     # -- webhook deliveries ---------------------------------------------------------------------
 

@@ -81,6 +81,11 @@ class JobStore(ABC):
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
         ...
 
+    @abstractmethod
+    def active_counts(self) -> dict[str, int]:
+        """Active jobs by where they are: ``waiting`` (no runner holds it: queued, or its runner's lease
+        expired), ``dispatched`` (held by a runner, not yet started on a GPU replica), ``running``."""
+
     # -- leases ---------------------------------------------------------------------------------
 
     @abstractmethod
@@ -122,8 +127,12 @@ class JobStore(ABC):
         """Move an active job to a final state, once: a final job never changes again."""
 
     @abstractmethod
-    def request_cancel(self, job_id: str) -> Job | None:
-        """Flag a job for cancellation; a queued job nobody holds is canceled at once."""
+    def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
+        """Flag a job for cancellation; a queued job nobody holds is canceled at once.
+
+        Returns:
+            (the job after the call, None if there is none; whether this call made it canceled).
+        """
 
     # -- webhook deliveries ---------------------------------------------------------------------
 
