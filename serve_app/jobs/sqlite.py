@@ -55,6 +55,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS jobs_queue_order ON jobs(created_at) WHERE status IN ('in_queue','in_progress');
     CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    """
+    CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -164,6 +167,14 @@ class SqliteJobStore(JobStore):
         row = self._conn().execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? AND idempotency_key=?",
                                    (owner, key)).fetchone()
         return row_to_job(row) if row else None
+
+    @_unavailable
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        after = "AND (created_at, id) < (?, ?) " if before is not None else ""
+        rows = self._conn().execute(
+            f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? {after}ORDER BY created_at DESC, id DESC LIMIT ?",
+            (owner, *(before or ()), limit)).fetchall()
+        return [row_to_job(r) for r in rows]
 
     @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
