@@ -1,4 +1,4 @@
-"""The HTTP ingress: routes only (submit, status, result, files, cancel, models).
+"""The HTTP ingress: routes only (submit, status, result, files, cancel, the caller's jobs, models).
 
 Path of a request: HTTP -> ``InferenceRequest`` -> ``normalize.to_specs`` -> control images into the
 output store -> a durable job row -> ``dispatch.JobRunner`` runs it on a GPU replica -> video in the
@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated
 
-from fastapi import Body, FastAPI, Header, Request
+from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
 from ray import serve
 
@@ -36,6 +36,7 @@ from .schemas import (
     ModelsResponse,
     Outputs,
     ProgressPublic,
+    RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
@@ -172,6 +173,23 @@ class Ingress:
             cancel_url=self._url(f"/v1/requests/{job.id}/cancel"),
             created_at=iso(job.created_at),
         )
+
+    @api.get("/v1/requests", response_model=RequestList)
+    async def requests(
+        self,
+        authorization: Annotated[str | None, Header()] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        before: Annotated[str | None, Query(max_length=64, description="next_before of the previous page")] = None,
+    ) -> RequestList:
+        """The caller's own jobs, newest first, one page of ``limit``."""
+        owner = self._owner(authorization)
+        cursor = None
+        if before is not None:
+            last = await self._job(before, authorization)
+            cursor = (last.created_at, last.id)
+        jobs = await self.jobs.recent(owner, limit + 1, cursor)  # one more: is there a next page?
+        return RequestList(requests=[self._status(job) for job in jobs[:limit]],
+                           next_before=jobs[limit - 1].id if len(jobs) > limit else None)
 
     @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse)
     async def status(self, request_id: str, authorization: Annotated[str | None, Header()] = None):

@@ -109,6 +109,13 @@ class StatusResponse(BaseModel):
     finished_at: str | None = None
 
 
+class RequestList(BaseModel):
+    """One page of the caller's jobs, newest first."""
+
+    requests: list[StatusResponse]
+    next_before: str | None = Field(None, description="pass as `before` for the next page; null on the last page")
+
+
 class VideoPublic(BaseModel):
     format: str
     width: int

@@ -148,6 +148,7 @@ def write_lora(path, *, bad_in: int = 0):
 
 PROTECTED = [
     ("GET", "/v1/models"),
+    ("GET", "/v1/requests"),
     ("POST", "/v1/inference"),
     ("GET", "/v1/requests/x/status"),
     ("GET", "/v1/requests/x/result"),
@@ -194,6 +195,19 @@ def test_every_route_but_health_needs_a_key(secure):
     assert secure.http.get("/docs", headers=auth(KEYS[0])).status_code == 200
     assert secure.http.get("/openapi.json", headers=auth(KEYS[0])).status_code == 200
     assert secure.http.get("/no/such/route", headers=auth(KEYS[0])).status_code == 404
+
+
+def test_recent_requests_list_only_the_callers_jobs(secure):
+    mine, other = auth(KEYS[0]), auth(KEYS[1])
+    rid = secure.submit(small_request(), mine).json()["request_id"]
+    secure.wait(rid, headers=mine)
+    listed = secure.http.get("/v1/requests", headers=mine).json()["requests"]
+    assert rid in [s["request_id"] for s in listed]
+    theirs = secure.http.get("/v1/requests", params={"limit": 100}, headers=other).json()["requests"]
+    assert rid not in [s["request_id"] for s in theirs]
+    # Another key's job is no cursor either: it does not exist for this key.
+    r = secure.http.get("/v1/requests", params={"before": rid}, headers=other)
+    assert r.status_code == 404 and code(r) == "REQUEST_NOT_FOUND"
 
 
 def test_auth_is_checked_before_the_body_is_read(secure):
