@@ -1,4 +1,4 @@
-"""The HTTP ingress: routes only (submit, status, result, files, cancel, the caller's jobs, models).
+"""The HTTP ingress: routes only (submit, status, result, files, cancel, the caller's jobs, models, playground).
 
 Path of a request: HTTP -> ``InferenceRequest`` -> ``normalize.to_specs`` -> control images into the
 output store -> a durable job row -> ``dispatch.JobRunner`` runs it on a GPU replica -> video in the
@@ -17,12 +17,12 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import Body, FastAPI, Header, Query, Request
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from ray import serve
 
 from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
 
-from . import errors, retention
+from . import errors, playground, retention
 from .config import AppConfig
 from .dispatch import JobRunner
 from .errors import StoreUnavailable
@@ -249,6 +249,19 @@ class Ingress:
             job = await self.jobs.request_cancel(request_id) or job
             self.runner.cancel(request_id)
         return self._status(job)
+
+    @api.get("/", include_in_schema=False)
+    async def playground_page(self, request: Request) -> HTMLResponse:
+        """The browser playground (open without a key: it holds no data, its script asks with the key)."""
+        return HTMLResponse(playground.page(request.scope.get("root_path", "")), headers=playground.HEADERS)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def playground_asset(self, name: str) -> FileResponse:
+        found = playground.asset(name)
+        if found is None:
+            raise errors.ApiError(404, "NOT_FOUND", f"no static file {name!r}")
+        path, media_type = found
+        return FileResponse(path, media_type=media_type, headers=playground.HEADERS)
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self, authorization: Annotated[str | None, Header()] = None):

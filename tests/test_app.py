@@ -275,6 +275,25 @@ def test_recent_requests_newest_first_in_pages(app):
         assert r.status_code == 422 and r.json()["detail"]["error"]["code"] == "VALIDATION_ERROR", bad
 
 
+def test_playground_page_and_files_are_served_under_the_apps_prefix(app):
+    """The page's <base> is the app's route prefix (``/`` or ``/pg``), so its relative URLs reach this app."""
+    from serve_app import playground
+
+    prefix = app.base_url.split(str(app.http.base_url.port), 1)[1]  # "" or "/pg"
+    for path in ("", "/"):
+        r = httpx.get(app.base_url + path, follow_redirects=True)  # Serve redirects /pg to /pg/
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (path, r.text)
+        assert f'<base href="{prefix}/">' in r.text and "{{" not in r.text
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+    for name, media_type in playground.ASSETS.items():
+        r = app.http.get(f"/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(media_type)
+        assert r.content == (playground.STATIC_DIR / name).read_bytes()
+    assert app.http.get("/static/playground.html").status_code == 404  # the template is not a file to fetch
+    assert app.http.get("/docs").status_code == 200
+    assert "/" not in app.http.get("/openapi.json").json()["paths"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     from ray import serve
