@@ -1,4 +1,5 @@
-"""The HTTP ingress: routes only (submit, status, result, files, cancel, models, webhook secret).
+"""The HTTP ingress: routes only (submit, status, result, files, cancel, the caller's jobs, models,
+webhook secret, playground).
 
 Path of a request: HTTP -> ``InferenceRequest`` -> ``normalize.to_specs`` -> control images into the
 output store -> a durable job row -> ``dispatch.JobRunner`` runs it on a GPU replica -> video in the
@@ -16,13 +17,13 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import Body, FastAPI, Header, Request
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from ray import serve
 
 from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
 
-from . import errors, retention, views, webhooks
+from . import errors, playground, retention, views, webhooks
 from .config import AppConfig
 from .dispatch import JobRunner
 from .errors import StoreUnavailable
@@ -34,6 +35,9 @@ from .schemas import (
     InferenceRequest,
     ModelPublic,
     ModelsResponse,
+    Outputs,
+    ProgressPublic,
+    RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
@@ -182,6 +186,23 @@ class Ingress:
             created_at=views.iso(job.created_at),
         )
 
+    @api.get("/v1/requests", response_model=RequestList)
+    async def requests(
+        self,
+        authorization: Annotated[str | None, Header()] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        before: Annotated[str | None, Query(max_length=64, description="next_before of the previous page")] = None,
+    ) -> RequestList:
+        """The caller's own jobs, newest first, one page of ``limit``."""
+        owner = self._owner(authorization)
+        cursor = None
+        if before is not None:
+            last = await self._job(before, authorization)
+            cursor = (last.created_at, last.id)
+        jobs = await self.jobs.recent(owner, limit + 1, cursor)  # one more: is there a next page?
+        return RequestList(requests=[self._status(job) for job in jobs[:limit]],
+                           next_before=jobs[limit - 1].id if len(jobs) > limit else None)
+
     @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse)
     async def status(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         return views.status(await self._job(request_id, authorization))
@@ -234,6 +255,19 @@ class Ingress:
     async def webhook_secret_route(self, authorization: Annotated[str | None, Header()] = None):
         """The caller's webhook signing secret: verify deliveries with it (``client.verify_webhook``)."""
         return WebhookSecretResponse(secret=webhooks.key_secret(self.webhook_secret, self._owner(authorization)))
+
+    @api.get("/", include_in_schema=False)
+    async def playground_page(self, request: Request) -> HTMLResponse:
+        """The browser playground (open without a key: it holds no data, its script asks with the key)."""
+        return HTMLResponse(playground.page(request.scope.get("root_path", "")), headers=playground.HEADERS)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def playground_asset(self, name: str) -> FileResponse:
+        found = playground.asset(name)
+        if found is None:
+            raise errors.ApiError(404, "NOT_FOUND", f"no static file {name!r}")
+        path, media_type = found
+        return FileResponse(path, media_type=media_type, headers=playground.HEADERS)
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self, authorization: Annotated[str | None, Header()] = None):

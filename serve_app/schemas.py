@@ -133,6 +133,13 @@ class WebhookSecretResponse(BaseModel):
     scheme: str = "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.<raw body>')>"
 
 
+class RequestList(BaseModel):
+    """One page of the caller's jobs, newest first."""
+
+    requests: list[StatusResponse]
+    next_before: str | None = Field(None, description="pass as `before` for the next page; null on the last page")
+
+
 class VideoPublic(BaseModel):
     format: str
     width: int

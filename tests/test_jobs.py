@@ -304,6 +304,68 @@ def test_the_server_secret_is_made_once_and_shared(store_url):
         second.close()
 
 
+def execute(store_url: str, sql: str, params: tuple = ()) -> None:
+    """One statement straight on the database (``?`` placeholders), outside the store."""
+    if store_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), params)
+    else:
+        db = sqlite3.connect(store_url)
+        db.execute(sql, params)
+        db.commit()
+        db.close()
+
+
+def test_recent_lists_an_owners_jobs_newest_first_in_pages_that_miss_none(store, store_url):
+    mine = [new(store, owner="me").id for _ in range(7)]
+    theirs = new(store, owner="them").id
+    # Three of mine share one created_at: the id orders them, and no page boundary loses or repeats one.
+    execute(store_url, "UPDATE jobs SET created_at=(SELECT created_at FROM jobs WHERE id=?) WHERE id IN (?,?)",
+            (mine[2], mine[3], mine[4]))
+    tied = sorted(mine[2:5], reverse=True)
+    expected = [mine[6], mine[5], *tied, mine[1], mine[0]]
+    assert [j.id for j in store.recent("me", 100)] == expected
+    assert [j.id for j in store.recent("them", 100)] == [theirs] and store.recent("nobody", 100) == []
+    for size in (1, 2, 3):
+        seen, cursor = [], None
+        while page := store.recent("me", size, cursor):
+            assert len(page) <= size
+            seen += [j.id for j in page]
+            cursor = (page[-1].created_at, page[-1].id)
+        assert seen == expected, size
+    job = store.recent("me", 1)[0]
+    assert job.specs_json is None and job.status == "in_queue"  # a listing never reads the specs
+
+
+def test_recent_is_served_by_the_owner_index_after_migrating_an_older_database(store_url):
+    """A database of the previous schema version gains the (owner, created_at) index on the next start."""
+    old = open_job_store(store_url)
+    job = new(old, owner="me")
+    version = old.schema_version
+    old.close()
+    execute(store_url, "DROP INDEX jobs_owner_recent")
+    execute(store_url, "UPDATE schema_version SET version = ?", (version - 1,))
+    store = open_job_store(store_url)
+    try:
+        assert store.schema_version == version and [j.id for j in store.recent("me", 5)] == [job.id]
+        query = "SELECT id FROM jobs WHERE owner='me' ORDER BY created_at DESC, id DESC LIMIT 5"
+        if store_url.startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(store_url) as conn:
+                conn.execute("SET enable_seqscan = off")  # a tiny table: make the planner show its best index
+                plan = " ".join(r[0] for r in conn.execute(f"EXPLAIN {query}").fetchall())
+        else:
+            db = sqlite3.connect(store_url)
+            plan = " ".join(r[-1] for r in db.execute(f"EXPLAIN QUERY PLAN {query}").fetchall())
+            db.close()
+        assert "jobs_owner_recent" in plan and "TEMP B-TREE" not in plan.upper(), plan
+    finally:
+        store.close()
+
+
 # -- schema ------------------------------------------------------------------------------------
 
 FIRST_RELEASE_SCHEMA = """

@@ -148,6 +148,7 @@ def write_lora(path, *, bad_in: int = 0):
 
 PROTECTED = [
     ("GET", "/v1/models"),
+    ("GET", "/v1/requests"),
     ("POST", "/v1/inference"),
     ("GET", "/v1/requests/x/status"),
     ("GET", "/v1/requests/x/result"),
@@ -158,6 +159,10 @@ PROTECTED = [
     ("GET", "/openapi.json"),
     ("GET", "/no/such/route"),
     ("GET", "/healthz"),
+    ("GET", "/static/nope.js"),  # only the playground's own files are open, by exact path
+    ("GET", "/static/playground.html"),
+    ("GET", "/static/"),
+    ("GET", "/index.html"),
 ]
 
 BAD_AUTH = [
@@ -195,6 +200,32 @@ def test_every_route_but_health_needs_a_key(secure):
     assert secure.http.get("/docs", headers=auth(KEYS[0])).status_code == 200
     assert secure.http.get("/openapi.json", headers=auth(KEYS[0])).status_code == 200
     assert secure.http.get("/no/such/route", headers=auth(KEYS[0])).status_code == 404
+
+
+def test_the_playground_loads_without_a_key_and_serves_no_data(secure):
+    """Its page and files are open paths: a browser needs them before it has a key; they are constant."""
+    from serve_app import playground
+
+    page = secure.http.get("/")
+    assert page.status_code == 200 and page.text == playground.page("/secure")
+    for name in playground.ASSETS:
+        r = secure.http.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content == (playground.STATIC_DIR / name).read_bytes()
+    assert secure.http.post("/", json=small_request()).status_code == 401  # only GET is a page
+    assert secure.http.get("/", params={"x": "1"}).text == page.text
+
+
+def test_recent_requests_list_only_the_callers_jobs(secure):
+    mine, other = auth(KEYS[0]), auth(KEYS[1])
+    rid = secure.submit(small_request(), mine).json()["request_id"]
+    secure.wait(rid, headers=mine)
+    listed = secure.http.get("/v1/requests", headers=mine).json()["requests"]
+    assert rid in [s["request_id"] for s in listed]
+    theirs = secure.http.get("/v1/requests", params={"limit": 100}, headers=other).json()["requests"]
+    assert rid not in [s["request_id"] for s in theirs]
+    # Another key's job is no cursor either: it does not exist for this key.
+    r = secure.http.get("/v1/requests", params={"before": rid}, headers=other)
+    assert r.status_code == 404 and code(r) == "REQUEST_NOT_FOUND"
 
 
 def test_auth_is_checked_before_the_body_is_read(secure):

@@ -82,6 +82,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_webhooks_pending ON jobs(webhook_next_at) WHERE webhook_state = 'pending';
     CREATE TABLE settings (name text PRIMARY KEY, value text NOT NULL);
     """,
+    # Plain CREATE INDEX (CONCURRENTLY cannot run in the migration's transaction): it blocks job
+    # writes while it builds, moments on a jobs table that retention keeps small.
+    """
+    CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -199,6 +204,15 @@ class PostgresJobStore(JobStore):
     def by_idempotency_key(self, owner: str, key: str) -> Job | None:
         row = self._one(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s AND idempotency_key=%s", (owner, key))
         return row_to_job(row) if row else None
+
+    @_unavailable
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        after = "AND (created_at, id) < (%s, %s) " if before is not None else ""
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s {after}ORDER BY created_at DESC, id DESC LIMIT %s",
+                (owner, *(before or ()), limit)).fetchall()
+        return [row_to_job(r) for r in rows]
 
     @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:

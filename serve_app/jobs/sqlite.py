@@ -76,6 +76,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_webhooks_pending ON jobs(webhook_next_at) WHERE webhook_state = 'pending';
     CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -186,6 +189,14 @@ class SqliteJobStore(JobStore):
         row = self._conn().execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? AND idempotency_key=?",
                                    (owner, key)).fetchone()
         return row_to_job(row) if row else None
+
+    @_unavailable
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        after = "AND (created_at, id) < (?, ?) " if before is not None else ""
+        rows = self._conn().execute(
+            f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? {after}ORDER BY created_at DESC, id DESC LIMIT ?",
+            (owner, *(before or ()), limit)).fetchall()
+        return [row_to_job(r) for r in rows]
 
     @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:

@@ -78,6 +78,15 @@ class JobStore(ABC):
         """The job an owner already submitted with this Idempotency-Key, if any."""
 
     @abstractmethod
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        """An owner's jobs, newest first (by ``created_at``, then id): at most ``limit``.
+
+        Args:
+            before: ``(created_at, id)`` of the last job of the previous page: only jobs after it in
+                this order (keyset paging, so jobs submitted meanwhile never shift a page).
+        """
+
+    @abstractmethod
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
         ...
 
