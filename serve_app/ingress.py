@@ -58,6 +58,13 @@ api.add_middleware(BodyLimit)
 api.add_middleware(ApiKeyAuth)  # added last: outermost, so it runs before any body is read
 
 
+def _is_job_id(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=200)
 @serve.ingress(api)
 class Ingress:
@@ -111,6 +118,8 @@ class Ingress:
 
     async def _job(self, request_id: str, authorization: str | None) -> Job:
         owner = self._owner(authorization)
+        if not _is_job_id(request_id):  # ids are UUIDs: anything else names no job (and never reaches SQL)
+            raise errors.not_found(request_id)
         job = await self.jobs.get(request_id)
         if job is None or job.owner != owner:  # another key's job does not exist for you
             raise errors.not_found(request_id)

@@ -282,11 +282,23 @@ def test_production_config_refuses_to_start_without_keys(tmp_path, monkeypatch):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     prod = yaml.safe_load((configs / "wan21-i2v-480p.yaml").read_text())["applications"][0]["args"]
-    # The production config names a key file on shared storage: absent or empty, it refuses to start.
+    # The production config reads its keys from a variable each node's environment sets: unset or
+    # empty, it refuses to start.
+    variable = prod["auth"]["api_keys_env"]
+    assert prod["auth"]["require_keys"] and variable and "api_keys_file" not in prod["auth"]
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ValidationError, match="no key|no API key"):
+        build_app(prod)
+    monkeypatch.setenv(variable, " , ")
+    with pytest.raises(ValidationError, match="no key|no API key"):
+        build_app(prod)
+    monkeypatch.setenv(variable, "k1, k2")
+    assert build_app(prod) is not None and AppConfig.model_validate(prod).auth.load_keys() == ["k1", "k2"]
+    monkeypatch.delenv(variable)
+    # A key file is still an option: absent or empty, it refuses to start too.
     def with_file(path):
         return {**prod, "auth": {**prod["auth"], "api_keys_file": str(path)}}
 
-    assert prod["auth"]["require_keys"] and prod["auth"]["api_keys_file"]
     with pytest.raises(ValidationError, match="cannot be read"):
         build_app(with_file(tmp_path / "absent"))
     (tmp_path / "blank").write_text("\n \n")
@@ -294,9 +306,6 @@ def test_production_config_refuses_to_start_without_keys(tmp_path, monkeypatch):
         build_app(with_file(tmp_path / "blank"))
     (tmp_path / "keys").write_text("k1\nk2\n")
     assert build_app(with_file(tmp_path / "keys")) is not None
-    monkeypatch.setenv("WAN_API_KEYS", "k1, k2")
-    assert AuthConfig(api_keys_env="WAN_API_KEYS").load_keys() == ["k1", "k2"]
-    monkeypatch.delenv("WAN_API_KEYS")
     public = {**prod, "auth": {**prod["auth"], "public_by_choice": True}}
     assert build_app(public) is not None
 
@@ -697,9 +706,10 @@ def test_lora_refs_that_escape_the_root_are_refused(app, serve_env, lora_dir, tm
     # submit (the GPU node's LoRA cache checks the real path again: test_lora_cache.py).
     outside = tmp_path_factory.mktemp("outside") / "real.safetensors"
     write_lora(outside)
-    (lora_dir / "escape.safetensors").symlink_to(outside)
-    (lora_dir / "dir-link").symlink_to(outside.parent, target_is_directory=True)
-    for ref in ("security/escape.safetensors", "security/dir-link/real.safetensors"):
+    tag = app.backend  # the test runs once per backend on the same LoRA root
+    (lora_dir / f"escape-{tag}.safetensors").symlink_to(outside)
+    (lora_dir / f"dir-link-{tag}").symlink_to(outside.parent, target_is_directory=True)
+    for ref in (f"security/escape-{tag}.safetensors", f"security/dir-link-{tag}/real.safetensors"):
         rejected(app, {**small_request(), "loras": [{"path": ref}]}, 400, "LORA_REF_INVALID")
     healthy(app)
 
