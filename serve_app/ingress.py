@@ -209,7 +209,7 @@ class Ingress:
             last = await self._job(before, authorization)
             cursor = (last.created_at, last.id)
         jobs = await self.jobs.recent(owner, limit + 1, cursor)  # one more: is there a next page?
-        return RequestList(requests=[self._status(job) for job in jobs[:limit]],
+        return RequestList(requests=[views.status(job) for job in jobs[:limit]],
                            next_before=jobs[limit - 1].id if len(jobs) > limit else None)
 
     @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse)
