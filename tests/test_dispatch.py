@@ -47,7 +47,15 @@ def test_jobs_without_loras_start_oldest_first(order_app):
     ids = [order_app.submit(small_request(seed=60 + i)).json()["request_id"] for i in range(6)]
     for rid in [blocker, *ids]:
         assert order_app.wait(rid, timeout=120)["status"] == "succeeded"
-    assert _start_order(order_app, [blocker, *ids]) == [blocker, *ids]
+    order = _start_order(order_app, [blocker, *ids])
+    assert order[0] == blocker, order
+    # Serve may route a turned-away request again behind younger ones, LoRA or not: only the bound holds.
+    assert max(_overtaken(order, [blocker, *ids]).values()) <= BOUND, order
+
+
+def _overtaken(order: list[str], ids: list[str]) -> dict[str, int]:
+    """For each job, how many younger jobs (later in ``ids``) started before it."""
+    return {rid: sum(order.index(y) < order.index(rid) for y in ids[ids.index(rid) + 1:]) for rid in ids}
 
 
 def test_lora_affinity_overtakes_an_older_job_at_most_the_documented_bound(order_app):
@@ -63,5 +71,5 @@ def test_lora_affinity_overtakes_an_older_job_at_most_the_documented_bound(order
     assert order[0] == blocker, order
     # No job, the older one with the other LoRA set or a younger one with the resident set (Serve's
     # retries can reorder those too), was overtaken by more younger jobs than the bound.
-    overtaken = {rid: sum(order.index(y) < order.index(rid) for y in ids[ids.index(rid) + 1:]) for rid in ids}
+    overtaken = _overtaken(order, ids)
     assert max(overtaken.values()) <= BOUND, overtaken

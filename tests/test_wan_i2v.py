@@ -133,14 +133,16 @@ def test_a_set_that_fails_half_way_leaves_no_adapter_resident(app, lora_files):
     after = app.replica_stats()
     assert after["adapter_loads"] == before["adapter_loads"] + 1  # the good one was loaded first
     assert good not in after["resident_adapters"]
-    assert after["resident_adapters"] == before["resident_adapters"]
+    # Making room for the set may have evicted the least recently used adapters; nothing new stays.
+    assert set(after["resident_adapters"]) <= set(before["resident_adapters"])
 
     # An adapter that a resident set owns stays when another set holding it fails.
     assert app.run(_with_loras(good))["status"] == "succeeded"
     owned = app.replica_stats()
     assert good in owned["resident_adapters"]
     assert app.run(_with_loras(good, bad))["error"]["code"] == "LORA_INCOMPATIBLE"
-    assert app.replica_stats()["resident_adapters"] == owned["resident_adapters"]
+    left = app.replica_stats()["resident_adapters"]
+    assert good in left and set(left) <= set(owned["resident_adapters"])
 
 
 # ---------------------------------------------------------------------------------------------
