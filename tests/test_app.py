@@ -193,20 +193,6 @@ def test_served_output_equals_the_generation_core(app, generator, fmt):
     assert _download(app, result).content == _core_bytes(app, generator, request)
 
 
-@pytest.fixture(scope="module")
-def loras(serve_env, loaded_model):
-    """Two LoRA files in the app's LoRA root (ai-toolkit and kohya formats)."""
-    from deployments.lora_files import linear_shapes
-    from tests.lora_factory import make_lora
-
-    shapes = linear_shapes(loaded_model.pipe.transformer)
-    sub = serve_env.lora_root / "my_wan_job"
-    sub.mkdir(exist_ok=True)
-    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", shapes, seed=1)
-    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", shapes, seed=2)
-    return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
-
-
 def test_loras_by_path_by_url_and_stacked_without_reloading_the_base(app, generator, loras):
     base = app.run(small_request(output_format="webp"))
     before = app.replica_stats()
@@ -272,10 +258,16 @@ def test_missing_lora_fails_the_job_where_the_ingress_cannot_see_the_root(serve_
             rid = r.json()["request_id"]
             status = app.wait(rid)
             assert status["status"] == "failed" and status["error"]["code"] == "LORA_NOT_FOUND", status
-            # A user's mistake is one WARNING line naming the job in the logs, not an ERROR traceback.
-            wait_for(lambda: any(rid in line for line in logs.lines()), 30, lambda: f"a log line with {rid}")
-            named = [line for line in logs.lines() if rid in line]
-            assert len(named) == 1 and named[0].startswith("WARNING") and "LORA_NOT_FOUND" in named[0], named
+            # A user's mistake is one WARNING line naming the job in each process that saw it (the
+            # ingress's job runner, the GPU replica), not ERROR tracebacks from Serve and its multiplexer.
+            def warned() -> dict[str, list[str]]:
+                return {name: [line for line in lines if line.startswith("WARNING") and "LORA_NOT_FOUND" in line]
+                        for name, lines in logs.lines_by_file().items()}
+
+            wait_for(lambda: sum(map(len, warned().values())) >= 2, 30, lambda: f"two warnings about {rid}: {warned()}")
+            said = {name: lines for name, lines in warned().items() if lines}
+            assert len(said) == 2 and all(len(lines) == 1 and rid in lines[0] for lines in said.values()), said
+            assert any("_Ingress_" in name for name in said), said
             assert not [line for line in logs.lines() if line.startswith(("ERROR", "CRITICAL"))], logs.text()
             assert "Traceback" not in logs.text(), logs.text()
         # A fault of the service still logs its traceback (an injected out-of-memory in a denoising step).
@@ -307,15 +299,18 @@ class ServeLogs:
         return False
 
     def text(self) -> str:
-        parts = []
-        for p in self._files():
-            with open(p, "rb") as f:
-                f.seek(self.start.get(p, 0))
-                parts.append(f.read().decode("utf-8", "replace"))
-        return "".join(parts)
+        return "\n".join("\n".join(lines) for lines in self.lines_by_file().values())
 
     def lines(self) -> list[str]:
         return [line for line in self.text().splitlines() if line.strip()]
+
+    def lines_by_file(self) -> dict[str, list[str]]:
+        out = {}
+        for p in self._files():
+            with open(p, "rb") as f:
+                f.seek(self.start.get(p, 0))
+                out[p.name] = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        return out
 
 
 def test_lora_errors_fail_the_job_clearly(app, serve_env, loras):
@@ -370,6 +365,55 @@ def test_unknown_request_is_404(app):
     assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "REQUEST_NOT_FOUND"
     r = app.http.get("/v1/requests/does-not-exist/outputs/0")
     assert r.status_code == 404
+
+
+def test_recent_requests_newest_first_in_pages(app):
+    submitted = []
+    for seed in range(3):
+        r = app.submit(small_request(seed=seed))
+        assert r.status_code == 200, r.text
+        submitted.append(r.json()["request_id"])
+    first = app.http.get("/v1/requests", params={"limit": 2}).json()
+    assert [s["request_id"] for s in first["requests"]] == submitted[::-1][:2]
+    assert first["next_before"] == submitted[1] and first["requests"][0]["status"] in ("in_queue", "in_progress")
+    for rid in submitted:
+        app.wait(rid)
+    # Every job of this (open: the one shared) owner, each once, newest first, over pages of 3.
+    seen, before = [], None
+    while True:
+        page = app.http.get("/v1/requests", params={"limit": 3, **({"before": before} if before else {})}).json()
+        seen += page["requests"]
+        if not (before := page["next_before"]):
+            break
+    ids = [s["request_id"] for s in seen]
+    assert len(ids) == len(set(ids)) == app.count_jobs() and ids[:3] == submitted[::-1]
+    assert [s["created_at"] for s in seen] == sorted((s["created_at"] for s in seen), reverse=True)
+    assert seen[0]["status"] == "succeeded" and seen[0]["progress"]["total_steps"] == 2
+    assert app.http.get("/v1/requests").json()["requests"][0]["request_id"] == submitted[-1]  # default limit
+    r = app.http.get("/v1/requests", params={"before": "no-such-job"})
+    assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "REQUEST_NOT_FOUND"
+    for bad in (0, 101, "x"):
+        r = app.http.get("/v1/requests", params={"limit": bad})
+        assert r.status_code == 422 and r.json()["detail"]["error"]["code"] == "VALIDATION_ERROR", bad
+
+
+def test_playground_page_and_files_are_served_under_the_apps_prefix(app):
+    """The page's <base> is the app's route prefix (``/`` or ``/pg``), so its relative URLs reach this app."""
+    from serve_app import playground
+
+    prefix = app.base_url.split(str(app.http.base_url.port), 1)[1]  # "" or "/pg"
+    for path in ("", "/"):
+        r = httpx.get(app.base_url + path, follow_redirects=True)  # Serve redirects /pg to /pg/
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (path, r.text)
+        assert f'<base href="{prefix}/">' in r.text and "{{" not in r.text
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+    for name, media_type in playground.ASSETS.items():
+        r = app.http.get(f"/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(media_type)
+        assert r.content == (playground.STATIC_DIR / name).read_bytes()
+    assert app.http.get("/static/playground.html").status_code == 404  # the template is not a file to fetch
+    assert app.http.get("/docs").status_code == 200
+    assert "/" not in app.http.get("/openapi.json").json()["paths"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

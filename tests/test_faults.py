@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import BACKENDS, FAIL_PROMPT, SLOW_PROMPT, job_updates, small_request, wait_for
-from tests.http_server import LocalServer
+from tests.http_server import LocalServer, Route
 
 QUEUE_LIMIT = 8  # faults app: jobs queued or running before submissions get 429
 
@@ -144,7 +144,8 @@ def fapp(request, serve_env):
 
     name = f"faults-{request.param}"
     args = serve_env.args_for(name, request.param, gpu={"replica": {"min_replicas": 2, "max_replicas": 2}},
-                              limits={"max_queue_total": QUEUE_LIMIT, "retry_after_s": 7})
+                              limits={"max_queue_total": QUEUE_LIMIT, "retry_after_s": 7},
+                              webhooks={"timeout_s": 5.0})  # a delivery's lease: 3 x 5 + 5 = 20 s
     app = serve_env.deploy(name, f"/{name}", args)
     _wait_running(app, 2)
     yield app
@@ -407,6 +408,33 @@ def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop
     assert set(stats_after) == set(stats_before)  # the same replicas: none was restarted
     for pid, stats in stats_after.items():
         assert stats["caller_died_stops"] == stats_before[pid]["caller_died_stops"] + 1, (pid, stats)
+
+
+def test_webhook_of_a_finished_job_arrives_although_its_ingress_was_killed_while_delivering(fapp):
+    """The receiver holds the first attempt open; the ingress sending it is SIGKILLed. The delivery
+    is a row state, not a task: its lease expires and the restarted ingress delivers it."""
+    from serve_app.client import verify_webhook
+
+    hold = threading.Event()
+    with LocalServer() as srv:
+        url = srv.add_sequence("/hook", Route(hold=hold), Route(status=200))
+        rid = fapp.submit({**small_request(seed=51), "webhook_url": url}).json()["request_id"]
+        assert fapp.wait(rid, timeout=60)["status"] == "succeeded"
+        deadline = time.time() + 60
+        while srv.count("/hook") == 0:
+            assert time.time() < deadline, f"no delivery attempt: {_status(fapp, rid)}"
+            time.sleep(0.02)
+        (ingress,) = _replicas(fapp.name, "Ingress")
+        os.kill(ingress["pid"], signal.SIGKILL)  # mid-attempt: nothing about it was recorded
+        hold.set()  # the held answer goes to a dead connection
+        _wait_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
+        status = _wait_until(fapp, rid, lambda s: s["webhook"]["state"] != "pending", 120, "the webhook delivered")
+        assert status["webhook"]["state"] == "delivered", status
+        assert [a["status_code"] for a in status["webhook"]["attempts"]] == [200]
+        first, second = srv.requests
+        assert first["wan-webhook-id"] == second["wan-webhook-id"] == status["webhook"]["delivery_id"]
+        secret = fapp.http.get("/v1/webhook-secret").json()["secret"]
+        assert verify_webhook(second["body"], second["wan-signature"], secret)["request_id"] == rid
 
 
 def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fapp, tiny_dir, tmp_path):

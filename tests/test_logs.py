@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraNotFound
-from deployments.logs import ClientErrorsAsWarnings
+from deployments.joblog import JOB_ID
+from deployments.logs import ClientErrorsAsWarnings, said
 
 
 @pytest.fixture
@@ -53,6 +54,36 @@ def test_a_fault_keeps_its_error_and_traceback(logged):
         logger.exception("Request failed.")
     text = out.getvalue()
     assert text.startswith("ERROR Request failed.\nTraceback") and "GenerationFailed" in text
+
+
+def test_inside_a_generation_serve_records_about_a_client_error_are_dropped(logged):
+    """The generation's handler logs the failure once with the job id; Serve's lines would repeat it."""
+    logger, out = logged
+    token = JOB_ID.set("job-1")
+    try:
+        for exc in (LoraNotFound("missing"), GenerationFailed("generating failed: boom")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Failed to load model. Error: %s", exc)
+                logger.exception("Request failed.")
+    finally:
+        JOB_ID.reset(token)
+    text = out.getvalue()
+    assert "LORA_NOT_FOUND" not in text and "missing" not in text, text
+    assert text.startswith("ERROR Failed to load model. Error: generating failed: boom\n") and "Traceback" in text
+
+
+def test_an_error_the_generation_said_is_not_repeated_by_serve(logged):
+    """Serve logs "Request failed." outside the generation's context: the mark is what stops it."""
+    logger, out = logged
+    exc = LoraNotFound("missing")
+    said(exc)
+    try:
+        raise exc
+    except LoraNotFound:
+        logger.exception("Request failed.")
+    assert out.getvalue() == ""
 
 
 def test_records_about_nothing_or_below_error_pass_unchanged(logged):
