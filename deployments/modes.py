@@ -120,11 +120,19 @@ class KernelSwap:
 
 
 class AttentionSwitch:
-    """Exact mode's attention backend and, per mode, another one; exact's state is put back exactly."""
+    """Exact mode's attention backend and, per mode, another one; exact's state is put back exactly.
+
+    ``set_attention_backend`` also sets diffusers' process-wide active backend (what a processor without
+    one of its own runs), which ``reset_attention_backend`` leaves changed: both are saved and restored.
+    """
 
     def __init__(self, transformer: torch.nn.Module):
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        self.registry = _AttentionBackendRegistry
         self.transformer = transformer
         self.saved = {id(p): (p, p._attention_backend) for p in self._processors()}
+        self.saved_active = self.registry._active_backend
         self.current: str | None = None  # None: exact mode's
 
     def _processors(self):
@@ -139,6 +147,7 @@ class AttentionSwitch:
         if backend is None:
             for processor, value in self.saved.values():
                 processor._attention_backend = value
+            self.registry.set_active_backend(self.saved_active)
         else:
             self.transformer.set_attention_backend(backend)
         self.current = backend
