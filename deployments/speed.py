@@ -354,12 +354,26 @@ def _apply(pipe, speed: SpeedConfig) -> dict:
         if hasattr(inductor_config, "emulate_precision_casts"):  # process-wide, read at compile time
             inductor_config.emulate_precision_casts = EMULATE_PRECISION_CASTS
             report["emulate_precision_casts"] = EMULATE_PRECISION_CASTS
+        report["recompile_limit"] = _raise_recompile_limit(speed, slots is not None)
         # Compilation itself happens at the first forward (the warm-up).
         transformer.compile_repeated_blocks(fullgraph=True)
         report["compiled"] = True
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["lora_slots"] = slots
     return report
+
+
+def _raise_recompile_limit(speed: SpeedConfig, with_slot: bool) -> int:
+    """Room for every graph the warm-up compiles: one per size, speed mode (its kernels and adapters) and
+    slot state, twice over for dynamo's own re-specialisations. Past the limit dynamo would silently run
+    the block eagerly."""
+    import torch._dynamo.config as dynamo_config
+
+    needed = 2 * len(speed.enabled_modes()) * (2 if with_slot else 1) * (1 + len(speed.extra_warmup_sizes))
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(dynamo_config, name), needed)
+    setattr(dynamo_config, name, limit)  # process-wide, like the inductor setting above
+    return limit
 
 
 def _zero_lora_file(directory: str, shapes: dict[str, tuple[int, int]]) -> str:
@@ -381,8 +395,10 @@ def _zero_lora_file(directory: str, shapes: dict[str, tuple[int, int]]) -> str:
 WARMUP_LORA_REF = "__warmup_zero_lora__"
 
 
-def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tuple[int, int, int] | None = None):
-    """A warm-up request: the configured size (or ``size``), CFG on, a random picture."""
+def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tuple[int, int, int] | None = None,
+                mode: str = "exact"):
+    """A warm-up request: the configured size (or ``size``), CFG on (turbo: its own steps, no CFG), a random
+    picture."""
     import io
 
     import numpy as np
@@ -402,43 +418,49 @@ def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tup
         height=height,
         num_frames=frames,
         fps=16,
-        steps=steps,
-        guidance_scale=4.0,
+        steps=speed.turbo.steps if mode == "turbo" else steps,
+        guidance_scale=1.0 if mode == "turbo" else 4.0,
         seed=0,
         image_png=buf.getvalue(),
         loras=loras,
+        speed=mode,
     )
 
 
 def warmup(generator, speed: SpeedConfig) -> dict:
-    """Compile at replica start: at the warm-up size (and each of ``extra_warmup_sizes``), one
-    generation without LoRA and, if the slot exists, one with a zero LoRA through the public adapter
-    path (the slot-on variant is a second graph).
+    """Compile at replica start: at the warm-up size (and each of ``extra_warmup_sizes``), for each
+    enabled speed mode, one generation without LoRA and, if the slot exists, one with a zero LoRA
+    through the public adapter path (the slot-on variant is a graph of its own, and so is each mode's
+    kernel and adapter set).
 
-    Returns seconds per part.
+    Returns seconds per part (``base_s``, ``lora_s`` for exact mode; ``fast_base_s``... for the others).
     """
     from .spec import LoraRef
 
     out: dict = {}
     t0 = time.perf_counter()
     sizes = [None] + [tuple(s) for s in speed.extra_warmup_sizes]
+    modes = getattr(getattr(generator, "modes", None), "enabled", ("exact",))
     for size in sizes:
         tag = "" if size is None else f"_{size[0]}x{size[1]}x{size[2]}"
-        t1 = time.perf_counter()
-        generator.generate(warmup_spec(speed, steps=2 if size is None else 1, size=size))
-        out[f"base{tag}_s"] = round(time.perf_counter() - t1, 2)
-        if getattr(generator, "_slots", None) is not None:
-            loads = generator.adapter_loads
+        for mode in modes:
+            prefix = "" if mode == "exact" else f"{mode}_"
             t1 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = _zero_lora_file(tmp, generator._shapes)
-                generator.load_adapter(WARMUP_LORA_REF, path)
-            try:
-                generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),), size=size))
-            finally:
-                generator.delete_adapter(WARMUP_LORA_REF)
-                generator.adapter_loads = loads
-                generator._slots.apply([])
-            out[f"lora{tag}_s"] = round(time.perf_counter() - t1, 2)
+            generator.generate(warmup_spec(speed, steps=2 if size is None else 1, size=size, mode=mode))
+            out[f"{prefix}base{tag}_s"] = round(time.perf_counter() - t1, 2)
+            if getattr(generator, "_slots", None) is not None:
+                loads = generator.adapter_loads
+                t1 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = _zero_lora_file(tmp, generator._shapes)
+                    generator.load_adapter(WARMUP_LORA_REF, path)
+                try:
+                    generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),), size=size,
+                                                   mode=mode))
+                finally:
+                    generator.delete_adapter(WARMUP_LORA_REF)
+                    generator.adapter_loads = loads
+                    generator._slots.apply([])
+                out[f"{prefix}lora{tag}_s"] = round(time.perf_counter() - t1, 2)
     out["total_s"] = round(time.perf_counter() - t0, 2)
     return out

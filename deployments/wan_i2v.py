@@ -103,7 +103,7 @@ class WanI2VReplica:
         self._lock = asyncio.Lock()
         self._resident: dict[str, list[str]] = {}
         self.loaded = load_pipeline(cfg.model)
-        self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults)
+        self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults, lora_root=cfg.lora.root)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
         self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
@@ -290,7 +290,8 @@ class WanI2VReplica:
                 n, h, w, _ = frames.frames.shape
                 video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
                                     width=w, height=h, num_frames=n, fps=spec.fps, seed=frames.seed, data=data)
-                yield {"result": GenerationResult(video=video, timings=timings, replica=self.replica_id)}
+                yield {"result": GenerationResult(video=video, timings=timings, speed=_plain(frames.speed),
+                                                  replica=self.replica_id)}
             except (asyncio.CancelledError, GeneratorExit):
                 # The caller canceled: stop at the next denoising step, and hold the lock until the
                 # pipeline is free so the next request never overlaps this one.
@@ -335,6 +336,8 @@ class WanI2VReplica:
             # Counted by load_pipeline itself: any reload in this process (a replica is one) shows.
             "pipeline_loads": pipeline_loads(),
             "adapter_loads": self.generator.adapter_loads,
+            "speed_modes": list(self.generator.modes.enabled),
+            "distill_loads": self.generator.distill_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),
             "device": str(self.loaded.device),

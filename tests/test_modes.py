@@ -11,6 +11,7 @@ adapters active.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import pytest
@@ -238,3 +239,30 @@ def test_a_mode_attention_backend_is_undone_exactly(model_cache, small_spec, inp
     gen.generate(_spec(small_spec, "exact"))
     assert [p._attention_backend for p in gen.modes.attention._processors()] == states
     assert torch.equal(forward(gen.pipe.transformer, inputs), before)
+
+
+@pytest.mark.skipif(os.environ.get("WAN_SLOW_TESTS") != "1", reason="compiles on CPU (minutes); WAN_SLOW_TESTS=1")
+def test_compiled_modes_never_recompile_after_warmup(model_cache, small_spec, distill, user_loras):
+    """The warm-up compiles every mode's graphs (kernels x distill LoRA x slot); alternating modes, with
+    and without user LoRAs, then compiles nothing."""
+    from deployments import speed as speed_mod
+
+    speed = SpeedConfig(attention_backend=None, warmup_width=64, warmup_height=48, warmup_frames=5,
+                        lora_hotswap_rank=8, turbo={"enabled": True, "lora": str(distill.path)})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_mod, "apply_speed_modes", lambda p, s, d: speed_mod._apply(p, s))
+        gen = pipeline_mod.WanGenerator(load_tiny(model_cache), speed, convert=bf16_round)
+    report = gen.speed_report["warmup"]
+    assert {"base_s", "lora_s", "fast_base_s", "fast_lora_s", "turbo_base_s", "turbo_lora_s"} <= set(report)
+    for name, lora in user_loras.items():
+        gen.load_adapter(name, str(lora.path))
+    requests = [("exact", ()), ("fast", (("u", 1.0),)), ("turbo", ()), ("turbo", (("u", 0.5), ("k", 1.0))),
+                ("exact", (("k", 0.3),)), ("fast", ()), ("turbo", (("k", 1.0),)), ("exact", ())]
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        outs = {}
+        for mode, loras in requests:
+            outs.setdefault((mode, loras), gen.generate(_spec(small_spec, mode, loras)).frames)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert (outs["exact", ()] != outs["turbo", ()]).any()
