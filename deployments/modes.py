@@ -246,8 +246,11 @@ class SpeedModes:
                        branches=branches)
 
     def end(self, run: ModeRun | None) -> dict:
-        """After a request (also a failed one): drop cached residuals; the report of what the mode did."""
+        """After a request (also a failed one): drop cached residuals and put exact mode's kernels and
+        attention back, so that between requests the model is exact mode's (a direct forward, a LoRA
+        load, a benchmark sees the model's own modules); the report of what the mode did."""
         cache_run = self.cache.end() if self.cache is not None else None
+        self.plain()
         if run is None:
             return {}
         if self.turbo_scheduler is not None:

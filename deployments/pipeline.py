@@ -378,6 +378,8 @@ class WanGenerator:
         finally:
             self._clock = None
             report = self.modes.end(mode)
+            if spec.speed == "turbo":  # between requests the distillation LoRA is off too
+                self._activate(spec.model_copy(update={"speed": "exact"}))
 
         frames = frames_to_uint8(out.frames[0])
         clock.totals["total"] = time.perf_counter() - t0

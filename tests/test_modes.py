@@ -165,6 +165,17 @@ def test_switching_modes_loads_nothing_and_each_mode_is_deterministic(request, p
     assert (pipeline_loads(), gen.adapter_loads, gen.distill_loads) == (loads, adapter_loads, distill_loads)
 
 
+@pytest.mark.parametrize("path", ["eager", "slot"])
+@pytest.mark.parametrize("speed", ["fast", "turbo"])
+def test_between_requests_the_model_is_exact_modes(request, path, speed, small_spec, inputs, base_out):
+    """After a fast or turbo request the model's own kernels are back and the distillation LoRA is off:
+    a direct forward (a benchmark's, a LoRA load's) sees the base model."""
+    gen = request.getfixturevalue(f"{path}_gen")
+    gen.generate(_spec(small_spec, speed))
+    assert not gen.modes.kernels.on
+    assert torch.equal(forward(gen.pipe.transformer, inputs), base_out)
+
+
 def test_exact_mode_is_bit_equal_to_a_replica_without_modes(model_cache, eager_gen, small_spec, user_loras):
     """A generator with every mode installed (and used) gives exact mode the frames of one with none."""
     plain = pipeline_mod.WanGenerator(load_tiny(model_cache), SpeedConfig(fast={"enabled": False}))
@@ -182,7 +193,7 @@ def test_fast_kernels_are_used_in_fast_mode_only_and_under_loras(eager_gen, base
     """On the eager path an adapter loaded after a fast request wraps the model's own Linear, and the fast
     copy goes inside the wrapper: fast + LoRA = rounded base + dW, exact + LoRA = base + dW."""
     lora = make_lora(user_loras["u"].path.parent / "late.safetensors", "ai-toolkit", dict(eager_gen._shapes), seed=93)
-    eager_gen.modes.kernels.use(True)  # as a fast request would leave them
+    eager_gen.modes.kernels.use(True)  # as if a mode's kernels were in place
     eager_gen.load_adapter("late", str(lora.path))
     assert eager_gen.modes.kernels.on is False
     try:
@@ -233,9 +244,14 @@ def test_a_mode_attention_backend_is_undone_exactly(model_cache, small_spec, inp
     gen = pipeline_mod.WanGenerator(load_tiny(model_cache), SpeedConfig(fast={"attention_backend": "_native_math"}))
     before = forward(gen.pipe.transformer, inputs)
     states = [p._attention_backend for p in gen.modes.attention._processors()]
-    fast = gen.generate(_spec(small_spec, "fast"))
-    assert {getattr(p._attention_backend, "value", None) for p in gen.modes.attention._processors()} == {"_native_math"}
-    assert fast.speed["attention_backend"] == "_native_math"
+    seen = set()
+    hook = gen.pipe.transformer.register_forward_pre_hook(lambda *a: seen.update(
+        getattr(p._attention_backend, "value", None) for p in gen.modes.attention._processors()))
+    try:
+        fast = gen.generate(_spec(small_spec, "fast"))
+    finally:
+        hook.remove()
+    assert seen == {"_native_math"} and fast.speed["attention_backend"] == "_native_math"
     gen.generate(_spec(small_spec, "exact"))
     assert [p._attention_backend for p in gen.modes.attention._processors()] == states
     assert torch.equal(forward(gen.pipe.transformer, inputs), before)
