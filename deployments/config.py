@@ -144,6 +144,9 @@ class SpeedConfig(_Strict):
         default_factory=list,
         description="more (width, height, frames) to compile at start; any other size compiles on first use",
     )
+    stream_video: bool = Field(
+        True, description="encode MP4 chunk by chunk while the VAE decodes, instead of after it (same bytes)"
+    )
     lora_hotswap_rank: int = Field(
         64, description="max LoRA rank that can be swapped into a compiled model without recompiling"
     )

@@ -20,6 +20,7 @@ import torch
 from .config import FaultInjection, SpeedConfig
 from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
+from .media_out import Mp4Stream
 from .models import LoadedModel
 from .modes import SpeedModes, resolve_turbo_lora
 from .spec import GenerationSpec, Progress, adapter_name
@@ -127,6 +128,34 @@ class Frames:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
     speed: dict = field(default_factory=dict)  # the speed mode used and what it did
+    video: bytes | None = None  # the MP4, when it was encoded while the VAE decoded (``stream_video``)
+
+
+class _DecodeStream:
+    """Turns each decoder chunk into uint8 frames exactly as the pipeline's output is made, and encodes them.
+
+    The VAE decodes one latent frame at a time (``AutoencoderKLWan._decode``), concatenates the chunks
+    and clamps to [-1, 1]; the pipeline then post-processes to [0, 1] floats, which we round to uint8.
+    All of it is elementwise, so doing it per chunk gives the same frames; ``finish`` checks that
+    against the pipeline's own output and gives up (the caller encodes the whole) if not.
+    """
+
+    def __init__(self, encoder: Mp4Stream, video_processor):
+        self.encoder = encoder
+        self._processor = video_processor
+        self._chunks: list[np.ndarray] = []
+
+    def hook(self, module, args, out):
+        chunk = torch.clamp(out, min=-1.0, max=1.0)
+        frames = frames_to_uint8(self._processor.postprocess_video(chunk, output_type="np")[0])
+        self._chunks.append(frames)
+        self.encoder.add(frames)
+
+    def finish(self, frames: np.ndarray) -> bytes | None:
+        if not self._chunks or not np.array_equal(np.concatenate(self._chunks), frames):
+            self.encoder.abort()
+            return None
+        return self.encoder.finish()
 
 
 class WanGenerator:
@@ -260,6 +289,11 @@ class WanGenerator:
             return
         if self.adapters.pop(name, None) is not None:
             self.pipe.delete_adapters([name])
+            # peft activates some other resident adapter in place of a deleted active one (turbo's
+            # distillation LoRA too): adapters off, as between requests; the next one sets its own.
+            if self._lora_enabled:
+                self.pipe.disable_lora()
+                self._lora_enabled = False
 
     def _activate(self, spec: GenerationSpec) -> None:
         """Set this request's adapters and multipliers; no LoRA means the untouched base model.
@@ -307,6 +341,7 @@ class WanGenerator:
         spec: GenerationSpec,
         on_progress: Callable[[Progress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        stream_video: bool = False,
     ) -> Frames:
         """Run one spec to frames.
 
@@ -314,6 +349,8 @@ class WanGenerator:
             spec: the normalised request; its LoRAs must already be resident.
             on_progress: called after each denoising step.
             should_cancel: polled after each step; True stops the run with ``Canceled``.
+            stream_video: for MP4, encode each chunk of frames as the VAE decodes it (``Frames.video``),
+                so little of the encoding is left once the decode ends.
         Raises:
             Canceled, OutOfMemory, GenerationFailed.
         """
@@ -349,8 +386,10 @@ class WanGenerator:
                 raise Canceled("canceled by request", {"step": i + 1})
             return {}
 
-        # 3. The stock pipeline call.
+        # 3. The stock pipeline call (the decoder hook only reads the chunks the VAE makes).
         on_progress(Progress(stage="encoding", step=0, total_steps=spec.steps))
+        stream = self._video_stream(spec) if stream_video else None
+        hook = self.pipe.vae.decoder.register_forward_hook(stream.hook) if stream is not None else None
         self._clock = clock
         try:
             out = self.pipe(
@@ -367,27 +406,48 @@ class WanGenerator:
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
                 callback_on_step_end=step_end,
             )
-        except Canceled:
+        except BaseException as e:
+            if stream is not None:
+                stream.encoder.abort()
+            if isinstance(e, Canceled):
+                raise
+            self._free_memory()
+            if isinstance(e, torch.OutOfMemoryError):
+                raise OutOfMemory(f"out of GPU memory: {e}") from e
+            if isinstance(e, Exception):
+                raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
             raise
-        except torch.OutOfMemoryError as e:
-            self._free_memory()
-            raise OutOfMemory(f"out of GPU memory: {e}") from e
-        except Exception as e:
-            self._free_memory()
-            raise GenerationFailed(f"generation failed: {type(e).__name__}: {e}") from e
         finally:
             self._clock = None
+            if hook is not None:
+                hook.remove()
             report = self.modes.end(mode)
             if spec.speed == "turbo":  # between requests the distillation LoRA is off too
                 self._activate(spec.model_copy(update={"speed": "exact"}))
 
         frames = frames_to_uint8(out.frames[0])
         clock.totals["total"] = time.perf_counter() - t0
+        timings = {k: round(v, 4) for k, v in clock.totals.items()}
+        video = None
+        if stream is not None:
+            t_tail = time.perf_counter()
+            try:
+                video = stream.finish(frames)  # None if the chunks were not the output's frames
+            except Exception as e:  # the caller encodes the whole video instead, and reports its errors
+                log.warning("streamed video encoding failed (%s: %s); encoding after the decode", type(e).__name__, e)
+            if video is not None:
+                timings["encode_video"] = round(time.perf_counter() - t_tail, 4)  # what was left after decode
         report.update(steps=spec.steps, guidance_scale=spec.guidance_scale)
         report.setdefault("forwards_computed", spec.steps * mode.branches)
         report.setdefault("forwards_skipped", 0)
-        return Frames(frames=frames, seed=spec.seed, timings={k: round(v, 4) for k, v in clock.totals.items()},
-                      speed=report)
+        return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)
+
+    def _video_stream(self, spec: GenerationSpec) -> "_DecodeStream | None":
+        """An MP4 encoder fed from the VAE decoder's chunks, where the decode makes whole frames in order."""
+        vae = self.pipe.vae
+        if spec.output_format != "mp4" or getattr(vae, "use_tiling", False) or vae.config.get("patch_size"):
+            return None  # tiles or patches: the decoder's outputs are not frames in order
+        return _DecodeStream(Mp4Stream(spec.fps), self.pipe.video_processor)
 
     def _free_memory(self):
         if self.device.type == "cuda":

@@ -150,3 +150,19 @@ def test_state_bench_smoke_runs_both_backends(serve_env, model_cache, tmp_path):
         assert b["lost"] == 0 and b["duplicated"] == 0 and b["other_error_answers"] == {}, (backend, b)
     assert r["backends"]["postgres"]["ingress_replicas"] == 2
     assert r["submit_p99_ratio_pg_over_sqlite"] > 0 and r["pass"] and rc == 0
+
+
+@pytest.mark.parametrize("app", ["sqlite"], indirect=True)
+def test_gpu_serve_stages_smoke(app, tmp_path):
+    from benchmarks import gpu_serve_stages
+
+    out = tmp_path / "out"
+    rc = gpu_serve_stages.main(["--cpu-smoke", "--out", str(out), "--url", app.base_url, "--repeats", "1",
+                                "--frames", "5", "--poll-s", "0.05"])
+    r = json.loads((out / "serve_stages.json").read_text())
+    assert rc == 0 and [(row["frames"], row["format"]) for row in r["rows"]] == [(5, "mp4"), (5, "webp")]
+    for row in r["rows"]:
+        assert [stage for stage, _ in row["server"]["path"]] == [
+            "queued", "dispatch", "replica_wait", "to_first_step", "from_first_step", "store"]
+        assert row["server"]["submit_s"] > 0 and row["generation_s"] > 0 and row["bytes"] > 0
+        assert row["client"]["e2e_s"] >= row["client"]["until_succeeded_seen_s"] > 0

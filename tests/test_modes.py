@@ -206,6 +206,20 @@ def test_fast_kernels_are_used_in_fast_mode_only_and_under_loras(eager_gen, base
     assert not torch.equal(fast, exact)
 
 
+def test_an_evicted_active_adapter_leaves_the_base_model_not_the_distillation(
+        eager_gen, base_out, inputs, small_spec, user_loras):
+    """Deleting the active adapter (a LoRA set's eviction) makes peft activate another resident one, the
+    distillation LoRA among them: the generator turns adapters off, so between requests the model stays
+    exact mode's without a LoRA, and the next request sets its own adapters again."""
+    lora = make_lora(user_loras["u"].path.parent / "evicted.safetensors", "ai-toolkit", dict(eager_gen._shapes),
+                     seed=94)
+    eager_gen.load_adapter("evicted", str(lora.path))
+    _forward(eager_gen, _spec(small_spec, "exact", [("evicted", 1.0)]), inputs)
+    eager_gen.delete_adapter("evicted")
+    assert torch.equal(forward(eager_gen.pipe.transformer, inputs), base_out)
+    assert torch.equal(_forward(eager_gen, _spec(small_spec, "exact"), inputs), base_out)
+
+
 def test_disabled_and_unknown_modes_are_refused_before_anything_runs(generator, small_spec):
     assert generator.modes.enabled == ("exact", "fast")  # the defaults: turbo needs a LoRA file
     with pytest.raises(SpeedModeNotSupported) as e:

@@ -20,7 +20,7 @@ from deployments.errors import Canceled
 from deployments.pipeline import frames_to_uint8, make_scheduler
 from deployments.spec import GenerationSpec
 
-from .conftest import make_image
+from .conftest import make_image, stock_frames
 
 STEPS = 3
 SHAPE = (5, 48, 64, 3)
@@ -57,20 +57,7 @@ def reference_call(pipe, spec: GenerationSpec) -> np.ndarray:
         pipe.scheduler = pipe.checkpoint_scheduler
     image = make_image(spec.width, spec.height).convert("RGB")  # the picture behind spec.image_png
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(spec.image_png)).convert("RGB")))
-    out = pipe(
-        image=image,
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        height=spec.height,
-        width=spec.width,
-        num_frames=spec.num_frames,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(spec.seed),
-        output_type="np",
-        max_sequence_length=512,
-    )
-    return frames_to_uint8(out.frames[0])
+    return frames_to_uint8(stock_frames(pipe, spec, image))
 
 
 @contextmanager
@@ -290,3 +277,35 @@ def test_frames_to_uint8_rounds_like_numpy_to_pil():
     assert got.dtype == np.uint8
     assert np.array_equal(got[0], expected)
     assert got[0, 0, :, 0].tolist() == [0, 0, 0, 1, 128, 254, 255, 255]
+
+
+def test_mp4_encoded_while_decoding_is_the_same_file_as_encoding_after(spec, generator):
+    from deployments.media_out import encode
+
+    spec = spec(num_frames=9)  # three decoder chunks
+    streamed = generator.generate(spec, stream_video=True)
+    assert streamed.video is not None and streamed.timings["encode_video"] >= 0
+    assert streamed.video == encode(streamed.frames, spec.fps, "mp4")  # the same bytes, frame for frame
+    plain = generator.generate(spec)
+    assert plain.video is None and np.array_equal(plain.frames, streamed.frames)
+    webp = generator.generate(spec.model_copy(update={"output_format": "webp"}), stream_video=True)
+    assert webp.video is None  # WebP is written whole, after the decode
+
+
+def test_streamed_chunks_that_differ_from_the_output_fall_back_to_encoding_after(spec, generator, monkeypatch):
+    from deployments import pipeline
+
+    real = pipeline.frames_to_uint8
+    calls = []
+
+    def off_by_one_in_the_hook(frames):
+        calls.append(frames.shape)
+        out = real(frames)
+        if len(calls) == 1:  # the first decoder chunk only: the pipeline's own output stays right
+            out = out.copy()
+            out[0, 0, 0, 0] ^= 1
+        return out
+
+    monkeypatch.setattr(pipeline, "frames_to_uint8", off_by_one_in_the_hook)
+    result = generator.generate(spec(num_frames=9), stream_video=True)
+    assert len(calls) > 2 and result.video is None  # checked against the output, and given up
