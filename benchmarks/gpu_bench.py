@@ -21,12 +21,27 @@ stop the others):
               loaded from disk, a switch between two resident adapters, a multiplier change, two
               adapters at once, one product-path generation, all with
               ``torch._dynamo.config.error_on_recompile = True``;
-6. noise_request  (if time is left) the whole default request again on eager flash attention, for
+6. mode_*     the speed modes (``--modes``, default exact, fast, turbo), all installed in the one
+              generator of section 4 and warmed up there: one whole request per mode with a rank-32
+              user LoRA applied, same seed, in the order exact, fast, turbo: per-stage split, speed-up
+              vs the reference request and vs exact mode, peak memory, transformer forwards computed
+              and skipped, relative L2 error of the final latents and PSNR of the decoded frames
+              against exact mode, graphs compiled (0: the warm-up covered the mode). Fast mode's skip
+              schedule comes from MagCache's calibrated Wan 2.1 I2V 480P ratios (the config default),
+              never from this run's random-weight activations; mode_fast also times one FP8 forward.
+              Turbo runs its 4 distilled steps without CFG on a random distillation LoRA of the real
+              one's shape (rank 64, LightX2V layout). On random weights these errors show that a mode
+              computes what it should, not what its video looks like;
+7. noise_request  (if time is left) the whole default request again on eager flash attention, for
               the noise floor of the final latents;
-7. alt_casts  (if time is left) recompile with the other ``emulate_precision_casts`` setting and
+8. alt_casts  (if time is left) recompile with the other ``emulate_precision_casts`` setting and
               measure one forward's speed and errors.
 
-A compact table is printed last.
+``--only`` runs a subset (build always runs, ours_init whenever a later section needs it), e.g. the
+modes in one ~9-minute device call at 41 frames:
+    --only ref_warm,ref_request,mode_exact,mode_fast,mode_turbo
+``--long`` is 81 frames and 40 steps (turbo: still its 4). ``--no-fp8`` runs fast/turbo without FP8
+(no torchao on the machine). A compact table is printed last.
 """
 
 from __future__ import annotations
@@ -240,6 +255,38 @@ def make_aitoolkit_lora(shapes: dict, num_layers: int, rank: int, seed: int, pat
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
+def make_distill_lora(shapes: dict, num_layers: int, rank: int, seed: int, path: str, device, std_b: float = 3e-3):
+    """A random distillation LoRA in LightX2V's layout (lora_down/lora_up, .alpha = rank, diff_b) on every
+    block linear: the shape of LightX2V's rank-64 Wan 2.1 I2V 4-step LoRA, not its numbers."""
+    from safetensors.torch import save_file
+
+    from deployments.lora_files import WAN_TO_DIFFUSERS
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for i in range(num_layers):
+        for native, diff in WAN_TO_DIFFUSERS.items():
+            name = f"blocks.{i}.{diff}"
+            if name not in shapes:
+                continue
+            fi, fo = shapes[name]
+            stem = f"diffusion_model.blocks.{i}.{native}"
+            sd[f"{stem}.lora_down.weight"] = (torch.randn(rank, fi, generator=g, device=device) / math.sqrt(fi)).to(
+                torch.bfloat16).cpu()
+            sd[f"{stem}.lora_up.weight"] = (torch.randn(fo, rank, generator=g, device=device) * std_b).to(
+                torch.bfloat16).cpu()
+            sd[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=torch.bfloat16)
+            sd[f"{stem}.diff_b"] = (torch.randn(fo, generator=g, device=device) * std_b).to(torch.bfloat16).cpu()
+    save_file(sd, path)
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray):
+    """PSNR of uint8 frames ``a`` against ``b``, in dB ("inf" when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return "inf" if mse == 0 else round(10 * math.log10(255.0**2 / mse), 2)
+
+
 def png_image(width: int, height: int, seed: int = 0) -> bytes:
     from PIL import Image
 
@@ -373,18 +420,31 @@ def main(argv=None):
         default=True,
         help="last: recompile with the other emulate_precision_casts setting; measure speed and error",
     )
+    ap.add_argument("--modes", default="exact,fast,turbo", help="speed modes to install and measure (mode_* sections)")
+    ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
+                    help="FP8 linears in fast/turbo (needs torchao on the card)")
+    ap.add_argument("--distill-rank", type=int, default=64, help="rank of the random distillation LoRA (turbo)")
+    ap.add_argument("--long", action="store_true", help="81 frames and 40 steps (Wan's own defaults)")
+    ap.add_argument("--only", default="", help="comma-separated sections to run (build always; ours_init as needed)")
     ap.add_argument(
         "--cpu-smoke",
         action="store_true",
         help="tiny model on CPU at tiny sizes, speed modes forced on (no attention backend): checks the harness",
     )
     a = ap.parse_args(argv)
+    if a.long:
+        a.frames, a.steps = 81, 40
+    a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if "exact" not in a.modes:
+        a.modes.insert(0, "exact")  # the baseline every mode is compared with
+    a.only = sorted({x.strip() for x in a.only.split(",") if x.strip()})
     if a.cpu_smoke:
         a.source, a.device = "tiny", "cpu"
         a.width, a.height, a.frames, a.steps = 64, 48, 5, 3
-        a.lora_rank, a.slot_rank = 4, 8
+        a.lora_rank, a.slot_rank, a.distill_rank = 4, 8, 4
         # Every section runs, whatever the budget: the smoke is there to run all the GPU run's code.
         a.noise_request, a.alt_casts = "on", True
+        a.modes, a.only = ["exact", "fast", "turbo"], []
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import diffusers
@@ -430,6 +490,10 @@ def main(argv=None):
         image_png=png_image(a.width, a.height),
     )
     S: dict = {}  # tensors and objects shared between sections
+    MODE_SECTIONS = [f"mode_{m}" for m in a.modes]
+
+    def want(name: str) -> bool:
+        return not a.only or name in a.only
 
     # 1. build --------------------------------------------------------------------------------
     def build():
@@ -466,7 +530,8 @@ def main(argv=None):
             "tflop_per_forward": round(S["flops"] / 1e12, 2),
         }
 
-    B.section("ref_warm", ref_warm)
+    if want("ref_warm"):
+        B.section("ref_warm", ref_warm)
 
     def whole_request(run):
         clock = StageClock(device)  # the product's own stage clock, so both sides split time alike
@@ -494,14 +559,16 @@ def main(argv=None):
             "latents_finite": bool(torch.isfinite(cap.last).all()),
         }
 
-    B.section("ref_request", ref_request)
+    if want("ref_request"):
+        B.section("ref_request", ref_request)
 
     def ref_forward():
         med, times, out = time_forward(pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
         S["ref_out"] = out
         return {"s_per_forward": round(med, 4), "times": times, "tflops": round(S["flops"] / med / 1e12, 1)}
 
-    B.section("ref_forward", ref_forward)
+    if want("ref_forward") and "inputs" in S:
+        B.section("ref_forward", ref_forward)
 
     # 3. noise floor: other attention backends, eager -----------------------------------------
     def noise_forward():
@@ -522,7 +589,8 @@ def main(argv=None):
         pipe.transformer.reset_attention_backend()
         return res
 
-    B.section("noise_forward", noise_forward)
+    if want("noise_forward") and "ref_out" in S:
+        B.section("noise_forward", noise_forward)
 
     def truth_forward():
         out, restored = fp32_truth_forward(pipe.transformer, S["inputs"], device, S["ref_out"])
@@ -532,13 +600,20 @@ def main(argv=None):
             res[f"{name}_rel_err_vs_fp32"] = rel_l2(o, out)
         return res
 
-    if a.cpu_smoke or B.left() > 120:
+    if want("truth_forward") and "ref_out" in S and (a.cpu_smoke or B.left() > 120):
         B.section("truth_forward", truth_forward)
 
     # 4. ours -----------------------------------------------------------------------------------
     def ours_init():
+        turbo = {"enabled": False}
+        if "turbo" in a.modes:
+            S["distill_dir"] = tempfile.TemporaryDirectory(prefix="bench-distill-")
+            path = os.path.join(S["distill_dir"].name, "distill.safetensors")
+            S["distill_bytes"] = make_distill_lora(S["shapes"], tcfg.num_layers, a.distill_rank, 300, path, device)
+            turbo = {"enabled": True, "lora": path, "fp8": a.fp8}
         speed = SpeedConfig(
-            warmup_width=a.width, warmup_height=a.height, warmup_frames=a.frames, lora_hotswap_rank=a.slot_rank
+            warmup_width=a.width, warmup_height=a.height, warmup_frames=a.frames, lora_hotswap_rank=a.slot_rank,
+            fast={"enabled": "fast" in a.modes, "fp8": a.fp8}, turbo=turbo,
         )
         if device.type != "cuda":  # CPU smoke: force the CUDA-only path, without the cuDNN backend
             speed = speed.model_copy(update={"attention_backend": None})
@@ -554,8 +629,14 @@ def main(argv=None):
             "speed_report": gen.speed_report,
             "graphs_compiled": unique_graphs() - g0,
             "peak_gib": peak_gib(device),
+            "distill_lora_bytes": S.get("distill_bytes"),
         }
 
+    later = ["ours_forward", "ours_request", "lora", *MODE_SECTIONS, "noise_request", "alt_casts"]
+    if not any(want(x) for x in later):
+        R["total_s"] = round(B.elapsed(), 1)
+        B.save()
+        return summary(R)
     B.section("ours_init", ours_init)
     if "gen" not in S:
         B.save()
@@ -577,12 +658,13 @@ def main(argv=None):
             "graphs_compiled": unique_graphs() - g0,
         }
 
-    B.section("ours_forward", ours_forward)
+    if want("ours_forward") and "inputs" in S:
+        B.section("ours_forward", ours_forward)
 
     def ours_request():
         g0 = unique_graphs()
         peak_reset(device)
-        with StepCapture(gen.pipe.scheduler) as cap:
+        with StepCapture(gen.scheduler_for_spec(spec)) as cap:
             t = time.perf_counter()
             frames = gen.generate(spec)
             wall = time.perf_counter() - t
@@ -597,7 +679,8 @@ def main(argv=None):
             "graphs_compiled": unique_graphs() - g0,
         }
 
-    B.section("ours_request", ours_request)
+    if want("ours_request"):
+        B.section("ours_request", ours_request)
 
     # 5. LoRA on the compiled model ---------------------------------------------------------------
     def lora():
@@ -673,12 +756,91 @@ def main(argv=None):
         gen._activate(spec)  # back to no LoRA
         return res
 
-    B.section("lora", lora)
+    if want("lora") and "inputs" in S:
+        B.section("lora", lora)
 
-    # 6. noise floor of the whole request: the eager path with another attention kernel ----------
+    # 6. speed modes, each with a rank-32 user LoRA, against exact mode at the same seed ------------
+    def user_lora() -> str:
+        from deployments.spec import adapter_name
+
+        ref = "bench/lora0.safetensors"  # the lora section's first adapter, if it ran
+        if adapter_name(ref) not in gen.adapters:
+            ref = "bench/mode-user.safetensors"
+            with tempfile.TemporaryDirectory(prefix="bench-user-") as tmp:
+                path = os.path.join(tmp, "user.safetensors")
+                make_aitoolkit_lora(S["shapes"], tcfg.num_layers, a.lora_rank, 100, path, device)
+                gen.load_adapter(ref, path)
+        return ref
+
+    def mode_spec(mode: str):
+        update = {"speed": mode, "loras": (LoraRef(ref=user_lora(), multiplier=1.0),)}
+        if mode == "turbo":  # what the ingress makes of a turbo request: the distillation's steps, no CFG
+            update.update(steps=gen.speed.turbo.steps, guidance_scale=1.0)
+        return spec.model_copy(update=update)
+
+    def mode_run(mode: str):
+        s = mode_spec(mode)
+        g0 = unique_graphs()
+        peak_reset(device)
+        with StepCapture(gen.scheduler_for_spec(s)) as cap:
+            frames = gen.generate(s)
+        S[f"{mode}_latents"], S[f"{mode}_frames"] = cap.last, frames.frames
+        total = frames.timings.get("total")
+        ref_total = R.get("ref_request", {}).get("timings", {}).get("total")
+        exact_total = R.get("mode_exact", {}).get("timings", {}).get("total")
+        res = {
+            "steps": s.steps,
+            "guidance_scale": s.guidance_scale,
+            "user_lora_rank": a.lora_rank,
+            "timings": frames.timings,
+            "speed": frames.speed,
+            "speedup_vs_ref": round(ref_total / total, 3) if ref_total and total else None,
+            "speedup_vs_exact": round(exact_total / total, 3) if exact_total and total and mode != "exact" else None,
+            "peak_gib": peak_gib(device),
+            "graphs_compiled": unique_graphs() - g0,
+        }
+        if mode != "exact" and "exact_latents" in S:
+            res["latents_rel_err_vs_exact"] = rel_l2(cap.last, S["exact_latents"])
+            res["psnr_db_vs_exact"] = psnr_db(frames.frames, S["exact_frames"])
+            res["note"] = "random weights: errors show the mode computes what it should, not how its video looks"
+        return res
+
+    def mode_fast():
+        res = mode_run("fast")
+        if "inputs" in S:  # one forward on the FP8 kernels (no LoRA, slot off), against the reference's
+            gen._activate(spec)
+            kernels = gen.modes.kernels
+            if kernels is not None:
+                kernels.use(True)
+            try:
+                med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
+            finally:
+                gen.modes.plain()
+            ref = R.get("ref_forward", {}).get("s_per_forward")
+            res["forward"] = {
+                "fp8": kernels is not None,
+                "s_per_forward": round(med, 4),
+                "times": times,
+                "ratio_vs_ref": round(med / ref, 3) if ref else None,
+                "rel_err_vs_ref": rel_l2(out, S["ref_out"]) if "ref_out" in S else None,
+            }
+        return res
+
+    for mode in a.modes:
+        if want(f"mode_{mode}"):
+            B.section(f"mode_{mode}", mode_fast if mode == "fast" else (lambda m=mode: mode_run(m)))
+    # Back to exact mode's state for what follows (it calls the pipeline directly): no LoRA, the
+    # model's own kernels and attention, the request's sampler.
+    gen._activate(spec)
+    gen.modes.plain()
+    pipe.scheduler = gen.scheduler_for(spec.sampler)
+
+    # 7. noise floor of the whole request: the eager path with another attention kernel ----------
     ref_total = R.get("ref_request", {}).get("timings", {}).get("total", 0) or 0
-    want = a.noise_request == "on" or (a.noise_request == "auto" and B.left() > 1.25 * ref_total + 20)
-    if want and "ref_latents" in S:
+    run_noise = a.noise_request == "on" or (a.noise_request == "auto" and B.left() > 1.25 * ref_total + 20)
+    if not want("noise_request"):
+        pass
+    elif run_noise and "ref_latents" in S:
 
         def noise_request():
             if gen._slots is not None:
@@ -704,7 +866,7 @@ def main(argv=None):
         why = f"time left {B.left():.0f}s" if "ref_latents" in S else "no reference latents (ref_request failed)"
         R["noise_request"] = {"skipped": "--noise-request off" if a.noise_request == "off" else why}
 
-    # 7. experiment: the other inductor precision setting (recompiles everything) -------------------
+    # 8. experiment: the other inductor precision setting (recompiles everything) -------------------
     def alt_casts():
         import torch._inductor.config as inductor_config
 
@@ -734,7 +896,7 @@ def main(argv=None):
             "rel_err_vs_fp32": rel_l2(out, S["truth_out"]) if "truth_out" in S else None,
         }
 
-    if a.alt_casts and (a.cpu_smoke or B.left() > 90):
+    if want("alt_casts") and "inputs" in S and a.alt_casts and (a.cpu_smoke or B.left() > 90):
         B.section("alt_casts", alt_casts)
 
     R["total_s"] = round(B.elapsed(), 1)
@@ -782,6 +944,21 @@ def summary(R: dict) -> int:
     row("LoRA multiplier change s", None, g("lora", "multiplier_change_s"), None, "<= 0.05 s")
     row("LoRA zero recompiles", None, g("lora", "zero_recompiles"), None, "True")
     row("s / forward, LoRA on", None, g("lora", "s_per_forward_lora_on"), g("lora", "slot_overhead_ratio"))
+    row("s / forward, FP8 kernels", rf, g("mode_fast", "forward", "s_per_forward"), g("mode_fast", "forward", "ratio_vs_ref"))
+    row("  FP8 forward rel err vs ref", None, g("mode_fast", "forward", "rel_err_vs_ref"))
+    for mode in ("exact", "fast", "turbo"):
+        m = g(f"mode_{mode}")
+        if not isinstance(m, dict) or "timings" not in m:
+            continue
+        sp = m.get("speed") or {}
+        row(f"{mode} + LoRA: request s", (rt or {}).get("total"), m["timings"].get("total"), None,
+            f"x{m.get('speedup_vs_ref')}" if m.get("speedup_vs_ref") else None)
+        row(f"  {mode}: denoise s / forwards", None, m["timings"].get("denoise"),
+            None, f"{sp.get('forwards_computed')}+{sp.get('forwards_skipped')}")
+        if mode != "exact":
+            row(f"  {mode}: latents err / PSNR dB", None, m.get("latents_rel_err_vs_exact"), None,
+                m.get("psnr_db_vs_exact"))
+        row(f"  {mode}: peak GiB, fp8", None, m.get("peak_gib"), None, sp.get("fp8"))
 
     def fmt(v):
         if v is None:

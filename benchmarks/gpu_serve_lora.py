@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     args = app_args(source, device, a.cache_dir or work / "models", work, gpus)
     extra = tuple(int(v) for v in a.extra_size.split("x")) if a.extra_size else None
     if extra:
-        args["gpu"]["model"]["speed"] = {"extra_warmup_sizes": [list(extra)]}
+        args["gpu"]["model"]["speed"]["extra_warmup_sizes"] = [list(extra)]
     deploy_s = None
     if a.url:
         AppConfig.model_validate(args)  # not deployed here, but what the GPU run deploys must stay valid

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 
@@ -18,8 +18,119 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# MagCache's magnitude ratios for Wan 2.1 I2V 14B 480P, calibrated by its authors on the real checkpoint
+# (the script's I2V 480P defaults: 832x480, 40 UniPC steps, shift 3, CFG 5): one ratio per transformer forward, cond and uncond interleaved, the
+# first pair padding. Source: Zehong-Ma/MagCache, MagCache4Wan2.1/magcache_generate.py (the '480P' table
+# of i2v mag_ratios). Data, not code: recalibrate with that script's --magcache_calibration for another
+# checkpoint, sampler or shift and put the printed "norm ratio" list in speed.fast.step_cache.mag_ratios.
+MAGCACHE_WAN21_I2V_480P = (
+    1.0, 1.0, 0.98783, 0.98993, 0.97559, 0.97593, 0.98311, 0.98319, 0.98202, 0.98225, 0.9888, 0.98878,
+    0.98762, 0.98759, 0.98957, 0.98971, 0.99052, 0.99043, 0.99383, 0.99384, 0.98857, 0.9886, 0.99065,
+    0.99068, 0.98845, 0.98847, 0.99057, 0.99057, 0.98957, 0.98961, 0.98601, 0.9861, 0.98823, 0.98823,
+    0.98756, 0.98759, 0.98808, 0.98814, 0.98721, 0.98724, 0.98571, 0.98572, 0.98543, 0.98544, 0.98157,
+    0.98165, 0.98411, 0.98413, 0.97952, 0.97953, 0.98149, 0.9815, 0.9774, 0.97742, 0.97825, 0.97826,
+    0.97355, 0.97361, 0.97085, 0.97087, 0.97056, 0.97055, 0.96588, 0.96587, 0.96113, 0.96124, 0.9567,
+    0.95681, 0.94961, 0.94969, 0.93973, 0.93988, 0.93217, 0.93224, 0.91878, 0.91896, 0.90955, 0.90954,
+    0.92617, 0.92616,
+)
+MAGCACHE_SOURCE = "MagCache4Wan2.1 (Zehong-Ma/MagCache), Wan2.1-I2V-14B-480P, calibrated on the real checkpoint"
+
+
+class StepCacheConfig(_Strict):
+    """Fast mode's step cache: MagCache's rule on calibrated magnitude ratios, decided before each request.
+
+    A forward is skipped (the branch's last residual reused) while the accumulated error
+    ``sum |1 - prod(ratios)|`` since the last computed forward stays under ``threshold`` and at most
+    ``max_skips`` forwards in a row are skipped; the first ``retention_ratio`` of the forwards are always
+    computed. The cond and uncond passes each keep their own residual and accumulators.
+    """
+
+    enabled: bool = True
+    threshold: float = Field(0.12, ge=0, description="MagCache's E: the accumulated error bound (0.12 in its scripts)")
+    max_skips: int = Field(2, ge=0, description="MagCache's K: at most this many forwards in a row reuse a residual")
+    retention_ratio: float = Field(
+        0.2, ge=0, le=1, description="MagCache's R: this fraction of the forwards, the first ones, always computed"
+    )
+    mag_ratios: list[float] = Field(
+        default_factory=lambda: list(MAGCACHE_WAN21_I2V_480P),
+        min_length=2,
+        description="one magnitude ratio per forward of the calibration run, cond and uncond interleaved; resampled "
+        "to each request's step count (nearest) as MagCache does",
+    )
+    ratios_source: str = Field(MAGCACHE_SOURCE, description="where mag_ratios came from, reported with each result")
+
+    @field_validator("mag_ratios")
+    @classmethod
+    def _pairs(cls, v: list[float]) -> list[float]:
+        if len(v) % 2 or any(not 0 < r < 10 for r in v):
+            raise ValueError("mag_ratios must hold positive (cond, uncond) pairs")
+        return v
+
+
+class FastModeConfig(_Strict):
+    """``speed: fast``: FP8 block linears (CUDA, compute capability >= 8.9, torchao), the step cache."""
+
+    enabled: bool = True
+    fp8: bool = Field(
+        True,
+        description="torchao float8 (dynamic, per-row scales) copies of the block linears, used in this mode only; "
+        "needs torchao (pip install '.[cuda]') on CUDA, where a missing torchao stops the replica at start. On CPU the "
+        "mode runs without it and says so in each result",
+    )
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend in this mode; null: the one exact mode uses"
+    )
+    step_cache: StepCacheConfig = Field(default_factory=StepCacheConfig)
+
+
+# LightX2V's Wan 2.1 I2V step-distillation setting: ModelTC/LightX2V
+# configs/distill/wan21/wan_i2v_distill_lora_4step_cfg.json (infer_steps 4, denoising_step_list
+# [1000, 750, 500, 250], sample_shift 5, enable_cfg false, LoRA strength 1.0) run by its
+# WanStepDistillScheduler (lightx2v/models/schedulers/wan/step_distill/scheduler.py).
+DISTILL_STEP_LIST = (1000, 750, 500, 250)
+DISTILL_SHIFT = 5.0
+
+
+class TurboModeConfig(_Strict):
+    """``speed: turbo``: a step-and-CFG-distillation LoRA under the user's LoRAs, its own scheduler, fast kernels."""
+
+    enabled: bool = False
+    lora: str | None = Field(
+        None,
+        description="the distillation LoRA: an absolute path, or a path relative to gpu.lora.root (e.g. LightX2V's "
+        "wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors); loaded once per replica",
+    )
+    strength: float = Field(1.0, description="the distillation LoRA's multiplier")
+    denoising_step_list: list[int] = Field(
+        default_factory=lambda: list(DISTILL_STEP_LIST),
+        min_length=1,
+        description="the distillation's timesteps on the unshifted 1000-step grid, as LightX2V's config writes them",
+    )
+    shift: float = Field(DISTILL_SHIFT, gt=0, description="LightX2V's sample_shift")
+    fp8: bool = Field(True, description="FP8 block linears as in fast mode (CUDA only)")
+    attention_backend: str | None = Field(None, description="null: the one exact mode uses")
+
+    @property
+    def steps(self) -> int:
+        return len(self.denoising_step_list)
+
+    @field_validator("denoising_step_list")
+    @classmethod
+    def _descending(cls, v: list[int]) -> list[int]:
+        if any(not 0 < t <= 1000 for t in v) or any(a <= b for a, b in zip(v, v[1:])):
+            raise ValueError("denoising_step_list must be strictly decreasing timesteps in (0, 1000]")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_lora(self):
+        if self.enabled and not self.lora:
+            raise ValueError("speed.turbo.enabled needs speed.turbo.lora (the distillation LoRA file)")
+        return self
+
+
 class SpeedConfig(_Strict):
-    """Exact-mode speed-ups; each keeps results within bf16 noise of the plain diffusers path."""
+    """Exact-mode speed-ups (each keeps results within bf16 noise of the plain diffusers path), and the
+    per-request ``fast`` and ``turbo`` modes that trade accuracy for speed."""
 
     compile_blocks: bool = Field(True, description="regional torch.compile of the transformer blocks (CUDA only)")
     attention_backend: str | None = Field(
@@ -39,6 +150,12 @@ class SpeedConfig(_Strict):
     lora_hotswap_rank: int = Field(
         64, description="max LoRA rank that can be swapped into a compiled model without recompiling"
     )
+    fast: FastModeConfig = Field(default_factory=FastModeConfig)
+    turbo: TurboModeConfig = Field(default_factory=TurboModeConfig)
+
+    def enabled_modes(self) -> tuple[str, ...]:
+        """The speed modes requests may ask for: exact always, then fast and turbo where enabled."""
+        return ("exact",) + tuple(m for m in ("fast", "turbo") if getattr(self, m).enabled)
 
 
 class ModelConfig(_Strict):

@@ -48,6 +48,20 @@ class InvalidRequest(ServiceError):
     status = 400
 
 
+class SpeedModeNotSupported(ServiceError):
+    """A speed mode this replica does not run (unknown, or disabled in its config)."""
+
+    code = "SPEED_MODE_NOT_SUPPORTED"
+    status = 400
+
+
+class SpeedModeUnavailable(ServiceError):
+    """A speed mode the config enables cannot run here (e.g. FP8 on without torchao): a startup error."""
+
+    code = "SPEED_MODE_UNAVAILABLE"
+    status = 503
+
+
 class LoraNotFound(ServiceError):
     code = "LORA_NOT_FOUND"
     status = 400

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 CONTENT_TYPES = {"mp4": "video/mp4", "webp": "image/webp"}
+X264_STREAMING = ("-preset", "veryfast", "-tune", "zerolatency")
 
 
 def encode_webp(frames: np.ndarray, fps: int) -> bytes:
@@ -64,6 +65,10 @@ class Mp4Stream:
                 quality=8,
                 macro_block_size=2,  # yuv420p needs even sizes; our sizes are multiples of 16
                 ffmpeg_log_level="error",
+                # x264's default look-ahead holds ~40 frames back until the input ends, so the whole
+                # encode landed after the VAE decode (1.1 s of 41 frames on an H100 host); with no
+                # look-ahead each chunk is encoded while the next is decoded. Still H.264 yuv420p.
+                output_params=list(X264_STREAMING),
             )
             while (chunk := self._queue.get()) is not None:
                 for frame in chunk:
@@ -78,6 +83,14 @@ class Mp4Stream:
                     writer.close()
                 except BaseException as e:
                     self._error = self._error or e
+
+    @property
+    def bytes_encoded(self) -> int:
+        """How much of the file ffmpeg has written so far (frames encoded before the input ends)."""
+        try:
+            return os.path.getsize(self._path)
+        except OSError:
+            return 0
 
     def finish(self) -> bytes:
         """Wait for the encoder and return the file's bytes (raises what the encoder raised)."""

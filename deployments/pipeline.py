@@ -22,6 +22,7 @@ from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
 from .media_out import Mp4Stream
 from .models import LoadedModel
+from .modes import SpeedModes, resolve_turbo_lora
 from .spec import GenerationSpec, Progress, adapter_name
 from .speed import apply_speed_modes
 from .speed import warmup as speed_warmup
@@ -29,6 +30,7 @@ from .speed import warmup as speed_warmup
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # a shorter value silently feeds CLIP tokens to the text branch
+DISTILL = "turbo_distill"  # the adapter name of turbo mode's distillation LoRA (never a user adapter's name)
 
 
 def make_scheduler(name: str, checkpoint_scheduler):
@@ -161,6 +163,7 @@ class Frames:
     frames: np.ndarray  # (num_frames, height, width, 3) uint8
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+    speed: dict = field(default_factory=dict)  # the speed mode used and what it did
     video: bytes | None = None  # the MP4, when it was encoded while the VAE decoded (``stream_video``)
 
 
@@ -194,7 +197,15 @@ class _DecodeStream:
 class WanGenerator:
     """Holds one loaded pipeline and its resident adapters; runs one generation at a time."""
 
-    def __init__(self, loaded: LoadedModel, speed: SpeedConfig | None = None, faults: FaultInjection | None = None):
+    def __init__(self, loaded: LoadedModel, speed: SpeedConfig | None = None, faults: FaultInjection | None = None,
+                 lora_root: str | None = None, convert=None):
+        """Args:
+            loaded: the pipeline (changed in place: hooks, speed modes, adapters).
+            speed: speed-ups and modes (default ``SpeedConfig()``).
+            faults: test-only fault injection.
+            lora_root: where a relative ``speed.turbo.lora`` is looked up.
+            convert: tests only: what makes the fast kernels' Linear copies (default: FP8 on CUDA).
+        """
         self.loaded = loaded
         self.pipe = loaded.pipe
         self.device = loaded.device
@@ -214,6 +225,13 @@ class WanGenerator:
         self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
         self._slots = self.speed_report.pop("lora_slots", None)
         self._resident: dict = {}  # adapter name -> speed.ResidentAdapter (slot path only)
+        # Fast and turbo modes on the same weights; exact mode's path is left as it was.
+        self.modes = SpeedModes(self.pipe, self.speed, self.device, self.speed_report.get("attention_backend"),
+                                [n for n in self._shapes if n.startswith("blocks.")], convert)
+        self.distill_loads = 0
+        if "turbo" in self.modes.enabled:
+            self._load_distill(resolve_turbo_lora(self.speed.turbo.lora, lora_root))
+        self.speed_report["modes"] = self.modes.describe()
         if self.speed.warmup:
             self.warmup()
 
@@ -231,6 +249,7 @@ class WanGenerator:
         if name in self.adapters:
             return name
         lora = read_lora(path, self._shapes, type(self.pipe), max_header_bytes)
+        self.modes.plain()  # peft must wrap the model's own Linears, never a mode's copies
         if self._slots is not None:
             self._resident[name] = self._slots.prepare(name, lora)  # raises LoraIncompatible
             self.adapters[name] = ref
@@ -249,6 +268,23 @@ class WanGenerator:
         self.adapter_loads += 1
         self._lora_enabled = True
         return name
+
+    def _load_distill(self, path: str) -> None:
+        """Turbo's distillation LoRA, resident for the replica's life: a fixed adapter beside the slot on
+        the compiled path, a peft adapter like any other on the eager path; active in turbo requests only.
+
+        Kept apart from the base weights (not fused): exact and fast share those weights, and the user's
+        adapters stay switchable on top of it.
+        """
+        lora = read_lora(path, self._shapes, type(self.pipe))
+        strength = self.speed.turbo.strength
+        if self._slots is not None:
+            self._slots.add_fixed(DISTILL, lora, strength)
+        else:
+            self._load_into_transformer(DISTILL, lora)
+            self._lora_enabled = True  # loading activated it: the next request sets adapters explicitly
+        self.distill_loads += 1
+        self.speed_report["turbo_lora"] = {"path": path, "format": lora.format, "strength": strength}
 
     def _load_into_transformer(self, name: str, lora) -> None:
         """Stock ``load_lora_weights(path, adapter_name=name)``, from the file already read and checked.
@@ -289,23 +325,35 @@ class WanGenerator:
             return
         if self.adapters.pop(name, None) is not None:
             self.pipe.delete_adapters([name])
+            # peft activates some other resident adapter in place of a deleted active one (turbo's
+            # distillation LoRA too): adapters off, as between requests; the next one sets its own.
+            if self._lora_enabled:
+                self.pipe.disable_lora()
+                self._lora_enabled = False
 
     def _activate(self, spec: GenerationSpec) -> None:
-        """Set this request's adapters and multipliers; no LoRA means the untouched base model."""
-        if spec.loras:
-            names = [adapter_name(lora.ref) for lora in spec.loras]
-            missing = [lora.ref for lora in spec.loras if adapter_name(lora.ref) not in self.adapters]
-            if missing:
-                raise GenerationFailed(f"adapters not loaded: {missing}")
-            if self._slots is not None:
-                self._slots.apply([(self._resident[n], lora.multiplier) for n, lora in zip(names, spec.loras)])
-                return
+        """Set this request's adapters and multipliers; no LoRA means the untouched base model.
+
+        In turbo mode the distillation LoRA is active too, under the user's.
+        """
+        turbo = getattr(spec, "speed", "exact") == "turbo"
+        names = [adapter_name(lora.ref) for lora in spec.loras]
+        missing = [lora.ref for lora in spec.loras if adapter_name(lora.ref) not in self.adapters]
+        if missing:
+            raise GenerationFailed(f"adapters not loaded: {missing}")
+        if self._slots is not None:
+            self._slots.apply([(self._resident[n], lora.multiplier) for n, lora in zip(names, spec.loras)])
+            if self._slots.fixed is not None:
+                self._slots.use_fixed(turbo)
+            return
+        weights = [lora.multiplier for lora in spec.loras]
+        if turbo:
+            names, weights = names + [DISTILL], weights + [self.speed.turbo.strength]
+        if names:
             self.pipe.enable_lora()
             # Always set, so a multiplier change (back to 1.0 included) takes effect.
-            self.pipe.set_adapters(names, [lora.multiplier for lora in spec.loras])
+            self.pipe.set_adapters(names, weights)
             self._lora_enabled = True
-        elif self._slots is not None:
-            self._slots.apply([])  # the plain Linear path, compiled at warm-up
         elif self._lora_enabled:
             self.pipe.disable_lora()  # restores the base output bit-exactly
             self._lora_enabled = False
@@ -316,6 +364,12 @@ class WanGenerator:
         if sampler not in self._schedulers:
             self._schedulers[sampler] = make_scheduler(sampler, self._checkpoint_scheduler)
         return self._schedulers[sampler]
+
+    def scheduler_for_spec(self, spec: GenerationSpec):
+        """The scheduler a request runs: turbo's own, else its sampler's."""
+        if spec.speed == "turbo" and self.modes.turbo_scheduler is not None:
+            return self.modes.turbo_scheduler
+        return self.scheduler_for(spec.sampler)
 
     @torch.inference_mode()
     def generate(
@@ -348,15 +402,17 @@ class WanGenerator:
         inject = bool(fail) and fail in spec.prompt
         delay = self.faults.step_delay_s if slow and slow in spec.prompt else 0.0
 
-        # 1. Adapters and sampler for this request.
+        # 1. Adapters, speed mode and sampler for this request.
+        self.modes.check(spec)
         if inject and "activate" in self.faults.fail_stages:
             raise_fault(self.faults.fail_kind, "activate")
         self._activate(spec)
-        self.pipe.scheduler = self.scheduler_for(spec.sampler)
+        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+        mode = self.modes.begin(spec, generator)
+        self.pipe.scheduler = self.scheduler_for_spec(spec)
 
         # 2. Inputs exactly as the reference passes them.
         image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
-        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
 
         def step_end(pipe, i, t, kwargs):
             if delay:
@@ -403,6 +459,9 @@ class WanGenerator:
             self._clock = None
             if hook is not None:
                 hook.remove()
+            report = self.modes.end(mode)
+            if spec.speed == "turbo":  # between requests the distillation LoRA is off too
+                self._activate(spec.model_copy(update={"speed": "exact"}))
 
         frames = frames_to_uint8(out.frames[0])
         clock.totals["total"] = time.perf_counter() - t0
@@ -416,7 +475,10 @@ class WanGenerator:
                 log.warning("streamed video encoding failed (%s: %s); encoding after the decode", type(e).__name__, e)
             if video is not None:
                 timings["encode_video"] = round(time.perf_counter() - t_tail, 4)  # what was left after decode
-        return Frames(frames=frames, seed=spec.seed, timings=timings, video=video)
+        report.update(steps=spec.steps, guidance_scale=spec.guidance_scale)
+        report.setdefault("forwards_computed", spec.steps * mode.branches)
+        report.setdefault("forwards_skipped", 0)
+        return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)
 
     def _video_stream(self, spec: GenerationSpec) -> "_DecodeStream | None":
         """An MP4 encoder fed from the VAE decoder's chunks, where the decode makes whole frames in order."""

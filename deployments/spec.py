@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Sampler = Literal["unipc", "flowmatch_euler"]
 OutputFormat = Literal["mp4", "webp"]
+SpeedMode = Literal["exact", "fast", "turbo"]
 SAMPLERS: tuple[str, ...] = ("unipc", "flowmatch_euler")
+SPEED_MODES: tuple[str, ...] = ("exact", "fast", "turbo")
 OUTPUT_FORMATS: tuple[str, ...] = ("mp4", "webp")
 MAX_LORAS = 4
 MULTIPLIER_RANGE = (-2.0, 2.0)
@@ -72,6 +74,7 @@ class GenerationSpec(BaseModel):
     seed: int = Field(ge=0, lt=2**63)
     sampler: Sampler = "unipc"
     output_format: OutputFormat = "mp4"
+    speed: SpeedMode = Field("exact", description="exact (the reference's path), fast or turbo")
     image_png: bytes = Field(description="the control image, RGB, already resized to width x height, as PNG")
     loras: tuple[LoraRef, ...] = ()
 
@@ -100,6 +103,7 @@ class GenerationResult(BaseModel):
 
     video: VideoOutput
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
+    speed: dict = Field(default_factory=dict, description="the speed mode used and what it did (plain JSON values)")
     replica: str = ""
 
 

@@ -67,6 +67,56 @@ class ResidentAdapter:
         return sum(t.numel() * t.element_size() for ts in self.pairs.values() for t in ts if t is not None)
 
 
+@dataclass(frozen=True)
+class FixedAdapter:
+    """A LoRA installed once beside the slot (turbo's distillation LoRA)."""
+
+    name: str
+    rank: int
+    layers: frozenset
+    nbytes: int
+    strength: float
+
+
+def resident_adapter(name: str, lora, device, dtype, strength: float = 1.0) -> ResidentAdapter:
+    """A checked LoRA (``lora_files.CheckedLora``) as device tensors, peft's per-layer scale (times
+    ``strength``) folded into B and its bias.
+
+    Raises:
+        LoraIncompatible: a key other than lora_A/lora_B(.bias), or a layer without both A and B.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in lora.state_dict.items():
+        module = key[len("transformer.") :] if key.startswith("transformer.") else key
+        for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias")):
+            if module.endswith(part):
+                groups.setdefault(module[: -len(part)], {})[slot] = tensor
+                break
+        else:  # read_lora lets no other key through
+            raise LoraIncompatible(f"LoRA key {key!r} is not supported with compiled blocks", {"key": key})
+    rank = 0
+    for module, g in groups.items():
+        if module not in lora.scales or not {"A", "B"} <= set(g):
+            raise LoraIncompatible(f"LoRA layer {module!r} has no slot or lacks lora_A/lora_B", {"module": module})
+        rank = max(rank, g["A"].shape[0])
+
+    def scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+        # the scale is applied in fp32, then rounded once to the model dtype
+        t = t.to(device, torch.float32)
+        return (t * scale if scale != 1.0 else t).to(dtype).contiguous()
+
+    with torch.no_grad():
+        pairs = {
+            m: (
+                g["A"].to(device, dtype).contiguous(),
+                scaled(g["B"], lora.scales[m] * strength),
+                scaled(g["bias"], lora.scales[m] * strength) if "bias" in g else None,
+            )
+            for m, g in groups.items()
+        }
+    return ResidentAdapter(name=name, rank=rank, pairs=pairs)
+
+
 class LoraSlots:
     """A fixed-rank LoRA slot on every Linear of a transformer, written in place per request."""
 
@@ -111,6 +161,12 @@ class LoraSlots:
                 self.A[name], self.B[name], self.bias[name] = a, b, bias
         self._dirty: set[str] = set()  # modules whose slot weights are non-zero
         self._current: tuple | None = ()  # (name, multiplier) pairs now in the slot; None = unknown
+        self.transformer = transformer
+        # What peft made each layer's active adapter: restored as is whenever the fixed adapter is off,
+        # so the slot's own graphs see the same attributes as before one was installed.
+        self._slot_active = {name: layer._active_adapter for name, layer in self.layers.items()}
+        self.fixed: FixedAdapter | None = None
+        self.fixed_on = False
         self.enable(False)
 
     @property
@@ -119,9 +175,74 @@ class LoraSlots:
 
     def enable(self, on: bool) -> None:
         """Slot on (LoRA path) or off (plain Linear path); both are compiled at warm-up."""
-        for layer in self.layers.values():
-            layer._disable_adapters = not on  # peft's switch, without its requires_grad side effects
         self.enabled = on
+        self._sync()
+
+    def _sync(self) -> None:
+        """Write the slot's and the fixed adapter's on/off state into every layer (peft's own switches,
+        set directly: its setters also flip requires_grad)."""
+        fixed = self.fixed if self.fixed_on else None
+        for name, layer in self.layers.items():
+            with_fixed = fixed is not None and name in fixed.layers
+            if not with_fixed:
+                layer._active_adapter = self._slot_active[name]
+                layer._disable_adapters = not self.enabled
+            else:
+                layer._active_adapter = ([SLOT] if self.enabled else []) + [fixed.name]
+                layer._disable_adapters = False
+
+    def add_fixed(self, name: str, lora, strength: float = 1.0) -> "FixedAdapter":
+        """Install a LoRA that never changes (turbo's distillation LoRA) as a peft adapter of its own,
+        beside the slot, with ``strength`` and peft's scales folded into it; off until ``use_fixed(True)``.
+
+        It stacks with the slot: the two add up as peft adds two active adapters. Call before the
+        first forward (it adds modules).
+        """
+        from peft import LoraConfig
+
+        if self.fixed is not None:
+            raise RuntimeError(f"a fixed adapter is already installed ({self.fixed.name})")
+        resident = resident_adapter(name, lora, self.device, self.dtype, strength)
+        unknown = sorted(set(resident.pairs) - set(self.layers))
+        if unknown:
+            raise LoraIncompatible(f"fixed LoRA layers without a slot: {unknown[:5]}", {"modules": unknown[:20]})
+        has_bias = any(bias is not None for _, _, bias in resident.pairs.values())
+        config = LoraConfig(r=resident.rank, lora_alpha=resident.rank, lora_dropout=0.0,
+                            target_modules=sorted(resident.pairs), init_lora_weights=False, lora_bias=has_bias)
+        self.transformer.add_adapter(config, adapter_name=name)
+        with torch.no_grad():
+            for module, (a, b, bias) in resident.pairs.items():
+                layer = self.layers[module]
+                layer.lora_A[name].to(device=self.device, dtype=self.dtype)
+                layer.lora_B[name].to(device=self.device, dtype=self.dtype)
+                if layer.scaling[name] != 1.0:
+                    raise RuntimeError(f"fixed adapter scaling is {layer.scaling[name]}, expected 1.0")
+                dst_a, dst_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                for t in (dst_a, dst_b):
+                    t.requires_grad_(False)
+                    t.zero_()
+                r = a.shape[0]  # a lower-rank layer fills the first columns; the rest stay zero
+                dst_a[:r].copy_(a)
+                dst_b[:, :r].copy_(b)
+                dst_bias = layer.lora_B[name].bias
+                if dst_bias is not None:
+                    dst_bias.requires_grad_(False)
+                    dst_bias.zero_()
+                    if bias is not None:
+                        dst_bias.copy_(bias)
+        self.transformer.eval()  # peft makes new modules in training mode
+        self.fixed = FixedAdapter(name=name, rank=resident.rank, layers=frozenset(resident.pairs),
+                                  nbytes=resident.nbytes, strength=strength)
+        self._sync()
+        return self.fixed
+
+    def use_fixed(self, on: bool) -> None:
+        """The fixed adapter on or off (a graph variant of its own, compiled at warm-up)."""
+        if on and self.fixed is None:
+            raise RuntimeError("no fixed adapter installed")
+        if on != self.fixed_on:
+            self.fixed_on = on
+            self._sync()
 
     def prepare(self, name: str, lora) -> ResidentAdapter:
         """Turn a checked LoRA (``lora_files.CheckedLora``) into a resident adapter on the device.
@@ -129,41 +250,16 @@ class LoraSlots:
         Raises:
             LoraIncompatible: a rank above the slot's.
         """
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in lora.state_dict.items():
-            module = key[len("transformer.") :] if key.startswith("transformer.") else key
-            for part, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias")):
-                if module.endswith(part):
-                    groups.setdefault(module[: -len(part)], {})[slot] = tensor
-                    break
-            else:  # read_lora lets no other key through
-                raise LoraIncompatible(f"LoRA key {key!r} is not supported with compiled blocks", {"key": key})
-        rank = 0
-        for module, g in groups.items():
-            if module not in self.layers or module not in lora.scales or not {"A", "B"} <= set(g):
-                raise LoraIncompatible(f"LoRA layer {module!r} has no slot or lacks lora_A/lora_B", {"module": module})
-            rank = max(rank, g["A"].shape[0])
-        if rank > self.rank:
+        resident = resident_adapter(name, lora, self.device, self.dtype)
+        unknown = [m for m in resident.pairs if m not in self.layers]
+        if unknown:
+            raise LoraIncompatible(f"LoRA layer {unknown[0]!r} has no slot", {"module": unknown[0]})
+        if resident.rank > self.rank:
             raise LoraIncompatible(
-                f"LoRA rank {rank} exceeds the compiled slot rank {self.rank} (speed.lora_hotswap_rank)",
-                {"rank": rank, "slot_rank": self.rank},
+                f"LoRA rank {resident.rank} exceeds the compiled slot rank {self.rank} (speed.lora_hotswap_rank)",
+                {"rank": resident.rank, "slot_rank": self.rank},
             )
-
-        def scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
-            # the scale is applied in fp32, then rounded once to the model dtype
-            t = t.to(self.device, torch.float32)
-            return (t * scale if scale != 1.0 else t).to(self.dtype).contiguous()
-
-        with torch.no_grad():
-            pairs = {
-                m: (
-                    g["A"].to(self.device, self.dtype).contiguous(),
-                    scaled(g["B"], lora.scales[m]),
-                    scaled(g["bias"], lora.scales[m]) if "bias" in g else None,
-                )
-                for m, g in groups.items()
-            }
-        return ResidentAdapter(name=name, rank=rank, pairs=pairs)
+        return resident
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget what the slot holds (all, or if it holds ``name``), so the next apply rewrites it."""
@@ -258,12 +354,26 @@ def _apply(pipe, speed: SpeedConfig) -> dict:
         if hasattr(inductor_config, "emulate_precision_casts"):  # process-wide, read at compile time
             inductor_config.emulate_precision_casts = EMULATE_PRECISION_CASTS
             report["emulate_precision_casts"] = EMULATE_PRECISION_CASTS
+        report["recompile_limit"] = _raise_recompile_limit(speed, slots is not None)
         # Compilation itself happens at the first forward (the warm-up).
         transformer.compile_repeated_blocks(fullgraph=True)
         report["compiled"] = True
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["lora_slots"] = slots
     return report
+
+
+def _raise_recompile_limit(speed: SpeedConfig, with_slot: bool) -> int:
+    """Room for every graph the warm-up compiles: one per size, speed mode (its kernels and adapters) and
+    slot state, twice over for dynamo's own re-specialisations. Past the limit dynamo would silently run
+    the block eagerly."""
+    import torch._dynamo.config as dynamo_config
+
+    needed = 2 * len(speed.enabled_modes()) * (2 if with_slot else 1) * (1 + len(speed.extra_warmup_sizes))
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(dynamo_config, name), needed)
+    setattr(dynamo_config, name, limit)  # process-wide, like the inductor setting above
+    return limit
 
 
 def _zero_lora_file(directory: str, shapes: dict[str, tuple[int, int]]) -> str:
@@ -285,8 +395,10 @@ def _zero_lora_file(directory: str, shapes: dict[str, tuple[int, int]]) -> str:
 WARMUP_LORA_REF = "__warmup_zero_lora__"
 
 
-def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tuple[int, int, int] | None = None):
-    """A warm-up request: the configured size (or ``size``), CFG on, a random picture."""
+def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tuple[int, int, int] | None = None,
+                mode: str = "exact"):
+    """A warm-up request: the configured size (or ``size``), CFG on (turbo: its own steps, no CFG), a random
+    picture."""
     import io
 
     import numpy as np
@@ -306,43 +418,49 @@ def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tup
         height=height,
         num_frames=frames,
         fps=16,
-        steps=steps,
-        guidance_scale=4.0,
+        steps=speed.turbo.steps if mode == "turbo" else steps,
+        guidance_scale=1.0 if mode == "turbo" else 4.0,
         seed=0,
         image_png=buf.getvalue(),
         loras=loras,
+        speed=mode,
     )
 
 
 def warmup(generator, speed: SpeedConfig) -> dict:
-    """Compile at replica start: at the warm-up size (and each of ``extra_warmup_sizes``), one
-    generation without LoRA and, if the slot exists, one with a zero LoRA through the public adapter
-    path (the slot-on variant is a second graph).
+    """Compile at replica start: at the warm-up size (and each of ``extra_warmup_sizes``), for each
+    enabled speed mode, one generation without LoRA and, if the slot exists, one with a zero LoRA
+    through the public adapter path (the slot-on variant is a graph of its own, and so is each mode's
+    kernel and adapter set).
 
-    Returns seconds per part.
+    Returns seconds per part (``base_s``, ``lora_s`` for exact mode; ``fast_base_s``... for the others).
     """
     from .spec import LoraRef
 
     out: dict = {}
     t0 = time.perf_counter()
     sizes = [None] + [tuple(s) for s in speed.extra_warmup_sizes]
+    modes = getattr(getattr(generator, "modes", None), "enabled", ("exact",))
     for size in sizes:
         tag = "" if size is None else f"_{size[0]}x{size[1]}x{size[2]}"
-        t1 = time.perf_counter()
-        generator.generate(warmup_spec(speed, steps=2 if size is None else 1, size=size))
-        out[f"base{tag}_s"] = round(time.perf_counter() - t1, 2)
-        if getattr(generator, "_slots", None) is not None:
-            loads = generator.adapter_loads
+        for mode in modes:
+            prefix = "" if mode == "exact" else f"{mode}_"
             t1 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = _zero_lora_file(tmp, generator._shapes)
-                generator.load_adapter(WARMUP_LORA_REF, path)
-            try:
-                generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),), size=size))
-            finally:
-                generator.delete_adapter(WARMUP_LORA_REF)
-                generator.adapter_loads = loads
-                generator._slots.apply([])
-            out[f"lora{tag}_s"] = round(time.perf_counter() - t1, 2)
+            generator.generate(warmup_spec(speed, steps=2 if size is None else 1, size=size, mode=mode))
+            out[f"{prefix}base{tag}_s"] = round(time.perf_counter() - t1, 2)
+            if getattr(generator, "_slots", None) is not None:
+                loads = generator.adapter_loads
+                t1 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = _zero_lora_file(tmp, generator._shapes)
+                    generator.load_adapter(WARMUP_LORA_REF, path)
+                try:
+                    generator.generate(warmup_spec(speed, steps=1, loras=(LoraRef(ref=WARMUP_LORA_REF),), size=size,
+                                                   mode=mode))
+                finally:
+                    generator.delete_adapter(WARMUP_LORA_REF)
+                    generator.adapter_loads = loads
+                    generator._slots.apply([])
+                out[f"{prefix}lora{tag}_s"] = round(time.perf_counter() - t1, 2)
     out["total_s"] = round(time.perf_counter() - t0, 2)
     return out

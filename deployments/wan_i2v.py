@@ -108,7 +108,7 @@ class WanI2VReplica:
         self._lock = asyncio.Lock()
         self._resident: dict[str, list[str]] = {}
         self.loaded = load_pipeline(cfg.model)
-        self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults)
+        self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults, lora_root=cfg.lora.root)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
         self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
@@ -319,13 +319,14 @@ class WanI2VReplica:
                     raise GenerationFailed(f"video encoding failed: {type(e).__name__}: {first_line}",
                                            {"stage": "encode_video", "format": spec.output_format}) from e
                 timings = {"encode_video": round(loop.time() - t0, 4), **frames.timings}
-                self.metrics.generation(timings)
+                self.metrics.generation(timings, spec.speed)
                 log.info("done in %.2f s (%s)", timings.get("total", 0.0) + timings["encode_video"],
                          ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "total"))
                 n, h, w, _ = frames.frames.shape
                 video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
                                     width=w, height=h, num_frames=n, fps=spec.fps, seed=frames.seed, data=data)
-                yield {"result": GenerationResult(video=video, timings=timings, replica=self.replica_id)}
+                yield {"result": GenerationResult(video=video, timings=timings, speed=_plain(frames.speed),
+                                                  replica=self.replica_id)}
             except (asyncio.CancelledError, GeneratorExit):
                 # The caller canceled: stop at the next denoising step, and hold the lock until the
                 # pipeline is free so the next request never overlaps this one.
@@ -375,6 +376,8 @@ class WanI2VReplica:
             "pipeline_loads": pipeline_loads(),
             "caller_died_stops": self.caller_died_stops,
             "adapter_loads": self.generator.adapter_loads,
+            "speed_modes": list(self.generator.modes.enabled),
+            "distill_loads": self.generator.distill_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),
             "device": str(self.loaded.device),

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--fps", type=int)
     submit.add_argument("--sampler", help="unipc or flowmatch_euler")
     submit.add_argument("--format", dest="output_format", help="mp4 or webp")
+    submit.add_argument("--speed", help="exact (default), fast or turbo, where the server enables them")
     submit.add_argument("--model", default=DEFAULT_MODEL)
     submit.add_argument("--out", type=Path, help="where to write the video (default <request_id>.<format>)")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
@@ -148,7 +149,7 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         args.image, args.prompt, loras=args.lora, model=args.model,
         neg=args.negative, trigger_word=args.trigger_word, width=args.width, height=args.height,
         num_frames=args.frames, sample_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-        fps=args.fps, sampler=args.sampler, output_format=args.output_format)
+        fps=args.fps, sampler=args.sampler, output_format=args.output_format, speed=args.speed)
 
 
 def _submit(client: WanClient, args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ PROMPT_FIELDS = (
     "seed",
     "sampler",
     "output_format",
+    "speed",
 )
 
 # Polling survives this many consecutive transient failures (connection errors, 502/503/504).

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.config import GpuConfig
-from deployments.spec import OutputFormat, Sampler
+from deployments.spec import OutputFormat, Sampler, SpeedMode
 
 
 class _Strict(BaseModel):
@@ -178,6 +178,7 @@ class DefaultsConfig(_Strict):
     negative_prompt: str = ""
     sampler: Sampler = "unipc"
     output_format: OutputFormat = "mp4"
+    speed: SpeedMode = Field("exact", description="the speed mode of a request that names none; must be enabled")
     base_seed: int = 42
 
 
@@ -208,6 +209,13 @@ class AppConfig(_Strict):
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     public_base_url: str | None = Field(None, description="prefix for URLs in responses; default: relative")
+
+    @model_validator(mode="after")
+    def _default_speed_enabled(self):
+        enabled = self.gpu.model.speed.enabled_modes()
+        if self.defaults.speed not in enabled:
+            raise ValueError(f"defaults.speed {self.defaults.speed!r} is not an enabled speed mode {list(enabled)}")
+        return self
 
     @model_validator(mode="after")
     def _keys_where_required(self):

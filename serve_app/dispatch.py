@@ -464,7 +464,7 @@ class JobRunner:
         output = {"format": video.format, "width": video.width, "height": video.height,
                   "num_frames": video.num_frames, "fps": video.fps, "seed": video.seed, "key": key,
                   "file_path": self.outputs.url(key), "content_type": video.content_type, "bytes": len(video.data),
-                  "replica": result.replica}
+                  "replica": result.replica, "speed": result.speed or None}
         # "record" (the database write of the output itself) is the one stage not in its own account.
         result.timings = {**result.timings, "path": path.seconds()}
         if not await self._until_lease_ends(run, self.jobs.add_output, job.id, self.holder, output, result.timings):

@@ -301,10 +301,13 @@ class Ingress:
     async def models(self, authorization: Annotated[str | None, Header()] = None):
         self._owner(authorization)
         d, m = self.cfg.defaults, self.cfg.gpu.model
+        speed = m.speed
         return ModelsResponse(models=[ModelPublic(
             id=m.model_id, base_model=m.source if m.source not in ("tiny", "random-full") else
             f"{m.source} (stands in for Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)",
             default_steps=d.sample_steps, default_guidance_scale=d.guidance_scale,
             default_num_frames=d.num_frames, default_fps=d.fps, default_width=d.width, default_height=d.height,
-            samplers=list(SAMPLERS), output_formats=list(OUTPUT_FORMATS), max_loras=min(MAX_LORAS,
-                                                                                       self.cfg.limits.max_loras))])
+            samplers=list(SAMPLERS), output_formats=list(OUTPUT_FORMATS),
+            max_loras=min(MAX_LORAS, self.cfg.limits.max_loras),
+            speed_modes=list(speed.enabled_modes()), default_speed=d.speed,
+            turbo_steps=speed.turbo.steps if speed.turbo.enabled else None)])

@@ -12,6 +12,7 @@ from deployments.config import FetchConfig
 from deployments.spec import (
     OUTPUT_FORMATS,
     SAMPLERS,
+    SPEED_MODES,
     GenerationSpec,
     LoraRef,
     snap_frames,
@@ -67,6 +68,28 @@ def _choice(value: str | None, default: str, allowed: tuple[str, ...], code: str
     return chosen
 
 
+def speed_mode(p: PromptIn, req: InferenceRequest, cfg: AppConfig, index: int) -> str:
+    """The prompt's speed mode (its own, else the request's, else the default), if the server runs it."""
+    enabled = cfg.gpu.model.speed.enabled_modes()
+    value = p.speed or req.speed
+    chosen = (value or cfg.defaults.speed).strip().lower()
+    if chosen not in enabled:
+        why = "is not enabled on this server" if chosen in SPEED_MODES else "is unknown"
+        raise ApiError(400, "SPEED_MODE_NOT_SUPPORTED", f"speed mode {value!r} {why}; use one of {list(enabled)}",
+                       {"prompt_index": index, "allowed": list(enabled)})
+    return chosen
+
+
+def steps_and_guidance(p: PromptIn, mode: str, cfg: AppConfig) -> tuple[int, float]:
+    """What the prompt runs: its steps and guidance, except in turbo, where the distillation fixes both
+    (its step count, no CFG); the result reports the values used."""
+    if mode == "turbo":
+        return cfg.gpu.model.speed.turbo.steps, 1.0
+    d = cfg.defaults
+    return (p.sample_steps if p.sample_steps is not None else d.sample_steps,
+            p.guidance_scale if p.guidance_scale is not None else d.guidance_scale)
+
+
 def prompt_text(p: PromptIn, req: InferenceRequest) -> str:
     """Every literal [trigger] replaced by the prompt's trigger word, else the request's (not in neg)."""
     word = p.trigger_word if p.trigger_word is not None else req.trigger_word
@@ -118,10 +141,11 @@ def check_request_shape(req: InferenceRequest, cfg: AppConfig) -> None:
         _choice(p.sampler or req.sampler, d.sampler, SAMPLERS, "SAMPLER_NOT_SUPPORTED", "sampler", i)
         _choice(p.output_format or req.output_format, d.output_format, OUTPUT_FORMATS,
                 "OUTPUT_FORMAT_NOT_SUPPORTED", "output_format", i)
+        mode = speed_mode(p, req, cfg, i)
         width = snap_size(p.width if p.width is not None else d.width)
         height = snap_size(p.height if p.height is not None else d.height)
         frames = snap_frames(p.num_frames if p.num_frames is not None else d.num_frames)
-        steps = p.sample_steps if p.sample_steps is not None else d.sample_steps
+        steps, _ = steps_and_guidance(p, mode, cfg)
         check_sizes(i, width, height, frames, steps, cfg)
         if not p.ctrl_img:
             raise ApiError(400, "CONTROL_IMAGE_REQUIRED",
@@ -138,6 +162,8 @@ def to_specs(req: InferenceRequest, cfg: AppConfig, fetch: FetchConfig | None = 
     for i, p in enumerate(req.prompts):
         width = snap_size(p.width if p.width is not None else d.width)
         height = snap_size(p.height if p.height is not None else d.height)
+        mode = speed_mode(p, req, cfg, i)
+        steps, guidance = steps_and_guidance(p, mode, cfg)
         specs.append(
             GenerationSpec(
                 prompt=prompt_text(p, req),
@@ -147,14 +173,15 @@ def to_specs(req: InferenceRequest, cfg: AppConfig, fetch: FetchConfig | None = 
                 height=height,
                 num_frames=snap_frames(p.num_frames if p.num_frames is not None else d.num_frames),
                 fps=p.fps if p.fps is not None else d.fps,
-                steps=p.sample_steps if p.sample_steps is not None else d.sample_steps,
-                guidance_scale=p.guidance_scale if p.guidance_scale is not None else d.guidance_scale,
+                steps=steps,
+                guidance_scale=guidance,
                 seed=resolve_seed(p.seed, i, d.base_seed),
                 sampler=_choice(p.sampler or req.sampler, d.sampler, SAMPLERS, "SAMPLER_NOT_SUPPORTED", "sampler", i),
                 output_format=_choice(p.output_format or req.output_format, d.output_format, OUTPUT_FORMATS,
                                       "OUTPUT_FORMAT_NOT_SUPPORTED", "output_format", i),
                 image_png=prepare_ctrl_image(p.ctrl_img, width, height, i, cfg.limits, fetch or cfg.gpu.fetch),
                 loras=loras,
+                speed=mode,
             )
         )
     return specs

@@ -35,6 +35,7 @@ class PromptIn(_Request):
     ctrl_img: str | None = Field(None, description="first frame: https URL, base64 or data: URI")
     sampler: str | None = Field(None, description="unipc (default) or flowmatch_euler (ai-toolkit previews)")
     output_format: str | None = Field(None, description="mp4 (default) or webp")
+    speed: str | None = Field(None, description="exact (default), fast or turbo, where the server enables them")
 
 
 class InferenceRequest(_Request):
@@ -47,6 +48,7 @@ class InferenceRequest(_Request):
     hf_token: str | None = Field(None, description="accepted for compatibility; never stored or forwarded")
     sampler: str | None = None
     output_format: str | None = None
+    speed: str | None = Field(None, description="exact (default), fast or turbo; a prompt's own speed wins")
     webhook_url: str | None = Field(
         None, max_length=2048, description="our addition: receives the result, signed, when the job ends "
         "(same address rules as ctrl_img URLs)")
@@ -140,6 +142,21 @@ class RequestList(BaseModel):
     next_before: str | None = Field(None, description="pass as `before` for the next page; null on the last page")
 
 
+class SpeedPublic(BaseModel):
+    """The speed mode a video was made with, and what it did (quality figures: see the README)."""
+
+    mode: str
+    steps: int | None = None
+    guidance_scale: float | None = None
+    fp8: bool = False
+    fp8_note: str | None = Field(None, description="why a fast/turbo video ran without FP8 (e.g. no CUDA)")
+    attention_backend: str | None = None
+    forwards_computed: int | None = Field(None, description="transformer forwards run")
+    forwards_skipped: int | None = Field(None, description="transformer forwards the step cache skipped")
+    step_cache: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = Field(None, description="turbo: the distillation's scheduler")
+
+
 class VideoPublic(BaseModel):
     format: str
     width: int
@@ -151,6 +168,7 @@ class VideoPublic(BaseModel):
     url: str
     content_type: str
     bytes: int
+    speed: SpeedPublic | None = Field(None, description="the speed mode used (absent for videos made before modes)")
 
 
 class Outputs(BaseModel):
@@ -183,6 +201,9 @@ class ModelPublic(BaseModel):
     samplers: list[str]
     output_formats: list[str]
     max_loras: int
+    speed_modes: list[str] = Field(description="the speed modes this server runs")
+    default_speed: str = "exact"
+    turbo_steps: int | None = Field(None, description="the steps every turbo request runs (no CFG), if turbo is on")
 
 
 class ModelsResponse(BaseModel):

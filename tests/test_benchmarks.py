@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every section gpu_bench.py runs on a GPU; the smoke forces the optional ones on.
 GPU_BENCH_SECTIONS = (
     "build", "ref_warm", "ref_request", "ref_forward", "noise_forward", "truth_forward",
-    "ours_init", "ours_forward", "ours_request", "lora", "noise_request", "alt_casts",
+    "ours_init", "ours_forward", "ours_request", "lora", "mode_exact", "mode_fast", "mode_turbo",
+    "noise_request", "alt_casts",
 )
 STAGES = {"text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "total"}
 
@@ -63,8 +64,28 @@ def test_gpu_bench_smoke_runs_every_section(model_cache, tmp_path):
     assert lora["zero_recompiles"] is True and lora["graphs_compiled"] == 0
     assert lora["lora0_rel_change_vs_base"] > 0 and lora["switch_back_bit_equal"] and lora["off_bit_equal_base"]
     # ... and per-stage times from the product's stage clock on both the reference and our path.
-    for section in ("ref_request", "ours_request", "noise_request"):
+    for section in ("ref_request", "ours_request", "noise_request", "mode_exact", "mode_fast", "mode_turbo"):
         assert set(r[section]["timings"]) == STAGES, section
+
+    # Every speed mode ran in the one warmed-up generator, with the user LoRA, compiling nothing more.
+    assert report["modes"]["enabled"] == ["exact", "fast", "turbo"] and report["turbo_lora"]["format"] == "kohya"
+    assert {"fast_base_s", "fast_lora_s", "turbo_base_s", "turbo_lora_s"} <= set(report["warmup"])
+    modes = {m: r[f"mode_{m}"] for m in ("exact", "fast", "turbo")}
+    for mode, m in modes.items():
+        assert m["speed"]["mode"] == mode and m["graphs_compiled"] == 0 and m["user_lora_rank"] == 4, (mode, m)
+        assert m["speedup_vs_ref"] > 0
+    steps = r["env"]["args"]["steps"]
+    fast, turbo = modes["fast"]["speed"], modes["turbo"]["speed"]
+    # fast: the schedule from MagCache's calibrated ratios skipped some of the 2 x steps forwards ...
+    assert fast["forwards_computed"] + fast["forwards_skipped"] == 2 * steps and fast["forwards_skipped"] > 0
+    assert fast["step_cache"]["ratios_source"].startswith("MagCache4Wan2.1")
+    assert fast["fp8"] is False and "without the FP8 conversion" in fast["fp8_note"]  # CPU: said so
+    assert modes["fast"]["forward"]["s_per_forward"] > 0
+    # ... and turbo ran the distillation's 4 steps without CFG
+    assert (turbo["forwards_computed"], turbo["steps"], turbo["guidance_scale"]) == (4, 4, 1.0)
+    for m in (modes["fast"], modes["turbo"]):  # (fast's tiny-model frames may round to exact's: PSNR "inf")
+        assert m["latents_rel_err_vs_exact"] > 0 and m["psnr_db_vs_exact"] is not None
+    assert isinstance(modes["turbo"]["psnr_db_vs_exact"], float)
 
 
 # The served-app smokes need one app, not one per state backend (the load smoke runs on both).

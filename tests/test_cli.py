@@ -120,13 +120,13 @@ def test_submit_flags_map_to_request_fields(png_file):
         "submit", "--server", "http://x", "--image", str(png_file), "--prompt", "p", "--negative", "blurry",
         "--width", "64", "--height", "48", "--frames", "5", "--steps", "2", "--guidance", "3.5", "--seed", "9",
         "--fps", "8", "--sampler", "flowmatch_euler", "--format", "webp", "--trigger-word", "sks",
-        "--lora", "j/j.safetensors:0.5"])
+        "--speed", "fast", "--lora", "j/j.safetensors:0.5"])
     request = request_from_args(args)
     prompt = request["prompts"][0]
     prompt.pop("ctrl_img")
     assert prompt == {"prompt": "p", "neg": "blurry", "width": 64, "height": 48, "num_frames": 5, "sample_steps": 2,
                       "guidance_scale": 3.5, "seed": 9, "fps": 8, "sampler": "flowmatch_euler",
-                      "output_format": "webp", "trigger_word": "sks"}
+                      "output_format": "webp", "trigger_word": "sks", "speed": "fast"}
     assert request["loras"] == [{"path": "j/j.safetensors", "network_multiplier": 0.5}]
     InferenceRequest.model_validate(request)
 

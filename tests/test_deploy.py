@@ -48,7 +48,7 @@ def test_image_is_rays_cuda_image_of_the_pinned_version():
     dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
     assert re.fullmatch(rf"rayproject/ray:{re.escape(_pinned_ray_minor())}\.\d+-py\d+-(gpu|cu\d+)", base), base
-    assert '".[cloud]"' in dockerfile  # the object-store backends the production config needs
+    assert '".[cloud,cuda]"' in dockerfile  # the object-store backends and FP8 (torchao) the production config needs
     images = {c["image"] for c in _containers(yaml.safe_load(RAYSERVICE.read_text()))}
     assert len(images) == 1  # head, workers and the checkpoint fetcher run the one image
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.media_out import CONTENT_TYPES, encode, encode_mp4, encode_webp
+from deployments.media_out import CONTENT_TYPES, Mp4Stream, encode, encode_mp4, encode_webp
 
 
 def make_frames(n: int = 5, width: int = 64, height: int = 48) -> np.ndarray:
@@ -46,6 +46,26 @@ def case(request):
 # ---------------------------------------------------------------------------------------------
 # MP4
 # ---------------------------------------------------------------------------------------------
+
+
+def test_mp4_stream_encodes_chunks_before_the_input_ends():
+    """Streaming only helps if ffmpeg emits frames as they come: x264's default look-ahead (about
+    40 frames) would hold a whole 41-frame video back until finish(). Noise frames, so that what 24
+    frames encode to overflows ffmpeg's 512 KiB output buffer and reaches the file."""
+    import time
+
+    stream = Mp4Stream(16)
+    frames = np.random.default_rng(0).integers(0, 256, (24, 144, 256, 3), dtype=np.uint8)
+    try:
+        for i in range(0, 24, 4):
+            stream.add(frames[i:i + 4])
+        deadline = time.monotonic() + 120
+        while stream.bytes_encoded < 512 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stream.bytes_encoded >= 512 * 1024, stream.bytes_encoded
+    finally:
+        data = stream.finish()
+    assert len(iio.imread(data, plugin="FFMPEG", extension=".mp4", index=None)) == 24
 
 
 def test_mp4_decodes_to_the_frames(case, tmp_path):

@@ -468,3 +468,46 @@ def test_multiplier_range():
 def test_spec_round_trips_through_json():
     spec = spec_of(seed=-1, trigger_word="sks", prompt="[trigger] x")
     assert type(spec).model_validate_json(spec.model_dump_json()) == spec
+
+
+# ---------------------------------------------------------------------------------------------
+# speed modes
+# ---------------------------------------------------------------------------------------------
+
+TURBO_CFG = AppConfig(ingress={"lora_root_visible": False},
+                      gpu={"model": {"speed": {"turbo": {"enabled": True, "lora": "/x/distill.safetensors"}}}})
+
+
+def test_speed_defaults_to_exact_and_a_prompt_overrides_the_request():
+    assert spec_of().speed == "exact"
+    specs = to_specs(request([{}, {"speed": "exact"}, {"speed": " Fast "}], speed="fast"), CFG)
+    assert [s.speed for s in specs] == ["fast", "exact", "fast"]
+    # the steps and guidance of exact and fast are the request's
+    assert (specs[0].steps, specs[0].guidance_scale) == (25, 4.0)
+
+
+def test_turbo_runs_the_distillation_steps_without_cfg_whatever_was_asked():
+    specs = to_specs(request([{"sample_steps": 40, "guidance_scale": 6.0}, {"speed": "exact", "sample_steps": 40}],
+                             speed="turbo"), TURBO_CFG)
+    assert [(s.speed, s.steps, s.guidance_scale) for s in specs] == [("turbo", 4, 1.0), ("exact", 40, 4.0)]
+    # the work limit counts the steps that run: 100 asked steps are over the limit, 4 are not
+    assert to_specs(request([{"speed": "turbo", "sample_steps": 100, "width": 832, "height": 480,
+                              "num_frames": 81}]), TURBO_CFG)[0].steps == 4
+
+
+@pytest.mark.parametrize("value, why", [("turbo", "not enabled"), ("ludicrous", "unknown"), ("EXACTLY", "unknown")])
+def test_unknown_and_disabled_speed_modes_are_refused(value, why):
+    for req in (request([{"speed": value}]), request(speed=value)):
+        err = api_error(req)
+        assert err.code == "SPEED_MODE_NOT_SUPPORTED" and why in err.message
+        assert err.details == {"prompt_index": 0, "allowed": ["exact", "fast"]}
+    no_fast = AppConfig(ingress={"lora_root_visible": False}, gpu={"model": {"speed": {"fast": {"enabled": False}}}})
+    assert api_error(request(speed="fast"), no_fast).details["allowed"] == ["exact"]
+
+
+def test_the_default_speed_must_be_an_enabled_mode():
+    assert AppConfig(defaults={"speed": "fast"}).defaults.speed == "fast"
+    with pytest.raises(ValidationError, match="not an enabled speed mode"):
+        AppConfig(defaults={"speed": "turbo"})
+    with pytest.raises(ValidationError, match="needs speed.turbo.lora"):
+        AppConfig(gpu={"model": {"speed": {"turbo": {"enabled": True}}}})

@@ -101,7 +101,9 @@ def test_generate_watch_play_and_download_with_a_key(keyed, lora, page, tmp_path
     page.click("#key-save")
     expect(page.locator("#submit")).to_be_enabled()
     assert page.evaluate("() => sessionStorage.getItem('wan-i2v-api-key')") == KEY
-    assert page.locator("#speed-label").is_hidden()  # this server lists no speed modes
+    # This server runs exact and fast (turbo needs its LoRA file): the field offers what /v1/models lists.
+    assert page.locator("#speed-label").is_visible() and page.input_value("#speed") == "exact"
+    assert page.locator("#speed option").all_inner_texts() == ["exact", "fast"]
     assert page.locator("#width").get_attribute("placeholder") == "832"  # the server's defaults, from /v1/models
 
     # LoRA rows up to the server's max_loras, then the button stops adding.
@@ -169,14 +171,24 @@ def test_generate_watch_play_and_download_with_a_key(keyed, lora, page, tmp_path
 
 
 def test_speed_field_shows_only_where_the_server_lists_modes(keyed, page):
-    """With speed modes in /v1/models, the field appears and the request carries the chosen mode."""
-    def with_modes(route):
-        response = route.fetch()  # the real answer, with the fields the speed-mode server adds
+    """The field follows /v1/models: hidden without speed modes (a server before them), and where it
+    lists some, the request carries the chosen mode."""
+    def without_modes(route):
+        response = route.fetch()  # the real answer, less the fields a server before speed modes lacks
         if not response.ok:  # no key yet: 401 as is
             return route.fulfill(response=response)
         body = response.json()
-        body["models"][0].update(speed_modes=["exact", "fast"], default_speed="exact")
+        for field in ("speed_modes", "default_speed", "turbo_steps"):
+            body["models"][0].pop(field, None)
         route.fulfill(response=response, json=body)
+
+    page.route("**/v1/models", without_modes)
+    page.goto(keyed.base_url + "/")
+    page.evaluate("key => sessionStorage.setItem('wan-i2v-api-key', key)", KEY)
+    page.reload()  # the key from sessionStorage is used at load
+    expect(page.locator("#submit")).to_be_enabled()
+    assert page.locator("#speed-label").is_hidden()
+    page.unroute("**/v1/models")
 
     sent = []
 
@@ -185,11 +197,8 @@ def test_speed_field_shows_only_where_the_server_lists_modes(keyed, page):
         route.fulfill(status=503, json={"detail": {"error": {"code": "STORE_UNAVAILABLE", "message": "try later",
                                                              "details": {}}}})
 
-    page.route("**/v1/models", with_modes)
     page.route("**/v1/inference", capture)
-    page.goto(keyed.base_url + "/")
-    page.evaluate("key => sessionStorage.setItem('wan-i2v-api-key', key)", KEY)
-    page.reload()  # the key from sessionStorage is used at load
+    page.reload()
     expect(page.locator("#submit")).to_be_enabled()
     assert page.locator("#speed-label").is_visible() and page.input_value("#speed") == "exact"
     page.select_option("#speed", "fast")

@@ -222,16 +222,18 @@ def test_compiled_slot_never_recompiles(model_cache, base, shapes, inputs, small
 
 
 def test_warmup_runs_every_configured_size_through_both_slot_variants(sgen):
-    """Warm-up generates at the warm-up size and at each extra size, with the slot off and on, and
-    leaves no adapter behind (real generations on the tiny model; the slot path without compile)."""
+    """Warm-up generates at the warm-up size and at each extra size, in every enabled speed mode, with
+    the slot off and on, and leaves no adapter behind (real generations on the tiny model; the slot
+    path without compile)."""
     from deployments.speed import warmup
 
     speed = SpeedConfig(warmup_width=64, warmup_height=48, warmup_frames=5, extra_warmup_sizes=[(48, 64, 9)])
+    assert sgen.modes.enabled == ("exact", "fast")
     seen = []
     original = sgen.generate
 
     def recording(spec, *args, **kwargs):
-        seen.append((spec.width, spec.height, spec.num_frames, bool(spec.loras)))
+        seen.append((spec.width, spec.height, spec.num_frames, spec.speed, bool(spec.loras)))
         return original(spec, *args, **kwargs)
 
     sgen.generate = recording
@@ -240,6 +242,8 @@ def test_warmup_runs_every_configured_size_through_both_slot_variants(sgen):
         report = warmup(sgen, speed)
     finally:
         del sgen.generate
-    assert seen == [(64, 48, 5, False), (64, 48, 5, True), (48, 64, 9, False), (48, 64, 9, True)]
-    assert {"base_s", "lora_s", "base_48x64x9_s", "lora_48x64x9_s", "total_s"} <= set(report)
+    assert seen == [(w, h, n, mode, lora) for w, h, n in ((64, 48, 5), (48, 64, 9)) for mode in ("exact", "fast")
+                    for lora in (False, True)]
+    assert {"base_s", "lora_s", "base_48x64x9_s", "lora_48x64x9_s", "fast_base_s", "fast_lora_48x64x9_s",
+            "total_s"} <= set(report)
     assert sgen.adapters == {} and sgen.adapter_loads == loads
