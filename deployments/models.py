@@ -401,6 +401,10 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
         secret = cfg.token()
         token = secret.get_secret_value() if secret is not None else None
         kwargs = {"cache_dir": str(Path(cfg.cache_dir).expanduser() / "hub")} if not Path(location).is_dir() else {}
+        if cfg.load_direct and device.type == "cuda":
+            # Each component's safetensors are read straight into GPU memory (on the current device),
+            # not first into host memory and then copied: half the copying, none of the host RAM.
+            kwargs["device_map"] = "cuda"
         pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
