@@ -156,6 +156,30 @@ class Applied:
                 "passes": self.cfg_parallel.passes if self.cfg_parallel is not None else None}
 
 
+def _resolve_split_arguments(transformer, plan: dict) -> None:
+    """Work out now, eagerly, where each split hook finds its arguments.
+
+    A hook does it at its module's first call, with ``inspect.signature``; on ``blocks.0`` that call
+    is inside a compiled block, where dynamo cannot trace ``inspect`` and ``fullgraph=True`` fails.
+    """
+    import inspect
+
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.context_parallel import _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE, _get_submodule_by_name
+
+    for module_id, entry in plan.items():
+        if not isinstance(entry, dict):
+            continue
+        modules = _get_submodule_by_name(transformer, module_id)
+        for module in modules if isinstance(modules, list) else [modules]:
+            hook = HookRegistry.check_if_exists_or_initialize(module).get_hook(
+                _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE.format(module_id))
+            meta = getattr(hook, "module_forward_metadata", None)
+            if meta is not None and meta.cached_parameter_indices is None:
+                names = list(inspect.signature(meta._cls.forward).parameters)[1:]  # without self
+                meta.cached_parameter_indices = {name: i for i, name in enumerate(names)}
+
+
 def apply_parallel(pipe, ranks: Ranks) -> Applied:
     """Split ``pipe``'s transformer over the group (after speed modes; before the first forward).
 
@@ -183,7 +207,9 @@ def apply_parallel(pipe, ranks: Ranks) -> Applied:
             return resolved
 
         transformer._resolve_parallel_config = resolve
-        transformer.enable_parallelism(config=resolved, cp_plan=context_parallel_plan(transformer))
+        plan = context_parallel_plan(transformer)
+        transformer.enable_parallelism(config=resolved, cp_plan=plan)
+        _resolve_split_arguments(transformer, plan)
         applied.context_parallel = {"ulysses": cfg.ulysses_degree, "ring": cfg.ring_degree}
     if cfg.cfg_degree > 1:
         applied.cfg_parallel = CfgParallel(pipe, ranks)

@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--layouts", required=True)
     p.add_argument("--lora", default=None)
     p.add_argument("--multiplier", type=float, default=0.7)
+    p.add_argument("--compile", action="store_true",
+                   help="the GPU path on CPU: compiled blocks and the LoRA slot, warmed up after the split")
     a = p.parse_args()
 
     import torch
@@ -65,19 +67,40 @@ def main() -> None:
         cfg = ParallelConfig(**layout)
         dispatch._native_attention_forward_op = cpu_attention_with_lse if cfg.ring_degree > 1 else native_op
         ranks = Ranks(cfg, a.rank, a.init, torch.device("cpu"))
-        gen = WanGenerator(load_tiny(a.model_cache))
+        if a.compile:
+            from deployments import pipeline as pipeline_mod
+            from deployments import speed as speed_mod
+            from deployments.config import SpeedConfig
+
+            speed = SpeedConfig(attention_backend=None, warmup=False, warmup_width=64, warmup_height=48,
+                                warmup_frames=5, lora_hotswap_rank=8)
+            pipeline_mod.apply_speed_modes = lambda p, s, d: speed_mod._apply(p, s)
+            gen = WanGenerator(load_tiny(a.model_cache), speed)
+        else:
+            gen = WanGenerator(load_tiny(a.model_cache))
         applied = apply_parallel(gen.pipe, ranks)
+        graphs = {}
+        if a.compile:
+            from torch._dynamo.utils import counters
+
+            gen.warmup()
+            graphs["after_warmup"] = int(counters["stats"]["unique_graphs"])
+            torch._dynamo.config.error_on_recompile = True
         loras = ()
         if a.lora:
             gen.load_adapter("scenario-lora", a.lora)
             loras = (LoraRef(ref="scenario-lora", multiplier=a.multiplier),)
         latents, tokens = [], []
-        hooks = [gen.pipe.vae.post_quant_conv.register_forward_pre_hook(lambda m, args: latents.append(args[0].clone())),
-                 gen.pipe.transformer.blocks[-1].register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))]
+        hooks = [gen.pipe.vae.post_quant_conv.register_forward_pre_hook(lambda m, args: latents.append(args[0].clone()))]
+        if not a.compile:  # a hook inside a compiled block would be compiled into it
+            hooks.append(gen.pipe.transformer.blocks[-1].register_forward_pre_hook(
+                lambda m, args: tokens.append(args[0].shape[1])))
         frames = gen.generate(tiny_spec(loras=loras))
         for h in hooks:
             h.remove()
-        results.append({"layout": cfg.model_dump(), "report": applied.report(), "coordinate": ranks.layout.coordinate,
+        if a.compile:
+            graphs["after_request"] = int(counters["stats"]["unique_graphs"])
+        results.append({"graphs": graphs, "layout": cfg.model_dump(), "report": applied.report(), "coordinate": ranks.layout.coordinate,
                         "mesh_coordinate": list(ranks.mesh.get_coordinate()),
                         "frames": torch.from_numpy(frames.frames), "latents": latents[0], "block_tokens": tokens,
                         "fingerprint": adapter_fingerprint(gen)})

@@ -11,6 +11,7 @@ relative (fp32 rounding is ~1e-7 per operation).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -121,3 +122,24 @@ def test_ring_is_within_fp32_rounding_and_each_rank_sees_half_the_tokens(ranks_o
         assert got["block_tokens"] == [n // 2 for n in one_rank["block_tokens"]]
         assert _rel(got["latents"], one_rank["latents"]) < 1e-5
         assert (got["frames"].int() - one_rank["frames"].int()).abs().max() <= 1
+
+
+@pytest.mark.skipif(not os.environ.get("WAN_SLOW_TESTS"), reason="compiles on CPU (minutes): WAN_SLOW_TESTS=1")
+def test_compiled_blocks_with_the_lora_slot_split_over_ranks(tmp_path, model_cache, lora_file, one_rank):
+    """The GPU path (compiled blocks, fullgraph, the LoRA slot, warm-up after the split) over Ulysses:
+    compiles, never recompiles for the LoRA request, and stays within compile noise of eager."""
+    import json
+
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, str(SCENARIO), "--rank", str(r), "--world", "2", "--init", init, "--model-cache",
+         str(model_cache), "--out", str(tmp_path), "--layouts", json.dumps([LAYOUTS[1]]), "--lora", str(lora_file),
+         "--multiplier", str(MULTIPLIER), "--compile"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)[0] for r in range(2)]
+    for g in got:
+        assert g["graphs"]["after_warmup"] > 0 and g["graphs"]["after_request"] == g["graphs"]["after_warmup"]
+        assert _rel(g["latents"], one_rank["latents"]) < 1e-4, _rel(g["latents"], one_rank["latents"])
+    assert torch.equal(got[0]["latents"], got[1]["latents"])
