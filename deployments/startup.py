@@ -82,9 +82,9 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     cache = compile_cache.for_generator(cfg.compile_cache, generator, parallel=parallel, rank=rank)
     with clock.part("compile_cache_load_s"):
         cache.load()
-    if speed.warmup and loaded.device.type == "cuda":
+    if speed.warmup:
         with clock.part("warmup_s"):
-            generator.warmup()  # compiles (or hits the cache), then runs the warm-up generations
+            generator.warmup()  # compiles (or hits the cache) and runs the warm-up; nothing without speed modes
     with clock.part("compile_cache_save_s"):
         cache.save()
     report = {**clock.report(), "compile_cache": cache.report, "warmup": generator.speed_report.get("warmup")}
