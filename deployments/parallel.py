@@ -44,6 +44,10 @@ class ParallelConfig(BaseModel):
     timeout_s: float = Field(
         600.0, gt=0, description="a collective that waits longer fails (a rank that died mid-request)"
     )
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="every rank must have loaded, compiled and warmed up within this, or the "
+        "replica fails to start (Serve then retries it)",
+    )
     error_grace_s: float = Field(
         60.0, gt=0, description="after one rank fails, how long the others may take to stop before the replica "
         "is marked unhealthy and replaced",

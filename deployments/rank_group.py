@@ -191,7 +191,13 @@ class RankWorker:
 class RankGroup:
     """The replica's generator: every call goes to each of its N ranks (``WanGenerator``'s interface)."""
 
-    def __init__(self, cfg: GpuConfig):
+    def __init__(self, cfg: GpuConfig, on_broken=None):
+        """Start the ranks and wait until every one is ready.
+
+        Args:
+            cfg: the replica's config.
+            on_broken: called with the reason once the group cannot serve again (a rank lost).
+        """
         import ray
         import torch
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -199,6 +205,7 @@ class RankGroup:
         from .models import LoadedModel
 
         self.cfg = cfg
+        self.on_broken = on_broken
         p = cfg.parallel
         t0 = time.perf_counter()
         env = dict(p.env)
@@ -215,8 +222,13 @@ class RankGroup:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank + 1)
             self.workers.append(worker.options(**options).remote(cfg, rank))
-        init_method = ray.get(self.workers[0].rendezvous.remote())
-        self.rank_startup = ray.get([w.setup.remote(init_method) for w in self.workers])
+        try:
+            init_method = ray.get(self.workers[0].rendezvous.remote(), timeout=p.startup_timeout_s)
+            self.rank_startup = self._all([w.setup.remote(init_method) for w in self.workers],
+                                          timeout=p.startup_timeout_s)
+        except BaseException:
+            self.shutdown()  # ranks of a group that never formed must not keep their GPUs
+            raise
         self.startup = {
             "ranks_ready_s": round(time.perf_counter() - t0, 3),
             "slowest_rank": {k: max(r.get(k) or 0 for r in self.rank_startup)
@@ -238,14 +250,16 @@ class RankGroup:
 
     # -- adapters: the same on every rank --------------------------------------------------------
 
-    def _all(self, calls: list) -> list:
-        """Results of one call per rank; the first rank's typed error if any failed (after all ended)."""
+    def _all(self, calls: list, timeout: float | None = None) -> list:
+        """Results of one call per rank; the first rank's error if any failed (after all ended)."""
         import ray
 
         results, errors = [], []
+        deadline = None if timeout is None else time.monotonic() + timeout
         for rank, ref in enumerate(calls):
             try:
-                results.append(ray.get(ref))
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                results.append(ray.get(ref, timeout=left))
             except Exception as e:  # noqa: BLE001
                 results.append(None)
                 errors.append((rank, _unwrap(e)))
@@ -288,6 +302,7 @@ class RankGroup:
     def generate(self, spec: GenerationSpec, on_progress=None, should_cancel=None, stream_video: bool = False):
         """Run ``spec`` on every rank; rank 0's frames. Raises the ranks' typed error (rank 0's first)."""
         import ray
+        from ray.exceptions import RayActorError
 
         if self.broken:
             raise ReplicaUnavailable(f"this replica's ranks are out of step: {self.broken}")
@@ -327,12 +342,17 @@ class RankGroup:
                     summaries[0] = event["summary"]
                 else:
                     summaries[rank] = event["done"]
+            dead = sorted(r for r, e in errors.items() if isinstance(e, RayActorError))
+            if dead and not self.broken:  # a rank process is gone: this group cannot run another request
+                self._break(f"rank(s) {dead} died: {errors[dead[0]]!r:.200}")
             if errors and deadline is None:
                 deadline = time.monotonic() + self.cfg.parallel.error_grace_s
             if deadline is not None and waiting and time.monotonic() > deadline:
                 self._break(f"rank(s) {sorted(errors)} failed ({errors[min(errors)]!r:.200}) and rank(s) "
                             f"{sorted(0 if s is lead else others[s] for s in waiting)} did not stop")
                 raise ReplicaUnavailable(f"a rank failed and the others did not stop: {self.broken}")
+        if self.broken:
+            raise ReplicaUnavailable(f"this replica's ranks are out of step: {self.broken}")
         if errors:
             first = errors[min(errors)]
             if isinstance(first, ServiceError):
@@ -348,13 +368,13 @@ class RankGroup:
         return frames
 
     def _break(self, why: str) -> None:
-        """Ranks stuck in a collective cannot be trusted again: fail health checks so Serve replaces us."""
-        import ray
-
+        """A lost rank, or ranks stuck in a collective, cannot be trusted again: stop them all, and fail
+        every request and health check from now on, so Serve replaces this replica."""
         self.broken = why
         log.error("rank group broken: %s", why)
-        for w in self.workers:
-            ray.kill(w)
+        self.shutdown()
+        if self.on_broken is not None:
+            self.on_broken(why)
 
     def check_health(self) -> None:
         import ray
@@ -375,15 +395,27 @@ class RankGroup:
         import ray
 
         for w in self.workers:
-            ray.kill(w)
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001  already gone
+                pass
 
 
 class ParallelWanI2VReplica(WanI2VReplica):
     """``WanI2VReplica`` whose generator is a ``RankGroup`` of ``gpu.parallel.degree`` ranks."""
 
     def _make_generator(self, cfg: GpuConfig):
-        group = RankGroup(cfg)
+        group = RankGroup(cfg, on_broken=self._exit)
         return group.loaded, group, group.startup
+
+    @staticmethod
+    def _exit(why: str) -> None:
+        """A replica that lost a rank cannot serve again. It exits, as a crash would: Serve starts a new
+        one at once, and the job runner retries the job it was running, as for any replica that dies."""
+        log.error("replica exiting: %s", why)
+        for handler in logging.getLogger("ray.serve").handlers:
+            handler.flush()
+        os._exit(1)
 
     def check_health(self) -> None:
         self.generator.check_health()

@@ -9,6 +9,10 @@ able to serve the next request.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
 from tests.conftest import FAIL_PROMPT, SLOW_PROMPT, small_request
@@ -19,7 +23,10 @@ from tests.test_app import _core_bytes, _download
 def papp(serve_env):
     from ray import serve
 
-    args = serve_env.args_for("parallel", gpu={"parallel": {"degree": 2, "rank_cpus": 0.5}})
+    args = serve_env.args_for("parallel", gpu={
+        "parallel": {"degree": 2, "rank_cpus": 0.5, "timeout_s": 60, "error_grace_s": 5},
+        "replica": {"health_check_period_s": 2, "health_check_timeout_s": 30},
+    })
     app = serve_env.deploy("parallel", "/parallel", args)
     yield app
     serve.delete("parallel")
@@ -80,3 +87,24 @@ def test_a_cancel_and_a_failure_stop_every_rank_and_the_next_request_runs(papp):
     after = papp.run(small_request(seed=3))
     assert after["status"] == "succeeded", after
     assert papp.replica_stats()["pipeline_loads"] == 1  # the same ranks, not a replaced replica
+
+
+def _until_denoising(papp, rid: str) -> None:
+    papp.wait(rid, timeout=120, until=("in_progress",))
+    deadline = time.time() + 60
+    while (papp.http.get(f"/v1/requests/{rid}/status").json().get("progress") or {}).get("step", 0) < 1:
+        assert time.time() < deadline, "the slow job never reached a denoising step"
+        time.sleep(0.05)
+
+
+def test_a_lost_rank_takes_its_replica_down_and_the_job_is_retried_on_a_new_one(papp):
+    before = papp.replica_stats()
+    slow = papp.submit(small_request(prompt=f"{SLOW_PROMPT} beach", sample_steps=8)).json()["request_id"]
+    _until_denoising(papp, slow)
+    os.kill(before["ranks"][1]["pid"], signal.SIGKILL)
+    # The replica exits; Serve starts a new one with two new ranks, and the job runs again there.
+    status = papp.wait(slow, timeout=300)
+    assert status["status"] == "succeeded" and status["attempts"] == 2, status
+    after = papp.replica_stats()
+    assert after["pid"] != before["pid"] and len(after["ranks"]) == 2
+    assert not {r["pid"] for r in after["ranks"]} & {r["pid"] for r in before["ranks"]}
