@@ -91,7 +91,7 @@ class RankWorker:
 
     def setup(self, init_method: str) -> dict:
         """Join the group, load, split, warm up (compile cache around it); returns the startup account."""
-        from .ranks import Ranks, apply_parallel
+        from .ranks import Ranks, apply_parallel, check_same_weights
         from .startup import StartupClock, build_generator
 
         clock = StartupClock()
@@ -100,6 +100,7 @@ class RankWorker:
             self.ranks = Ranks(self.cfg.parallel, self.rank, init_method, device)
 
         def split(generator):
+            check_same_weights(generator.pipe, self.ranks)
             self.applied = apply_parallel(generator.pipe, self.ranks)
             return self.applied.report()
 

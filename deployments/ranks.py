@@ -216,6 +216,24 @@ def apply_parallel(pipe, ranks: Ranks) -> Applied:
     return applied
 
 
+def weights_digest(pipe) -> dict[str, str]:
+    """Per component, the float64 sum of every weight: equal on ranks that loaded the same weights."""
+    out = {}
+    for name, module in sorted(pipe.components.items()):
+        params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+        if params:
+            total = torch.stack([p.detach().sum(dtype=torch.float64) for p in params]).sum()
+            out[name] = f"{total.item():.17g}/{len(params)}"
+    return out
+
+
+def check_same_weights(pipe, ranks: Ranks) -> None:
+    """Every rank must hold the same weights (each combines the others' predictions with its own)."""
+    digests = ranks.gather_objects(weights_digest(pipe))
+    if any(d != digests[0] for d in digests):
+        raise RuntimeError(f"ranks loaded different weights: {digests}")
+
+
 def adapter_fingerprint(generator) -> dict:
     """What a rank's adapters are: names and a digest of every LoRA weight and scale it holds.
 

@@ -104,6 +104,20 @@ def main() -> None:
                         "mesh_coordinate": list(ranks.mesh.get_coordinate()),
                         "frames": torch.from_numpy(frames.frames), "latents": latents[0], "block_tokens": tokens,
                         "fingerprint": adapter_fingerprint(gen)})
+    # The same weights pass the startup check; one changed weight on one rank fails it on every rank.
+    from deployments.ranks import check_same_weights
+
+    check_same_weights(gen.pipe, ranks)
+    if a.rank == 1:
+        with torch.no_grad():
+            next(gen.pipe.transformer.parameters()).view(-1)[0] += 1e-3
+    try:
+        check_same_weights(gen.pipe, ranks)
+        weights_check = "passed"
+    except RuntimeError as e:
+        weights_check = f"raised: {e}"
+    for r in results:
+        r["changed_weights_check"] = weights_check
     ranks.barrier()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.save(results, a.out / f"rank{a.rank}.pt")

@@ -99,6 +99,11 @@ def test_every_rank_ends_with_the_same_latents_and_adapter_state(ranks_out):
         assert r0["fingerprint"]["adapters"] == ["scenario-lora"] and r0["fingerprint"]["lora_tensors"] > 0
 
 
+def test_ranks_with_different_weights_are_refused_on_every_rank(ranks_out):
+    for r in range(2):
+        assert ranks_out[r][-1]["changed_weights_check"].startswith("raised: ranks loaded different weights")
+
+
 def test_cfg_parallel_is_bit_exact_and_computes_one_pass_per_step(ranks_out, one_rank):
     steps = tiny_spec().steps
     for r in range(2):
