@@ -187,7 +187,11 @@ def run_group(a, s: dict, degree: int, spec) -> tuple[dict, object]:
 
     cfg = GpuConfig.model_validate(gpu_config(a, s, degree))
     t0 = time.monotonic()
-    group = RankGroup(cfg)
+    try:
+        group = RankGroup(cfg)  # stops its ranks itself if it fails to start
+    except BaseException:
+        gpus_idle(s["device"])  # the next section needs the GPUs back
+        raise
     start_s = time.monotonic() - t0
     try:
         t0 = time.monotonic()
@@ -201,17 +205,20 @@ def run_group(a, s: dict, degree: int, spec) -> tuple[dict, object]:
         }
     finally:
         group.shutdown()
-    record["gpus_freed_s"] = gpus_idle(s["device"])
+        freed = gpus_idle(s["device"])
+    record["gpus_freed_s"] = freed
     return record, frames
 
 
-def latency_section(a, s: dict, n: int) -> dict:
+def latency_section(a, s: dict, n: int, bench: Bench) -> dict:
     import numpy as np
 
     spec = default_spec(s)
     base, base_frames = run_group(a, s, 1, spec)
     out = {"request": f"{spec.width}x{spec.height}, {spec.num_frames} frames, {spec.steps} steps, CFG "
                       f"{spec.guidance_scale}, source {s['source']}", "baseline": base}
+    bench.results["latency_partial"] = out  # kept if the N-GPU half fails
+    bench.save()
     par, par_frames = run_group(a, s, n, spec)
     out["parallel"] = par
     ref = base_frames.frames.astype(np.float64)
@@ -592,6 +599,30 @@ def environment(s: dict) -> dict:
     return env
 
 
+def collect_error_logs(out: Path, since: float, limit_bytes: int = 4 * 2**20) -> int:
+    """The tails of this Ray session's log files that hold a traceback, written since ``since``, into
+    ``OUT/ray_errors.txt`` (the ranks' and replicas' own output is not printed here)."""
+    import ray._private.worker
+
+    root = ray._private.worker._global_node.get_logs_dir_path()
+    chunks, size = [], 0
+    for path in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        try:
+            if not os.path.isfile(path) or os.path.getmtime(path) < since:
+                continue
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        if any("Traceback" in line for line in lines):
+            chunk = f"===== {os.path.relpath(path, root)}\n" + "\n".join(lines[-80:]) + "\n"
+            if size + len(chunk) > limit_bytes:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    (out / "ray_errors.txt").write_text("".join(chunks))
+    return len(chunks)
+
+
 def summary(results: dict, n: int) -> dict:
     target = TARGETS.get(n, {})
     lat = results.get("latency") or {}
@@ -650,6 +681,7 @@ def main(argv=None) -> int:
     a.cache = a.cache_dir or a.work / "models"
     s = settings(a)
     bench = Bench(a.out, a.budget_s)
+    started = time.time()
 
     import ray
     from ray import serve
@@ -671,7 +703,9 @@ def main(argv=None) -> int:
         if n < 2:
             raise SystemExit(f"needs at least 2 GPUs, found {n}")
         if "latency" in sections:
-            bench.section("latency", lambda: latency_section(a, s, n), need_s=0 if a.cpu_smoke else 150)
+            timed = bench.section("latency", lambda: latency_section(a, s, n, bench), need_s=0 if a.cpu_smoke else 150)
+            if timed and "error" not in timed:
+                bench.results.pop("latency_partial", None)
         if "serve" in sections:
             served = bench.section("serve", lambda: serve_section(a, s, n, bench), need_s=0 if a.cpu_smoke else 150)
             if served and "error" not in served:
@@ -682,6 +716,10 @@ def main(argv=None) -> int:
                           need_s=0 if a.cpu_smoke else 60)
     finally:
         bench.results["summary"] = summary(bench.results, n)
+        try:
+            bench.results["logs_with_tracebacks"] = collect_error_logs(a.out, started)
+        except Exception as e:  # noqa: BLE001  a diagnostic only
+            bench.results["logs_with_tracebacks"] = f"{type(e).__name__}: {e}"
         bench.save()
         if own:
             serve.shutdown()

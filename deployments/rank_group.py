@@ -61,6 +61,19 @@ class RankWorker:
         self.ranks = None
         self.applied = None
         self.startup: dict = {}
+        self.device = None
+
+    def _here(self) -> None:
+        """Make this rank's GPU the current one in the calling thread.
+
+        The current CUDA device is per thread, and each actor call (and each generation's thread)
+        may run on another one: without this, a ``torch.device("cuda")`` there means GPU 0, which
+        this rank does not own (it sees the node's GPUs: see ``NOSET_VISIBLE``).
+        """
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.device)
 
     def rendezvous(self) -> str:
         """Rank 0: the address every rank joins the process group at."""
@@ -96,7 +109,7 @@ class RankWorker:
 
         clock = StartupClock()
         with clock.part("process_group_s"):
-            device = self._device()
+            device = self.device = self._device()
             self.ranks = Ranks(self.cfg.parallel, self.rank, init_method, device)
 
         def split(generator):
@@ -104,7 +117,10 @@ class RankWorker:
             self.applied = apply_parallel(generator.pipe, self.ranks)
             return self.applied.report()
 
-        _, self.generator, self.startup = build_generator(self.cfg, split=split, rank=self.rank, clock=clock)
+        loaded, self.generator, self.startup = build_generator(self.cfg, split=split, rank=self.rank, clock=clock)
+        # load_pipeline resolves "cuda" to the current GPU when it loads; keep the index, so that a
+        # synchronize or an empty_cache from another thread still means this rank's GPU.
+        loaded.device = self.generator.device = device
         self.startup["device"] = self._device_name(device)
         # Two ranks on one GPU would run (slowly, or out of memory); say so at startup instead.
         names = self.ranks.gather_objects(self.startup["device"])
@@ -137,6 +153,7 @@ class RankWorker:
 
         def work():
             try:
+                self._here()
                 frames = self.generator.generate(spec, (lambda p: events.put(("progress", p))) if lead else None,
                                                  should_cancel, stream_video and lead)
                 events.put(("frames", frames))
@@ -163,19 +180,23 @@ class RankWorker:
         self._cancel.set()
 
     def load_adapter(self, ref: str, path: str, max_header_bytes: int) -> str:
+        self._here()
         return self.generator.load_adapter(ref, path, max_header_bytes)
 
     def delete_adapter(self, ref: str) -> None:
+        self._here()
         self.generator.delete_adapter(ref)
 
     def adapter_state(self) -> dict:
         from .ranks import adapter_fingerprint
 
+        self._here()
         return {"rank": self.rank, **adapter_fingerprint(self.generator)}
 
     def health(self) -> None:
         import torch
 
+        self._here()
         if self.generator is not None and self.generator.device.type == "cuda":
             torch.cuda.synchronize(self.generator.device)
             torch.ones(1, device=self.generator.device).add_(1).item()
