@@ -146,6 +146,7 @@ class RankWorker:
         self._cancel.clear()
         events: queue.Queue = queue.Queue()
         lead = self.rank == 0
+        passes_before = self._passes()
 
         def should_cancel() -> bool:
             # A collective: every rank stops at the same step, or none does.
@@ -171,10 +172,15 @@ class RankWorker:
                 raise value
             else:
                 thread.join()
-                passes = self.applied.report()["passes"] if self.applied else None
+                passes = None if passes_before is None else self._passes() - passes_before
                 summary = {"rank": self.rank, "frames_digest": _frames_digest(value.frames), "passes": passes}
                 yield {"frames": value, "summary": summary} if lead else {"done": summary}
                 return
+
+    def _passes(self) -> int | None:
+        """Transformer passes this rank has computed so far (CFG-parallel ranks count them)."""
+        cfg = self.applied.cfg_parallel if self.applied else None
+        return cfg.passes if cfg is not None else None
 
     def cancel(self) -> None:
         self._cancel.set()
