@@ -1,4 +1,4 @@
-"""The one outbound fetcher: ctrl_img URLs and LoRA URLs both go through here.
+"""The one outbound fetcher: ctrl_img URLs, LoRA URLs and webhook deliveries all go through here.
 
 Every URL a client sends is untrusted, so a fetch is refused *before any connection* when it could
 reach something the server can see but the client should not (loopback, private networks, cloud
@@ -18,6 +18,9 @@ metadata at 169.254.169.254, ...):
 addresses are accepted) or an IP/CIDR (addresses inside it are accepted) may be private.
 Environment proxies are ignored (``trust_env=False``): vetting an address and then handing the
 request to a proxy would vet the wrong thing.
+
+``post`` (webhook deliveries) sends one POST under the same rules 1-3 and follows no redirect (a 3xx
+is an answer like any other: a redirect could only lead the body somewhere the client did not name).
 
 Residual risks: a hostname listed in ``allowed_hosts`` is trusted with whatever it resolves to;
 ``total_timeout_s`` is checked between chunks, so one stalled read can still take ``read_timeout_s``;
@@ -201,6 +204,16 @@ def check_url(url: str, cfg: FetchConfig) -> None:
     _parse(url, cfg)
 
 
+def vet_url(url: str, cfg: FetchConfig) -> None:
+    """``check_url`` and then what a fetch does before connecting: the host resolved now and every
+    address vetted. Nothing is sent.
+
+    Raises:
+        UrlNotAllowed; FetchFailed (``reason`` ``dns``) when the host does not resolve.
+    """
+    resolve_vetted(_parse(url, cfg), cfg)
+
+
 def resolve_vetted(url: httpx.URL, cfg: FetchConfig) -> list[IPAddress]:
     """Resolve the URL's host once; every address must be allowed, else the whole URL is refused."""
     host = url.raw_host.decode("ascii").lower()
@@ -269,8 +282,9 @@ def _timeout(cfg: FetchConfig) -> httpx.Timeout:
     )
 
 
-def pinned_request(client: httpx.Client, url: httpx.URL, ip: IPAddress, headers: dict[str, str]) -> httpx.Request:
-    """A GET for ``url`` that connects to ``ip``: Host header and TLS SNI keep the real hostname.
+def pinned_request(client: httpx.Client, url: httpx.URL, ip: IPAddress, headers: dict[str, str],
+                   method: str = "GET", content: bytes | None = None) -> httpx.Request:
+    """A request for ``url`` that connects to ``ip``: Host header and TLS SNI keep the real hostname.
 
     httpcore verifies the certificate against ``sni_hostname``, so https stays fully verified.
     """
@@ -281,19 +295,21 @@ def pinned_request(client: httpx.Client, url: httpx.URL, ip: IPAddress, headers:
         host_header = f"[{host}]" if url.port in (None, default_port) else f"[{host}]:{url.port}"
     extensions = {"sni_hostname": host} if url.scheme == "https" and _parse_ip(host) is None else {}
     return client.build_request(
-        "GET", url.copy_with(host=str(ip)), headers={**headers, "Host": host_header}, extensions=extensions
+        method, url.copy_with(host=str(ip)), headers={**headers, "Host": host_header}, content=content,
+        extensions=extensions,
     )
 
 
 @contextmanager
 def _open(
-    client: httpx.Client, url: httpx.URL, addrs: list[IPAddress], headers: dict[str, str]
+    client: httpx.Client, url: httpx.URL, addrs: list[IPAddress], headers: dict[str, str],
+    method: str = "GET", content: bytes | None = None,
 ) -> Iterator[httpx.Response]:
     """Send to the first vetted address that accepts a connection."""
     last: Exception | None = None
     for ip in addrs:
         try:
-            resp = client.send(pinned_request(client, url, ip, headers), stream=True)
+            resp = client.send(pinned_request(client, url, ip, headers, method, content), stream=True)
         except httpx.ConnectError as e:
             last = e
             continue
@@ -304,6 +320,23 @@ def _open(
         return
     assert last is not None
     raise last
+
+
+@contextmanager
+def _typed_errors(url: str) -> Iterator[None]:
+    """httpx's exceptions -> the typed fetch errors, naming the URL without secrets."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise FetchTimeout(
+            f"timed out fetching {_redact(url)}: {type(e).__name__}", {"url": _redact(url), "reason": "timeout"}
+        ) from e
+    except httpx.InvalidURL as e:
+        raise _refuse(url, "malformed", f"malformed URL: {e}") from e
+    except httpx.HTTPError as e:
+        raise FetchFailed(
+            f"fetching {_redact(url)} failed: {type(e).__name__}: {e}", {"url": _redact(url), "reason": "connection"}
+        ) from e
 
 
 def _origin(u: httpx.URL) -> tuple[str, bytes, int | None]:
@@ -327,57 +360,46 @@ def _stream(
             raise FetchTimeout(f"fetch took longer than {total_timeout_s:.1f}s",
                                {"url": _redact(url), "reason": "timeout", "limit_s": total_timeout_s})
 
-    try:
-        with httpx.Client(trust_env=False, follow_redirects=False, timeout=_timeout(cfg)) as client:
-            for _hop in range(cfg.max_redirects + 1):
-                check_deadline()
-                addrs = resolve_vetted(current, cfg)
-                with _open(client, current, addrs, hdrs) as resp:
-                    location = resp.headers.get("location")
-                    if resp.status_code in REDIRECT_CODES and location:
-                        nxt = _parse(str(current.join(location)), cfg)
-                        if _origin(nxt) != _origin(current):
-                            hdrs = {k: v for k, v in hdrs.items() if k.lower() not in SENSITIVE_HEADERS}
-                        current = nxt
-                        continue
-                    if not 200 <= resp.status_code < 300:
-                        details = {"url": _redact(url), "reason": "status", "upstream_status": resp.status_code}
-                        retry_after = resp.headers.get("retry-after", "")
-                        if retry_after.isdigit():  # the HTTP-date form is rare; a retrying caller backs off anyway
-                            details["retry_after_s"] = int(retry_after)
-                        raise FetchFailed(f"{_redact(str(current))} answered HTTP {resp.status_code}", details)
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > max_bytes:
+    with _typed_errors(url), httpx.Client(trust_env=False, follow_redirects=False, timeout=_timeout(cfg)) as client:
+        for _hop in range(cfg.max_redirects + 1):
+            check_deadline()
+            addrs = resolve_vetted(current, cfg)
+            with _open(client, current, addrs, hdrs) as resp:
+                location = resp.headers.get("location")
+                if resp.status_code in REDIRECT_CODES and location:
+                    nxt = _parse(str(current.join(location)), cfg)
+                    if _origin(nxt) != _origin(current):
+                        hdrs = {k: v for k, v in hdrs.items() if k.lower() not in SENSITIVE_HEADERS}
+                    current = nxt
+                    continue
+                if not 200 <= resp.status_code < 300:
+                    details = {"url": _redact(url), "reason": "status", "upstream_status": resp.status_code}
+                    retry_after = resp.headers.get("retry-after", "")
+                    if retry_after.isdigit():  # the HTTP-date form is rare; a retrying caller backs off anyway
+                        details["retry_after_s"] = int(retry_after)
+                    raise FetchFailed(f"{_redact(str(current))} answered HTTP {resp.status_code}", details)
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise FetchTooLarge(
+                        f"{_redact(url)} is {declared} bytes; the limit is {max_bytes}",
+                        {"url": _redact(url), "limit": max_bytes, "declared": int(declared)},
+                    )
+                total = 0
+                # Decoded bytes (a compressed body is limited by its real size), as they arrive: a
+                # chunk_size here would buffer up to it before the limit and deadline are checked.
+                for chunk in resp.iter_bytes():
+                    total += len(chunk)
+                    if total > max_bytes:
                         raise FetchTooLarge(
-                            f"{_redact(url)} is {declared} bytes; the limit is {max_bytes}",
-                            {"url": _redact(url), "limit": max_bytes, "declared": int(declared)},
+                            f"{_redact(url)} is larger than the limit of {max_bytes} bytes",
+                            {"url": _redact(url), "limit": max_bytes},
                         )
-                    total = 0
-                    # Decoded bytes (a compressed body is limited by its real size), as they arrive: a
-                    # chunk_size here would buffer up to it before the limit and deadline are checked.
-                    for chunk in resp.iter_bytes():
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise FetchTooLarge(
-                                f"{_redact(url)} is larger than the limit of {max_bytes} bytes",
-                                {"url": _redact(url), "limit": max_bytes},
-                            )
-                        sink(chunk)
-                        check_deadline()
-                    return total
-            raise FetchFailed(
-                f"more than {cfg.max_redirects} redirects", {"url": _redact(url), "reason": "too_many_redirects"}
-            )
-    except httpx.TimeoutException as e:
-        raise FetchTimeout(
-            f"timed out fetching {_redact(url)}: {type(e).__name__}", {"url": _redact(url), "reason": "timeout"}
-        ) from e
-    except httpx.InvalidURL as e:
-        raise _refuse(url, "malformed", f"malformed URL: {e}") from e
-    except httpx.HTTPError as e:
+                    sink(chunk)
+                    check_deadline()
+                return total
         raise FetchFailed(
-            f"fetching {_redact(url)} failed: {type(e).__name__}: {e}", {"url": _redact(url), "reason": "connection"}
-        ) from e
+            f"more than {cfg.max_redirects} redirects", {"url": _redact(url), "reason": "too_many_redirects"}
+        )
 
 
 def fetch_to_file(
@@ -423,3 +445,22 @@ def fetch_bytes(
     buf = bytearray()
     _stream(url, cfg, max_bytes, headers, buf.extend, total_timeout_s)
     return bytes(buf)
+
+
+def post(url: str, cfg: FetchConfig, body: bytes, headers: dict[str, str] | None = None, *,
+         timeout_s: float) -> int:
+    """POST ``body`` to ``url`` once, under the same address rules as a fetch; returns the HTTP status.
+
+    The host is resolved and vetted now (every call re-checks it) and the connection pinned to the
+    vetted address. No redirect is followed and the response body is never read: only the status
+    counts. ``timeout_s`` bounds the connection and each read and write.
+
+    Raises:
+        UrlNotAllowed, FetchFailed (connection, DNS), FetchTimeout.
+    """
+    current = _parse(url, cfg)
+    with _typed_errors(url), httpx.Client(trust_env=False, follow_redirects=False,
+                                          timeout=httpx.Timeout(timeout_s)) as client:
+        addrs = resolve_vetted(current, cfg)
+        with _open(client, current, addrs, dict(headers or {}), "POST", body) as resp:
+            return resp.status_code

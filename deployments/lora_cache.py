@@ -37,7 +37,7 @@ import re
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import SecretStr
 from tenacity import Retrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
@@ -229,7 +229,9 @@ class _Backoff:
 class LoraStore:
     """Resolve LoRA references to verified local files; blocking, thread-safe."""
 
-    def __init__(self, cfg: LoraCacheConfig, fetch_cfg: FetchConfig):
+    def __init__(self, cfg: LoraCacheConfig, fetch_cfg: FetchConfig,
+                 on_count: Callable[[str, int], None] | None = None):
+        """``on_count(name, amount)`` is told of every change to ``counts`` (the actor exports them)."""
         self.cfg = cfg
         self.fetch_cfg = fetch_cfg
         # "~" is the home of this node's processes: node-local paths need no per-node config.
@@ -237,7 +239,9 @@ class LoraStore:
         self.cache_dir = Path(cfg.cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # eviction and counters; downloads run outside it
-        self.counts = {"fetches": 0, "hits": 0, "local": 0, "evictions": 0, "failures": 0, "retries": 0}
+        self.counts = {"fetches": 0, "hits": 0, "misses": 0, "local": 0, "evictions": 0, "failures": 0,
+                       "retries": 0, "fetched_bytes": 0}
+        self._on_count = on_count
         self._clean_temps()
 
     # -- public ---------------------------------------------------------------------------------
@@ -272,6 +276,12 @@ class LoraStore:
         with self._lock:
             return dict(self.counts)
 
+    def _bump(self, name: str, amount: int = 1) -> None:
+        """Count an event; the caller holds ``_lock``."""
+        self.counts[name] += amount
+        if self._on_count is not None:
+            self._on_count(name, amount)
+
     # -- local root -----------------------------------------------------------------------------
     def _resolve_local(self, ref: str) -> str:
         real = find_in_root(self.root, ref)
@@ -281,7 +291,7 @@ class LoraStore:
                                {"ref": ref, "bytes": size, "limit": self.cfg.max_file_bytes})
         read_header(real, self.cfg.max_header_bytes)
         with self._lock:
-            self.counts["local"] += 1
+            self._bump("local")
         return real
 
     # -- downloads ------------------------------------------------------------------------------
@@ -289,8 +299,10 @@ class LoraStore:
         final = self.cache_path(url)
         if self._touch(final):
             with self._lock:
-                self.counts["hits"] += 1
+                self._bump("hits")
             return str(final)
+        with self._lock:
+            self._bump("misses")
         tmp = self.cache_dir / f"{TEMP_PREFIX}{final.stem[:16]}-{uuid.uuid4().hex}{SUFFIX}"
         try:
             self._download(url, tmp, hf_token)
@@ -298,12 +310,13 @@ class LoraStore:
             os.replace(tmp, final)
         except BaseException:
             with self._lock:
-                self.counts["failures"] += 1
+                self._bump("failures")
             tmp.unlink(missing_ok=True)
             raise
         os.utime(final)
         with self._lock:
-            self.counts["fetches"] += 1
+            self._bump("fetches")
+            self._bump("fetched_bytes", final.stat().st_size)
         self._evict(keep=final)
         return str(final)
 
@@ -342,7 +355,7 @@ class LoraStore:
 
     def _before_retry(self, state: RetryCallState) -> None:
         with self._lock:
-            self.counts["retries"] += 1
+            self._bump("retries")
         err = state.outcome.exception() if state.outcome is not None else None
         # The message and details name the URL without query or userinfo, and never a header.
         log.warning("LoRA download attempt %d failed (%s); retrying in %.2fs", state.attempt_number,
@@ -409,7 +422,7 @@ class LoraStore:
                 # A replica that already opened the file keeps reading it (POSIX unlink semantics).
                 p.unlink(missing_ok=True)
                 total -= size
-                self.counts["evictions"] += 1
+                self._bump("evictions")
                 log.info("evicted cached LoRA %s (%d bytes)", p.name, size)
 
 
@@ -425,9 +438,12 @@ class LoraCacheActor:
     """
 
     def __init__(self, lora_cfg: LoraCacheConfig | dict, fetch_cfg: FetchConfig | dict):
+        from .metrics import LoraCacheMetrics
+
         self._lora_cfg = LoraCacheConfig.model_validate(lora_cfg)
         self._fetch_cfg = FetchConfig.model_validate(fetch_cfg)
-        self._store = LoraStore(self._lora_cfg, self._fetch_cfg)
+        metrics = LoraCacheMetrics(config_key(self._lora_cfg, self._fetch_cfg))
+        self._store = LoraStore(self._lora_cfg, self._fetch_cfg, on_count=metrics.count)
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._merged = 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import os
 import socket
 import threading
@@ -23,9 +22,12 @@ from ray import serve
 
 from .config import GpuConfig
 from .errors import GenerationFailed, LoraFetchFailed, OutOfMemory, ReplicaUnavailable, ServiceError
+from .joblog import JOB_ID, in_job_context, job_logger
+from .metrics import ReplicaMetrics
 from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
 
-log = logging.getLogger("ray.serve")
+# Every line logged while a generation runs names its job (the caller passes the job id along).
+log = job_logger("ray.serve")
 
 # How often a running generation checks that its caller (an ingress replica) is still alive.
 CALLER_CHECK_S = 2.0
@@ -95,6 +97,7 @@ class WanI2VReplica:
         import torch  # noqa: F401  (fail early if the replica's environment lacks torch)
 
         self.cfg = cfg
+        self.metrics = ReplicaMetrics()
         # One worker thread: pipeline calls, adapter loads and deletes never overlap.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan-gpu")
         self._lock = asyncio.Lock()
@@ -103,7 +106,9 @@ class WanI2VReplica:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
         self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
+        self.caller_died_stops = 0  # generations stopped because their caller (an ingress) died
         self._warmup()
+        self.metrics.memory(self.loaded.device)
 
     def _make_generator(self, cfg: GpuConfig):
         """(loaded model, generator, startup account) on this replica's GPU; ``rank_group`` uses several."""
@@ -152,7 +157,8 @@ class WanI2VReplica:
             paths = await asyncio.gather(*(self._resolve(ref) for ref in refs))
             loop = asyncio.get_running_loop()
             in_use = self._refs_in_use()
-            work = loop.run_in_executor(self._executor, self._load_adapters, refs, paths, in_use)
+            loads_before = self.generator.adapter_loads
+            work = loop.run_in_executor(self._executor, in_job_context(self._load_adapters, refs, paths, in_use))
             try:
                 await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -161,8 +167,11 @@ class WanI2VReplica:
                 await asyncio.shield(asyncio.wait({work}))
                 if not work.cancelled() and work.exception() is None:
                     await asyncio.shield(loop.run_in_executor(
-                        self._executor, self._delete_adapters, work.result(), self._refs_in_use()))
+                        self._executor, in_job_context(self._delete_adapters, work.result(), self._refs_in_use())))
                 raise
+            finally:
+                # Counted by the generator as it loads: files made resident, also when undone after.
+                self.metrics.loaded_adapters(self.generator.adapter_loads - loads_before)
         except Exception as e:
             typed = as_service_error(e, "loading LoRAs")
             if typed is e:
@@ -220,7 +229,7 @@ class WanI2VReplica:
 
     # -- generation -----------------------------------------------------------------------------
 
-    async def generate(self, spec: GenerationSpec, caller=None) -> AsyncIterator[dict]:
+    async def generate(self, spec: GenerationSpec, caller=None, job_id: str | None = None) -> AsyncIterator[dict]:
         """Stream ``{"started": {replica, pid}}``, ``{"progress": ...}`` events, then ``{"result": GenerationResult}``.
 
         Args:
@@ -228,7 +237,10 @@ class WanI2VReplica:
             caller: the calling actor's handle (an ingress replica), if any. Ray does not cancel a
                 stream whose caller died; this replica then stops at the next step itself, since
                 nobody would receive the result and the job is retried through another ingress.
+            job_id: the request this generation belongs to; every log line about it names it.
         """
+        # Serve runs each request in a task of its own: the id stays with this request only.
+        JOB_ID.set(job_id)
         at = {"stage": "starting"}  # where a failure happened, for its message and details
         stream = self._generate(spec, caller, at)
         try:
@@ -236,13 +248,20 @@ class WanI2VReplica:
                 yield event
         except Exception as e:
             typed = as_service_error(e, at["stage"])
-            if typed is e:
-                raise
             if isinstance(typed, OutOfMemory) and self.loaded.device.type == "cuda":
                 import torch
 
                 torch.cuda.empty_cache()  # an OOM outside the pipeline call leaves its cache behind
+            if typed.code == "CANCELED":
+                log.info("canceled while %s", at["stage"])
+            else:
+                log.warning("failed while %s (%s: %s)", at["stage"], typed.code, typed.message)
+            if typed is e:
+                raise
             raise typed from e
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("stopped by its caller while %s", at["stage"])
+            raise
         finally:
             # Closed now, not when collected: a caller that stops reading must free the lock and the
             # pipeline (the inner stream waits for the running step) before the next request.
@@ -252,6 +271,8 @@ class WanI2VReplica:
         from .media_out import CONTENT_TYPES, encode
 
         async with self._lock:
+            log.info("generating %dx%d, %d frames, %d steps, %s, %d LoRAs", spec.width, spec.height,
+                     spec.num_frames, spec.steps, spec.sampler, len(spec.loras))
             # Where this attempt runs, so a job's record names its replica while it runs.
             yield {"started": {"replica": self.replica_id, "pid": os.getpid()}}
             if spec.loras:
@@ -266,8 +287,12 @@ class WanI2VReplica:
             def on_progress(p: Progress):
                 loop.call_soon_threadsafe(events.put_nowait, p)
 
-            work = loop.run_in_executor(self._executor, self.generator.generate, spec, on_progress, cancel.is_set,
-                                        self.cfg.model.speed.stream_video)
+            if self.loaded.device.type == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats(self.loaded.device)  # the gauge's peak is this generation's
+            work = loop.run_in_executor(self._executor, in_job_context(
+                self.generator.generate, spec, on_progress, cancel.is_set, self.cfg.model.speed.stream_video))
             watch = asyncio.ensure_future(self._watch_caller(caller, cancel)) if caller is not None else None
             try:
                 while True:
@@ -292,6 +317,9 @@ class WanI2VReplica:
                     raise GenerationFailed(f"video encoding failed: {type(e).__name__}: {first_line}",
                                            {"stage": "encode_video", "format": spec.output_format}) from e
                 timings = {"encode_video": round(loop.time() - t0, 4), **frames.timings}
+                self.metrics.generation(timings)
+                log.info("done in %.2f s (%s)", timings.get("total", 0.0) + timings["encode_video"],
+                         ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "total"))
                 n, h, w, _ = frames.frames.shape
                 video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
                                     width=w, height=h, num_frames=n, fps=spec.fps, seed=frames.seed, data=data)
@@ -305,6 +333,7 @@ class WanI2VReplica:
             finally:
                 if watch is not None:
                     watch.cancel()
+                self.metrics.memory(self.loaded.device)
 
     async def _watch_caller(self, caller, cancel: threading.Event) -> None:
         """Set ``cancel`` once the caller's actor is dead (slow or briefly unreachable is not dead)."""
@@ -316,6 +345,7 @@ class WanI2VReplica:
                 await asyncio.wait_for(caller.__ray_ready__.remote(), timeout=30)
             except ActorDiedError:
                 log.warning("the caller of this generation died; stopping it at the next step")
+                self.caller_died_stops += 1
                 cancel.set()
             except Exception:
                 pass
@@ -325,6 +355,8 @@ class WanI2VReplica:
     def check_health(self) -> None:
         import torch
 
+        # Health checks run every few seconds, busy or idle: the memory gauge stays current.
+        self.metrics.memory(self.loaded.device)
         if self.loaded.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.loaded.device)
@@ -339,6 +371,7 @@ class WanI2VReplica:
             "replica": self.replica_id,
             # Counted by load_pipeline itself: any reload in this process (a replica is one) shows.
             "pipeline_loads": pipeline_loads(),
+            "caller_died_stops": self.caller_died_stops,
             "adapter_loads": self.generator.adapter_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),

@@ -9,12 +9,19 @@ Needs only httpx, so it can be used from a machine without torch or Ray::
                                           loras=[("my_job/my_job.safetensors", 1.0)], seed=7))
         result = client.wait(job["request_id"], on_progress=print)
         client.download(job["request_id"], 0, "out.mp4")
+
+A webhook receiver checks each delivery with ``verify_webhook`` before trusting it::
+
+    payload = verify_webhook(raw_body, headers["Wan-Signature"], secret)   # secret: client.webhook_secret()
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
+import hmac
+import json
 import math
 import os
 import tempfile
@@ -46,6 +53,60 @@ PROMPT_FIELDS = (
 # Polling survives this many consecutive transient failures (connection errors, 502/503/504).
 _TRANSIENT_STATUSES = (502, 503, 504)
 _MAX_TRANSIENT = 10
+
+
+WEBHOOK_SIGNATURE_HEADER = "Wan-Signature"
+WEBHOOK_ID_HEADER = "Wan-Webhook-Id"  # the same on every attempt of one delivery: dedupe on it
+WEBHOOK_TOLERANCE_S = 300
+
+
+class WebhookSignatureError(Exception):
+    """A webhook delivery that must not be trusted: no or a wrong signature, or a timestamp too far off."""
+
+
+def sign_webhook(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``Wan-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds).
+
+    ``t=<timestamp>,v1=<hex HMAC-SHA256 keyed with the UTF-8 secret over b"<timestamp>." + body>``, as
+    Stripe signs: the timestamp is inside the MAC, so an old delivery cannot be replayed as new. The
+    server signs with this very function.
+    """
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_webhook(body: bytes, signature: str | None, secret: str, tolerance_s: float = WEBHOOK_TOLERANCE_S,
+                   now: float | None = None) -> dict[str, Any]:
+    """Check a delivery's ``Wan-Signature`` header and return its JSON payload.
+
+    Args:
+        body: the raw request body, exactly as received (verify before parsing or re-encoding it).
+        signature: the ``Wan-Signature`` header.
+        secret: your API key's webhook secret (``WanClient.webhook_secret()``).
+        tolerance_s: refuse a timestamp further than this from ``now`` (replays of old deliveries).
+        now: the current unix time (default: the clock).
+    Returns:
+        The payload: ``{"event": "job.succeeded" | "job.failed" | "job.canceled", ...the result body}``.
+    Raises:
+        WebhookSignatureError: missing or malformed header, no matching ``v1`` value, stale timestamp.
+    """
+    fields: dict[str, list[str]] = {}
+    for part in (signature or "").split(","):
+        key, sep, value = part.strip().partition("=")
+        if sep:
+            fields.setdefault(key, []).append(value)
+    try:
+        (timestamp,) = fields.get("t", [])
+        sent = int(timestamp)
+    except ValueError:
+        raise WebhookSignatureError("malformed signature header: need exactly one t=<unix seconds>") from None
+    if abs((time.time() if now is None else now) - sent) > tolerance_s:
+        raise WebhookSignatureError(f"signature timestamp {sent} is more than {tolerance_s:g} s off")
+    expected = sign_webhook(secret, body, sent).rpartition("v1=")[2]
+    # Every v1 value is compared (a sender rotating secrets may send several), in constant time.
+    if not any(hmac.compare_digest(expected, candidate) for candidate in fields.get("v1", [])):
+        raise WebhookSignatureError("no v1 signature matches this body and secret")
+    return json.loads(body)
 
 
 class WanApiError(Exception):
@@ -143,7 +204,7 @@ def encode_image(image: str | os.PathLike) -> str:
 
 def build_request(image: str | os.PathLike, prompt: str,
                   loras: Iterable[tuple[str, float] | str] = (), model: str = DEFAULT_MODEL,
-                  **prompt_fields: Any) -> dict[str, Any]:
+                  webhook_url: str | None = None, **prompt_fields: Any) -> dict[str, Any]:
     """A one-prompt request in the reference shape.
 
     Args:
@@ -151,6 +212,7 @@ def build_request(image: str | os.PathLike, prompt: str,
         prompt: the text prompt.
         loras: ``(ref, scale)`` pairs (or bare refs, scale 1.0).
         model: the model id.
+        webhook_url: receives the signed result when the job ends (see ``verify_webhook``).
         **prompt_fields: any of PROMPT_FIELDS (e.g. ``width=832, seed=7, sample_steps=25``);
             None values are left out so the server's defaults apply.
     Returns:
@@ -165,7 +227,10 @@ def build_request(image: str | os.PathLike, prompt: str,
     for lora in loras:
         ref, scale = (lora, 1.0) if isinstance(lora, str) else lora
         lora_list.append({"path": ref, "network_multiplier": float(scale)})
-    return {"model": model, "prompts": [entry], "loras": lora_list}
+    request: dict[str, Any] = {"model": model, "prompts": [entry], "loras": lora_list}
+    if webhook_url is not None:
+        request["webhook_url"] = webhook_url
+    return request
 
 
 class WanClient:
@@ -221,6 +286,10 @@ class WanClient:
     def models(self) -> dict[str, Any]:
         """GET /v1/models -> ``{models: [...]}``."""
         return self._call("GET", "/v1/models")
+
+    def webhook_secret(self) -> str:
+        """GET /v1/webhook-secret -> this key's secret for ``verify_webhook``."""
+        return self._call("GET", "/v1/webhook-secret")["secret"]
 
     def health(self) -> dict[str, Any]:
         """GET /health."""

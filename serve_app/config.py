@@ -135,6 +135,35 @@ class JobsConfig(_Strict):
         2, ge=1, description="younger jobs that may start before an older one (LoRA affinity) before the runner "
         "stops taking new jobs until the older one starts",
     )
+    metrics_interval_s: float = Field(
+        5.0, gt=0, description="how often each ingress replica reads the active jobs per state (the wan_jobs_active "
+        "gauge) from the database",
+    )
+
+
+class WebhooksConfig(_Strict):
+    """Result deliveries to a request's ``webhook_url``: signed, retried, kept in the job database."""
+
+    attempts: int = Field(10, ge=1, description="tries in all, the first included; then the delivery is failed")
+    initial_backoff_s: float = Field(
+        5.0, gt=0, description="upper bound of the first wait; it doubles per retry, the wait is random below it"
+    )
+    max_backoff_s: float = Field(900.0, gt=0, description="upper bound of any one wait")
+    max_elapsed_s: float = Field(
+        3600.0, gt=0, description="no attempt starts later than this after the job ended; then the delivery is failed"
+    )
+    timeout_s: float = Field(10.0, gt=0, description="per attempt: the connection, and each read and write")
+    max_in_flight: int = Field(8, ge=1, description="deliveries one ingress replica sends at once")
+    signing_secret_env: str = Field(
+        "WAN_WEBHOOK_SECRET",
+        description="an environment variable holding the server signing secret (each key's webhook secret is "
+        "derived from it); where it is unset or empty, a random secret made once is kept in the job database",
+    )
+
+    @property
+    def lease_s(self) -> float:
+        """A delivery's lease: longer than one attempt can take (connect, write, read), with margin."""
+        return 3 * self.timeout_s + 5
 
 
 class DefaultsConfig(_Strict):
@@ -176,6 +205,7 @@ class AppConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     public_base_url: str | None = Field(None, description="prefix for URLs in responses; default: relative")
 

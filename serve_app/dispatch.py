@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from deployments.errors import ServiceError
+from deployments.joblog import JOB_ID, job_logger
 from deployments.spec import GenerationResult, GenerationSpec
 
 from . import errors
@@ -39,9 +40,11 @@ from .config import AppConfig
 from .errors import StoreUnavailable
 from .jobs import AsyncJobStore, Job, StoredSpec
 from .jobs.records import CANCELED
+from .metrics import JobMetrics
 from .storage import OutputStore, OutputWriteFailed
 
-log = logging.getLogger("ray.serve")
+# Each job runs in a task of its own that sets JOB_ID: every line logged for it names the job.
+log = job_logger("ray.serve")
 
 
 class _Path:
@@ -131,11 +134,19 @@ def _current_actor():
 class JobRunner:
     """Runs jobs from the shared store through the GPU replicas; one per ingress replica."""
 
-    def __init__(self, cfg: AppConfig, jobs: AsyncJobStore, outputs: OutputStore, replica):
+    def __init__(self, cfg: AppConfig, jobs: AsyncJobStore, outputs: OutputStore, replica,
+                 metrics: JobMetrics | None = None, on_final: Callable[[], None] = lambda: None):
+        """
+        Args:
+            metrics: where jobs' ends and times are counted.
+            on_final: called after this runner made a job final (the webhook sender looks for work).
+        """
         self.cfg = cfg
+        self.on_final = on_final
         self.jobs = jobs
         self.outputs = outputs
         self.replica = replica
+        self.metrics = metrics or JobMetrics()
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_s = cfg.jobs.lease_s
         self.renew_every = min(1.0, self.lease_s / 3)
@@ -161,7 +172,8 @@ class JobRunner:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(self._claim_forever()))
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._claim_forever()), loop.create_task(self._report_active_forever())]
 
     def stop(self) -> None:
         """Stop claiming and hand every held job back (its lease is released or expires)."""
@@ -206,6 +218,21 @@ class JobRunner:
             self._unsent.append(run.order)
             run.task = loop.create_task(self._run(run, job))
 
+    async def _report_active_forever(self) -> None:
+        """Refresh the active-jobs gauge from the database (every replica reads the same, cluster-wide)."""
+        every = wait = self.cfg.jobs.metrics_interval_s
+        while True:
+            try:
+                self.metrics.active_counts(await self.jobs.active_counts())
+                wait = every
+            except Exception as e:
+                # The gauge keeps its last value. A database that does not answer is asked less and less
+                # often: the jobs' own calls need its connections (and the store's threads) first.
+                if wait == every:
+                    log.warning("could not read the active jobs for the metrics (%s)", _short(e))
+                wait = min(2 * wait, max(every, 30.0))
+            await asyncio.sleep(wait)
+
     async def _wait_for_overtaken(self) -> None:
         """Take no new job while one in flight has been overtaken too often (see the module doc)."""
         while True:
@@ -237,6 +264,8 @@ class JobRunner:
     # -- one job --------------------------------------------------------------------------------
 
     async def _run(self, run: _Run, job: Job) -> None:
+        JOB_ID.set(run.job_id)  # this task's context (and the keeper's, made from it) only
+        log.info("claimed (%d attempts so far)", job.attempts)
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(run))
         try:
             if job.cancel_requested:
@@ -250,20 +279,20 @@ class JobRunner:
                 except Exception:
                     pass  # the lease expires on its own
                 raise
-            log.warning("job %s: stopped without writing (%s)", run.job_id, run.abandoned)
+            log.warning("stopped without writing (%s)", run.abandoned)
         except LeaseLost as e:
-            log.warning("job %s: stopped without writing (%s)", run.job_id, e)
+            log.warning("stopped without writing (%s)", e)
         except StoreUnavailable as e:
             # The database or the output store is down (e.g. the control image cannot be read): hand
             # the job back after a pause; it runs once the store answers again. Nothing is lost.
-            log.warning("job %s: store unavailable (%s); handing it back", run.job_id, e.message)
+            log.warning("store unavailable (%s); handing it back", e.message)
             await asyncio.sleep(self.store_backoff_s)
             try:
                 await self.jobs.release(run.job_id, self.holder)
             except Exception:
                 pass  # the lease expires on its own
         except Exception as e:
-            log.exception("job %s failed in dispatch", run.job_id)
+            log.exception("failed in dispatch")
             try:
                 await self._finish(run, "failed", {"code": "INTERNAL_ERROR", "message": _short(e), "details": {}})
             except LeaseLost:
@@ -333,7 +362,7 @@ class JobRunner:
                         "message": f"the GPU replica running this job died {run.attempt} times: {type(e).__name__}",
                         "details": {"attempts": run.attempt}})
                     return
-                log.warning("job %s: replica died (%s); retrying on another replica", job.id, type(e).__name__)
+                log.warning("replica died (%s); retrying on another replica", type(e).__name__)
                 job = await self.jobs.get(job.id, specs=True)
 
     async def _execute(self, run: _Run, job: Job) -> None:
@@ -358,10 +387,13 @@ class JobRunner:
             async with self._turn:  # older jobs' first prompts go to Serve's queue first
                 await self._turn.wait_for(lambda: not self._unsent or self._unsent[0] >= run.order)
             response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(
-                spec, caller=self.me)
+                spec, caller=self.me, job_id=job.id)
             path.mark("dispatch")
             await self._sent(run)
             run.response = response
+            # Serve's own log lines about this call (its access log in the replica) name its request id.
+            log.info("prompt %d of %d sent to a GPU replica (attempt %d, serve request %s)", index + 1, len(stored),
+                     run.attempt, response.request_id)
             if run.cancel_requested:
                 response.cancel()
             result: GenerationResult | None = None
@@ -374,6 +406,8 @@ class JobRunner:
                         await self._best_effort(self.jobs.set_progress(job.id, self.holder, progress))
                     elif "started" in event:
                         path.mark("replica_wait")
+                        if not run.started and job.started_at is None:  # the job's first start, ever
+                            self.metrics.time_in_queue.observe(max(0.0, time.time() - job.created_at))
                         self._mark_started(run)
                         await self._best_effort(self.jobs.merge_metadata(
                             job.id, self.holder, {"running_on": event["started"]["replica"]}))
@@ -436,7 +470,13 @@ class JobRunner:
             raise LeaseLost("lease lost before the output was recorded")
 
     async def _finish(self, run: _Run, status: str, error: dict | None, metadata: dict | None = None) -> None:
-        await self._until_lease_ends(run, self.jobs.finish, run.job_id, status, error, self.holder, metadata)
+        if await self._until_lease_ends(run, self.jobs.finish, run.job_id, status, error, self.holder, metadata):
+            self.metrics.finished(status, error)  # counted only when this runner's write ended the job
+            if status == "failed":
+                log.warning("failed (%s: %s)", error["code"], error["message"])
+            else:
+                log.info("%s", status)
+            self.on_final()
 
     async def _until_lease_ends(self, run: _Run, call, *args):
         """A write that must land: retried while the database is unreachable, as long as our lease lasts.

@@ -1,8 +1,10 @@
-"""The HTTP ingress: routes only (submit, status, result, files, cancel, models).
+"""The HTTP ingress: routes only (submit, status, result, files, cancel, the caller's jobs, models,
+webhook secret, playground).
 
 Path of a request: HTTP -> ``InferenceRequest`` -> ``normalize.to_specs`` -> control images into the
 output store -> a durable job row -> ``dispatch.JobRunner`` runs it on a GPU replica -> video in the
-output store + job "succeeded" -> status/result/file routes read them back.
+output store + job "succeeded" -> status/result/file routes read them back, and
+``webhooks.WebhookSender`` posts the result to the request's ``webhook_url``, if any.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at import time.
@@ -13,33 +15,33 @@ import os
 import socket
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import Annotated
 
-from fastapi import Body, FastAPI, Header, Request
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from ray import serve
 
 from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
 
-from . import errors, retention
+from . import errors, playground, retention, views, webhooks
 from .config import AppConfig
 from .dispatch import JobRunner
 from .errors import StoreUnavailable
 from .jobs import AsyncJobStore, Job, QueueFull, StoredSpec, open_job_store
+from .metrics import JobMetrics
 from .middleware import ApiKeyAuth, BodyLimit, ReplicaHeader, bearer_key, unauthorized
 from .normalize import to_specs
 from .schemas import (
-    ErrorBody,
     InferenceRequest,
     ModelPublic,
     ModelsResponse,
     Outputs,
     ProgressPublic,
+    RequestList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
-    VideoPublic,
+    WebhookSecretResponse,
 )
 from .storage import OutputStore, parse_range
 
@@ -56,8 +58,11 @@ api.add_middleware(BodyLimit)
 api.add_middleware(ApiKeyAuth)  # added last: outermost, so it runs before any body is read
 
 
-def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z") if ts else None
+def _is_job_id(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=200)
@@ -82,16 +87,23 @@ class Ingress:
             # A replica that cannot reach its database must not serve: Serve reports this message.
             raise RuntimeError(f"refusing to start: {e.message}") from e
         self.jobs = AsyncJobStore(store, storage.db_timeout_s, max_workers=storage.db_pool_size)
-        self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica)
+        try:
+            self.webhook_secret = await asyncio.to_thread(webhooks.server_secret, self.cfg.webhooks, store)
+        except StoreUnavailable as e:
+            raise RuntimeError(f"refusing to start: {e.message}") from e
+        self.webhooks = webhooks.WebhookSender(self.cfg, self.jobs, self.webhook_secret)
+        self.metrics = JobMetrics()
+        self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica, self.metrics, on_final=self.webhooks.wake)
         self.runner.start()
+        self.webhooks.start()
         self._retention = asyncio.get_running_loop().create_task(retention.sweep_forever(
             self.jobs, self.outputs, storage.retention_s, storage.retention_sweep_s))
 
     def __del__(self):
         # Serve's graceful shutdown: running jobs go back to the pool for another ingress replica.
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.stop()
+        for part in (getattr(self, "runner", None), getattr(self, "webhooks", None)):
+            if part is not None:
+                part.stop()
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -106,6 +118,8 @@ class Ingress:
 
     async def _job(self, request_id: str, authorization: str | None) -> Job:
         owner = self._owner(authorization)
+        if not _is_job_id(request_id):  # ids are UUIDs: anything else names no job (and never reaches SQL)
+            raise errors.not_found(request_id)
         job = await self.jobs.get(request_id)
         if job is None or job.owner != owner:  # another key's job does not exist for you
             raise errors.not_found(request_id)
@@ -114,6 +128,10 @@ class Ingress:
     def _url(self, path: str) -> str:
         base = (self.cfg.public_base_url or "").rstrip("/")
         return f"{base}{path}"
+
+    def _check_webhook_url(self, url: str | None) -> None:
+        if url is not None:
+            webhooks.check_webhook_url(url, self.cfg.gpu.fetch)
 
     def _store_images(self, job_id: str, specs: list[GenerationSpec]) -> list[StoredSpec]:
         """Each distinct control image once in the output store; the specs keep only its key."""
@@ -144,14 +162,16 @@ class Ingress:
         owner = self._owner(authorization)
         job = await self.jobs.by_idempotency_key(owner, idempotency_key) if idempotency_key is not None else None
         if job is None:
+            await asyncio.to_thread(self._check_webhook_url, req.webhook_url)
             specs = await asyncio.to_thread(to_specs, req, self.cfg)
             job_id = str(uuid.uuid4())
             stored = await asyncio.to_thread(self._store_images, job_id, specs)
             try:
                 # submit_s: validation, control images decoded and stored, up to the row (the stage account)
+                limits = self.cfg.limits
                 job, created = await self.jobs.create(
-                    job_id, stored, req.model, owner, idempotency_key, self.cfg.limits.max_queue_total,
-                    self.cfg.limits.max_queue_per_key, {"submit_s": round(time.perf_counter() - t0, 4)})
+                    job_id, stored, req.model, owner, idempotency_key, limits.max_queue_total, limits.max_queue_per_key,
+                    metadata={"submit_s": round(time.perf_counter() - t0, 4)}, webhook_url=req.webhook_url)
             except QueueFull as e:
                 await asyncio.to_thread(self.outputs.delete_job, job_id)
                 raise errors.ApiError(429, "QUEUE_FULL", str(e) + "; retry later",
@@ -161,6 +181,8 @@ class Ingress:
                 await asyncio.to_thread(self.outputs.delete_job, job_id)
                 raise
             if created:
+                self.metrics.submitted.inc()
+                log.info("job %s: queued (%d prompts, %d LoRAs)", job.id, len(specs), len(req.loras))
                 self.runner.wake()
             else:  # a racing retry with the same Idempotency-Key won: its job has its own images
                 await asyncio.to_thread(self.outputs.delete_job, job_id)
@@ -170,33 +192,33 @@ class Ingress:
             status_url=self._url(f"/v1/requests/{job.id}/status"),
             result_url=self._url(f"/v1/requests/{job.id}/result"),
             cancel_url=self._url(f"/v1/requests/{job.id}/cancel"),
-            created_at=iso(job.created_at),
+            created_at=views.iso(job.created_at),
         )
+
+    @api.get("/v1/requests", response_model=RequestList)
+    async def requests(
+        self,
+        authorization: Annotated[str | None, Header()] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        before: Annotated[str | None, Query(max_length=64, description="next_before of the previous page")] = None,
+    ) -> RequestList:
+        """The caller's own jobs, newest first, one page of ``limit``."""
+        owner = self._owner(authorization)
+        cursor = None
+        if before is not None:
+            last = await self._job(before, authorization)
+            cursor = (last.created_at, last.id)
+        jobs = await self.jobs.recent(owner, limit + 1, cursor)  # one more: is there a next page?
+        return RequestList(requests=[views.status(job) for job in jobs[:limit]],
+                           next_before=jobs[limit - 1].id if len(jobs) > limit else None)
 
     @api.get("/v1/requests/{request_id}/status", response_model=StatusResponse)
     async def status(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
-        return self._status(await self._job(request_id, authorization))
-
-    @staticmethod
-    def _status(job: Job) -> StatusResponse:
-        return StatusResponse(
-            request_id=job.id, status=job.status, progress=ProgressPublic(**job.progress), attempts=job.attempts,
-            error=ErrorBody(**job.error) if job.error else None, created_at=iso(job.created_at),
-            started_at=iso(job.started_at), finished_at=iso(job.finished_at))
+        return views.status(await self._job(request_id, authorization))
 
     @api.get("/v1/requests/{request_id}/result", response_model=ResultResponse)
     async def result(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
-        job = await self._job(request_id, authorization)
-        videos = [
-            VideoPublic(**{k: v for k, v in o.items() if k in VideoPublic.model_fields},
-                        url=self._url(f"/v1/requests/{job.id}/outputs/{n}"))
-            for n, o in enumerate(job.outputs)
-        ]
-        return ResultResponse(
-            request_id=job.id, status=job.status, outputs=Outputs(videos=videos),
-            error=ErrorBody(**job.error) if job.error else None, created_at=iso(job.created_at),
-            finished_at=iso(job.finished_at),
-            metadata={"model": job.model, "attempts": job.attempts, **job.metadata})
+        return views.result(await self._job(request_id, authorization), self.cfg.public_base_url or "")
 
     @api.get("/v1/requests/{request_id}/outputs/{n}")
     async def output(self, request_id: str, n: int, request: Request,
@@ -228,9 +250,33 @@ class Ingress:
     async def cancel(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         job = await self._job(request_id, authorization)
         if not job.final:
-            job = await self.jobs.request_cancel(request_id) or job
+            after, canceled_now = await self.jobs.request_cancel(request_id)
+            job = after or job
+            if canceled_now:  # nobody held it: it ends here, not in a runner
+                self.metrics.finished("canceled", None)
+            log.info("job %s: cancel requested (%s)", request_id, "canceled" if canceled_now else "flagged")
             self.runner.cancel(request_id)
-        return self._status(job)
+            if job.final:  # a queued job ends at once: its webhook is due now
+                self.webhooks.wake()
+        return views.status(job)
+
+    @api.get("/v1/webhook-secret", response_model=WebhookSecretResponse)
+    async def webhook_secret_route(self, authorization: Annotated[str | None, Header()] = None):
+        """The caller's webhook signing secret: verify deliveries with it (``client.verify_webhook``)."""
+        return WebhookSecretResponse(secret=webhooks.key_secret(self.webhook_secret, self._owner(authorization)))
+
+    @api.get("/", include_in_schema=False)
+    async def playground_page(self, request: Request) -> HTMLResponse:
+        """The browser playground (open without a key: it holds no data, its script asks with the key)."""
+        return HTMLResponse(playground.page(request.scope.get("root_path", "")), headers=playground.HEADERS)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def playground_asset(self, name: str) -> FileResponse:
+        found = playground.asset(name)
+        if found is None:
+            raise errors.ApiError(404, "NOT_FOUND", f"no static file {name!r}")
+        path, media_type = found
+        return FileResponse(path, media_type=media_type, headers=playground.HEADERS)
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self, authorization: Annotated[str | None, Header()] = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
-from . import errors
+from . import errors, playground
 from .config import AuthConfig
 
 
@@ -77,21 +77,23 @@ def unauthorized() -> errors.ApiError:
 
 
 class ApiKeyAuth:
-    """ASGI middleware: with API keys configured, every path but /health needs a valid key.
+    """ASGI middleware: with API keys configured, every path but /health and the playground needs a valid key.
 
     A gate in front of everything (the docs, the OpenAPI schema, unknown paths included), so an
     unauthenticated caller learns nothing and never gets its body read; the routes still derive the
-    caller's identity through ``Ingress._owner``.
+    caller's identity through ``Ingress._owner``. A GET of the playground's page or files is open
+    too (exact paths, no prefix): a browser loads them before it has a key to send, and they hold no data.
     """
 
     keys: list[str] = []
     open_paths = ("/health",)
+    open_gets = playground.PAGE_PATHS
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not ApiKeyAuth.keys or _route_path(scope) in ApiKeyAuth.open_paths:
+        if scope["type"] != "http" or not ApiKeyAuth.keys or self._open(scope):
             return await self.app(scope, receive, send)
         authorization = None
         for name, value in scope.get("headers") or []:
@@ -101,6 +103,11 @@ class ApiKeyAuth:
         if bearer_key(authorization, ApiKeyAuth.keys) is None:
             return await errors.error_response(unauthorized())(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    @staticmethod
+    def _open(scope) -> bool:
+        path = _route_path(scope)
+        return path in ApiKeyAuth.open_paths or (scope.get("method") == "GET" and path in ApiKeyAuth.open_gets)
 
 
 class ReplicaHeader:

@@ -47,6 +47,9 @@ class InferenceRequest(_Request):
     hf_token: str | None = Field(None, description="accepted for compatibility; never stored or forwarded")
     sampler: str | None = None
     output_format: str | None = None
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="our addition: receives the result, signed, when the job ends "
+        "(same address rules as ctrl_img URLs)")
 
     model_config = ConfigDict(
         extra="ignore",
@@ -98,6 +101,20 @@ class ErrorBody(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class WebhookAttempt(BaseModel):
+    at: str
+    status_code: int | None = Field(None, description="the receiver's answer; any 2xx is a delivery")
+    error: str | None = Field(None, description="why no answer came (refused address, connection, timeout)")
+
+
+class WebhookPublic(BaseModel):
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    delivery_id: str = Field(description="the Wan-Webhook-Id header: the same on every attempt of a delivery")
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+    next_attempt_at: str | None = Field(None, description="while pending after a failed attempt")
+
+
 class StatusResponse(BaseModel):
     request_id: str
     status: JobStatus
@@ -107,6 +124,20 @@ class StatusResponse(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    webhook: WebhookPublic | None = None
+
+
+class WebhookSecretResponse(BaseModel):
+    secret: str = Field(description="this API key's webhook signing secret")
+    header: str = "Wan-Signature"
+    scheme: str = "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.<raw body>')>"
+
+
+class RequestList(BaseModel):
+    """One page of the caller's jobs, newest first."""
+
+    requests: list[StatusResponse]
+    next_before: str | None = Field(None, description="pass as `before` for the next page; null on the last page")
 
 
 class VideoPublic(BaseModel):

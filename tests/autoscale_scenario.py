@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -34,40 +33,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# Before Ray is imported: no token auth, no usage stats, fast autoscaling metrics.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Serve's defaults push request metrics every 10 s, fine for minute-long jobs, slow for a test.
+from scenarios import alive_replicas, log  # noqa: E402 (first: sets Ray's environment)
+from tests.services import free_port  # noqa: E402
+
+# Before Ray is imported: Serve's defaults push request metrics every 10 s, fine for minute-long
+# jobs, slow for a test.
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SLOW = "SLOWLY"
 APP = "autoscale"
 
 
-def log(*parts) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def replicas() -> list[dict]:
-    """Alive WanI2V replica actors (pid, node) from the GCS actor table (no dashboard needed)."""
-    import ray._private.state
-
-    cls = f"ServeReplica:{APP}:WanI2V"
-    return [{"pid": a["Pid"], "node_id": a["Address"]["NodeID"]}
-            for a in ray._private.state.actors().values()
-            if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
+    """Alive WanI2V replica actors (pid, node)."""
+    return alive_replicas(APP, "WanI2V")
 
 
 def running_count() -> int:

@@ -33,28 +33,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scenarios import alive_replicas, log  # noqa: E402 (first: sets Ray's environment)
 
 APP = "nodisk"
 SLOW = "SLOWLY"
 
 
-def log(*parts) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
-
-
 def actors(deployment: str) -> list[dict]:
-    import ray._private.state
-
-    cls = f"ServeReplica:{APP}:{deployment}"
-    return [{"pid": a["Pid"], "node_id": a["Address"]["NodeID"]}
-            for a in ray._private.state.actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
+    return alive_replicas(APP, deployment)
 
 
 def wait_running(deployment: str, n: int, timeout: float, exclude: set[int] = frozenset()) -> list[dict]:

@@ -57,7 +57,16 @@ def loaded_model(model_cache):
 
 
 @pytest.fixture(scope="session")
-def generator(loaded_model):
+def tiny_shapes(loaded_model):
+    """``linear_shapes`` of the tiny transformer, taken before any adapter is loaded into it: a loaded
+    adapter wraps each Linear, which then shows only as ``<name>.base_layer`` (also once deleted)."""
+    from deployments.lora_files import linear_shapes
+
+    return linear_shapes(loaded_model.pipe.transformer)
+
+
+@pytest.fixture(scope="session")
+def generator(loaded_model, tiny_shapes):
     """A WanGenerator over the session's tiny pipeline (shared: tests must not leave adapters active)."""
     from deployments.pipeline import WanGenerator
 
@@ -80,6 +89,27 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def stock_frames(pipe, spec, image=None) -> np.ndarray:
+    """Float frames of the reference server's call on a stock pipeline, with its arguments (512 tokens)."""
+    import torch
+    from PIL import Image
+
+    out = pipe(
+        image=image if image is not None else Image.open(io.BytesIO(spec.image_png)).convert("RGB"),
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        height=spec.height,
+        width=spec.width,
+        num_frames=spec.num_frames,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(spec.seed),
+        output_type="np",
+        max_sequence_length=512,
+    )
+    return out.frames[0]
+
+
 def tiny_spec(**overrides):
     """A fast spec on the tiny model: 64x48, 5 frames, 2 steps, CFG on."""
     from deployments.spec import GenerationSpec
@@ -100,6 +130,25 @@ def tiny_spec(**overrides):
     return GenerationSpec(**values)
 
 
+def wait_for(predicate, timeout: float, what, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    For tests that expect a state: a fixed sleep is either too short on a busy machine or wasted on
+    an idle one. Raises AssertionError after ``timeout`` seconds, saying ``what`` was awaited (a
+    string, or a function called then, to describe the state at that moment).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not within {timeout} s")
+        time.sleep(interval)
+
+
 @pytest.fixture
 def small_spec():
     """``tiny_spec`` as a fixture."""
@@ -111,6 +160,7 @@ def small_spec():
 # ---------------------------------------------------------------------------------------------
 
 FAIL_PROMPT = "INJECT_FAULT"
+METRICS_PUSH_MS = 1000
 SLOW_PROMPT = "SLOWLY"
 
 
@@ -229,8 +279,11 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
     root = tmp_path_factory.mktemp("serve")
     lora_root = root / "loras"
     lora_root.mkdir()
-    port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=False, namespace="wan-tests", log_to_driver=False)
+    port, metrics_port = _free_port(), _free_port()
+    # The metrics agent (started with every node, dashboard or not) serves Prometheus text on
+    # metrics_port; processes push to it every second here (Ray's default: 10 s).
+    ctx = ray.init(num_cpus=8, include_dashboard=False, namespace="wan-tests", log_to_driver=False,
+                   _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": METRICS_PUSH_MS})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def storage_for(name: str, backend: str) -> dict:
@@ -254,7 +307,9 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
                 "fetch": {"allow_http": True, "allowed_hosts": ["127.0.0.1"]},
             },
             "storage": storage_for(name, backend),
-            "jobs": {"lease_s": 3.0, "sweep_interval_s": 0.5},
+            "jobs": {"lease_s": 3.0, "sweep_interval_s": 0.5, "metrics_interval_s": 0.5},
+            # Three quick tries (the loopback receivers are allowed by gpu.fetch above).
+            "webhooks": {"attempts": 3, "initial_backoff_s": 0.2, "max_backoff_s": 0.5, "timeout_s": 2.0},
         }
         return _merge(base, overrides)
 
@@ -264,11 +319,25 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
 
     env = type("ServeEnv", (), {})()
     env.port, env.root, env.lora_root = port, root, lora_root
+    env.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    env.logs_dir = os.path.join(ctx.address_info["session_dir"], "logs")
     env.pg, env.s3 = pg_server, s3_server
     env.args_for, env.deploy = args_for, deploy
     yield env
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def loras(serve_env, tiny_shapes):
+    """Two LoRA files in the app's LoRA root (ai-toolkit and kohya formats): root-relative path -> file."""
+    from tests.lora_factory import make_lora
+
+    sub = serve_env.lora_root / "my_wan_job"
+    sub.mkdir(exist_ok=True)
+    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", tiny_shapes, seed=1)
+    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", tiny_shapes, seed=2)
+    return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
 
 
 def _merge(base: dict, extra: dict) -> dict:

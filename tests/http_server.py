@@ -1,4 +1,4 @@
-"""A small threaded HTTP(S) server on 127.0.0.1 for fetch tests, plus a loopback-only network guard.
+"""A small threaded HTTP(S) server on 127.0.0.1 for fetch and webhook tests, plus a loopback-only network guard.
 
 Usage::
 
@@ -41,6 +41,7 @@ class Route:
     chunk_delay_s: float = 0.0  # between body chunks: a slow drip
     close_after: int | None = None  # send this many body bytes, then drop the connection
     require_headers: dict[str, str] = field(default_factory=dict)  # else 401 (a private file)
+    hold: threading.Event | None = None  # answer only once the test sets it (at most 60 s): a hung receiver
 
 
 class LocalServer:
@@ -49,7 +50,8 @@ class LocalServer:
     def __init__(self, tls_context: ssl.SSLContext | None = None):
         self.routes: dict[str, Route | list[Route]] = {}
         self.counts: Counter[str] = Counter()
-        self.requests: list[dict[str, str]] = []  # path + headers of every request, in order
+        # Every request in order: path, method, body (bytes) and its headers (lower-case names).
+        self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._tls = tls_context
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -100,10 +102,17 @@ class LocalServer:
                 pass
 
             def do_GET(self) -> None:
+                self._handle(b"")
+
+            def do_POST(self) -> None:  # webhook deliveries: the body is kept with the request
+                self._handle(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def _handle(self, body: bytes) -> None:
                 path = self.path.split("?", 1)[0]
                 with server._lock:
                     server.counts[path] += 1
-                    server.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+                    server.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()},
+                                            "method": self.command, "body": body})
                     route = server.routes.get(path, Route(body=b"not found", status=404))
                     if isinstance(route, list):
                         route = route[min(server.counts[path], len(route)) - 1]
@@ -115,6 +124,8 @@ class LocalServer:
                     pass  # the client gave up first (timeouts, size limits): expected in tests
 
             def _answer(self, route: Route) -> None:
+                if route.hold is not None:
+                    route.hold.wait(60)
                 time.sleep(route.delay_s)
                 self.send_response(route.status)
                 for k, v in route.headers.items():

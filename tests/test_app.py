@@ -110,20 +110,6 @@ def test_served_output_equals_the_generation_core(app, generator, fmt):
     assert _download(app, result).content == _core_bytes(app, generator, request)
 
 
-@pytest.fixture(scope="module")
-def loras(serve_env, loaded_model):
-    """Two LoRA files in the app's LoRA root (ai-toolkit and kohya formats)."""
-    from deployments.lora_files import linear_shapes
-    from tests.lora_factory import make_lora
-
-    shapes = linear_shapes(loaded_model.pipe.transformer)
-    sub = serve_env.lora_root / "my_wan_job"
-    sub.mkdir(exist_ok=True)
-    a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", shapes, seed=1)
-    b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", shapes, seed=2)
-    return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
-
-
 def test_loras_by_path_by_url_and_stacked_without_reloading_the_base(app, generator, loras):
     base = app.run(small_request(output_format="webp"))
     before = app.replica_stats()
@@ -243,6 +229,55 @@ def test_unknown_request_is_404(app):
     assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "REQUEST_NOT_FOUND"
     r = app.http.get("/v1/requests/does-not-exist/outputs/0")
     assert r.status_code == 404
+
+
+def test_recent_requests_newest_first_in_pages(app):
+    submitted = []
+    for seed in range(3):
+        r = app.submit(small_request(seed=seed))
+        assert r.status_code == 200, r.text
+        submitted.append(r.json()["request_id"])
+    first = app.http.get("/v1/requests", params={"limit": 2}).json()
+    assert [s["request_id"] for s in first["requests"]] == submitted[::-1][:2]
+    assert first["next_before"] == submitted[1] and first["requests"][0]["status"] in ("in_queue", "in_progress")
+    for rid in submitted:
+        app.wait(rid)
+    # Every job of this (open: the one shared) owner, each once, newest first, over pages of 3.
+    seen, before = [], None
+    while True:
+        page = app.http.get("/v1/requests", params={"limit": 3, **({"before": before} if before else {})}).json()
+        seen += page["requests"]
+        if not (before := page["next_before"]):
+            break
+    ids = [s["request_id"] for s in seen]
+    assert len(ids) == len(set(ids)) == app.count_jobs() and ids[:3] == submitted[::-1]
+    assert [s["created_at"] for s in seen] == sorted((s["created_at"] for s in seen), reverse=True)
+    assert seen[0]["status"] == "succeeded" and seen[0]["progress"]["total_steps"] == 2
+    assert app.http.get("/v1/requests").json()["requests"][0]["request_id"] == submitted[-1]  # default limit
+    r = app.http.get("/v1/requests", params={"before": "no-such-job"})
+    assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "REQUEST_NOT_FOUND"
+    for bad in (0, 101, "x"):
+        r = app.http.get("/v1/requests", params={"limit": bad})
+        assert r.status_code == 422 and r.json()["detail"]["error"]["code"] == "VALIDATION_ERROR", bad
+
+
+def test_playground_page_and_files_are_served_under_the_apps_prefix(app):
+    """The page's <base> is the app's route prefix (``/`` or ``/pg``), so its relative URLs reach this app."""
+    from serve_app import playground
+
+    prefix = app.base_url.split(str(app.http.base_url.port), 1)[1]  # "" or "/pg"
+    for path in ("", "/"):
+        r = httpx.get(app.base_url + path, follow_redirects=True)  # Serve redirects /pg to /pg/
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (path, r.text)
+        assert f'<base href="{prefix}/">' in r.text and "{{" not in r.text
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+    for name, media_type in playground.ASSETS.items():
+        r = app.http.get(f"/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(media_type)
+        assert r.content == (playground.STATIC_DIR / name).read_bytes()
+    assert app.http.get("/static/playground.html").status_code == 404  # the template is not a file to fetch
+    assert app.http.get("/docs").status_code == 200
+    assert "/" not in app.http.get("/openapi.json").json()["paths"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,26 +6,13 @@ cluster in this process.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCENARIO = Path(__file__).with_name("autoscale_scenario.py")
+from tests.scenarios import run_scenario
 
 
 def test_scale_out_across_nodes_sticky_loras_and_scale_in(model_cache, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
-    proc = subprocess.run(
-        [sys.executable, str(SCENARIO), "--model-cache", str(model_cache), "--workdir", str(tmp_path),
-         "--workers", "3", "--jobs", "10", "--steps", "12", "--downscale-delay-s", "8"],
-        cwd=SCENARIO.parents[1], env=env, capture_output=True, text=True, timeout=300,
-    )
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"no verdict; rc={proc.returncode}\n{proc.stderr[-4000:]}"
-    v = json.loads(lines[-1])
-    context = f"{json.dumps(v, indent=1)}\n{proc.stderr[-3000:]}"
+    v, context, returncode = run_scenario(
+        "autoscale_scenario.py", ["--model-cache", str(model_cache), "--workdir", str(tmp_path), "--workers", "3",
+                                  "--jobs", "10", "--steps", "12", "--downscale-delay-s", "8"], timeout=300)
     assert "error" not in v, context
     assert (v["nodes"], v["gpu_nodes"], v["replicas_at_start"]) == (4, 3, 1), context
 
@@ -46,4 +33,4 @@ def test_scale_out_across_nodes_sticky_loras_and_scale_in(model_cache, tmp_path)
     drain = v["drain"]  # the last replica's node drained mid-job: moved, and the job finished there
     assert drain["moved"] and drain["next_job"] == "succeeded", context
     assert drain["job"] == "succeeded" and drain["attempts"] == 1 and drain["job_made_by_old_replica"], context
-    assert v["ok"] and proc.returncode == 0, context
+    assert v["ok"] and returncode == 0, context

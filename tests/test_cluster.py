@@ -4,30 +4,17 @@ through either replica. The scenario builds its own multi-node Ray cluster, so i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCENARIO = Path(__file__).with_name("cluster_scenario.py")
+from tests.scenarios import run_scenario
 
 
 def test_fifty_jobs_exactly_once_across_nodes_that_share_no_disk(pg_server, s3_server, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
-    proc = subprocess.run(
-        [sys.executable, str(SCENARIO), "--pg-url", pg_server.create_db(), "--s3-endpoint", s3_server.endpoint,
-         "--bucket", s3_server.bucket, "--workdir", str(tmp_path), "--jobs", "50"],
-        cwd=SCENARIO.parents[1], env=env, capture_output=True, text=True, timeout=600,
-    )
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"no verdict; rc={proc.returncode}\n{proc.stderr[-4000:]}"
-    v = json.loads(lines[-1])
-    context = f"{json.dumps(v, indent=1)}\n{proc.stderr[-3000:]}"
+    v, context, returncode = run_scenario(
+        "cluster_scenario.py", ["--pg-url", pg_server.create_db(), "--s3-endpoint", s3_server.endpoint,
+                                "--bucket", s3_server.bucket, "--workdir", str(tmp_path), "--jobs", "50"], timeout=600)
     assert "error" not in v, context
     assert (v["nodes"], v["ingress_nodes"], v["gpu_nodes"]) == (5, 2, 2), context
     assert v["submitted"] == 50 and v["statuses"] == {"succeeded": 50, "failed": 0, "canceled": 0}, context
     assert v["db_rows"] == 50 and v["one_row_per_job"] and v["made_once"], context
     assert v["downloaded_via_both"] == 50 and v["download_mismatches"] == 0, context
     assert v["state_files_on_nodes"] == [] and v["gpu_nodes_built_their_own_checkpoint"], context
-    assert v["ok"] and proc.returncode == 0, context
+    assert v["ok"] and returncode == 0, context

@@ -83,3 +83,48 @@ def test_secrets_file_is_never_committed():
     ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/secrets.env"], cwd=ROOT)
     assert ignored.returncode == 0, "deploy/secrets.env must be git-ignored"
     assert (ROOT / "deploy" / "secrets.env.example").is_file()
+
+
+def _scraped_names(kind: str, name: str) -> set[str]:
+    """The names Ray's Prometheus endpoint shows for a metric (``ray_`` prefix, OpenMetrics suffixes);
+    a histogram may also be named by its base name, as the guide's table does."""
+    name = "ray_" + name
+    if kind == "Counter":
+        return {name if name.endswith("_total") else name + "_total"}
+    if kind == "Histogram":
+        return {name} | {name + suffix for suffix in ("_bucket", "_count", "_sum")}
+    return {name}
+
+
+def _known_metric_names() -> set[str]:
+    """Every name ours (built here, without Ray) and Ray Serve's (from its source) are scraped as."""
+    import ray
+    from ray.util import metrics
+
+    from deployments.metrics import LoraCacheMetrics, ReplicaMetrics
+    from serve_app.metrics import JobMetrics
+
+    names = set()
+    for holder in (JobMetrics(), ReplicaMetrics(), LoraCacheMetrics("digest")):
+        for value in vars(holder).values():
+            for metric in value.values() if isinstance(value, dict) else [value]:
+                if isinstance(metric, metrics.Metric):
+                    kind = next(k for k in ("Counter", "Histogram", "Gauge") if isinstance(metric, getattr(metrics, k)))
+                    names |= _scraped_names(kind, metric.info["name"])
+    for path in (Path(ray.__file__).parent / "serve").rglob("*.py"):
+        for kind, name in re.findall(r'\b(Counter|Gauge|Histogram)\(\s*(?:name=)?"(serve_[a-z_]+)"', path.read_text()):
+            names |= _scraped_names(kind, name)
+    return names
+
+
+def test_dashboard_and_operations_guide_query_metrics_that_exist():
+    import json
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "wan-i2v.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    variables = [v for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    exprs += [v["definition"] for v in variables] + [v["query"]["query"] for v in variables]
+    assert len(exprs) >= 10 and all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    used = set(re.findall(r"\bray_(?:wan|serve)_[a-z_]+\b", " ".join(exprs) + guide))
+    assert used and not used - _known_metric_names()

@@ -18,18 +18,16 @@ BOUND = MAX_OVERTAKES + MAX_IN_FLIGHT - 1
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def order_app(request, serve_env, loaded_model):
+def order_app(request, serve_env, tiny_shapes):
     """One GPU replica, a small in-flight window, and two LoRA files in the LoRA root."""
     from ray import serve
 
-    from deployments.lora_files import linear_shapes
     from tests.lora_factory import make_lora
 
-    shapes = linear_shapes(loaded_model.pipe.transformer)
     for name, seed in (("order_x", 51), ("order_y", 52)):
         path = serve_env.lora_root / f"{name}.safetensors"
         if not path.exists():
-            make_lora(path, "ai-toolkit", shapes, seed=seed)
+            make_lora(path, "ai-toolkit", tiny_shapes, seed=seed)
     name = f"order-{request.param}"
     args = serve_env.args_for(name, request.param, jobs={"max_in_flight": MAX_IN_FLIGHT,
                                                          "max_overtakes": MAX_OVERTAKES})
@@ -49,7 +47,15 @@ def test_jobs_without_loras_start_oldest_first(order_app):
     ids = [order_app.submit(small_request(seed=60 + i)).json()["request_id"] for i in range(6)]
     for rid in [blocker, *ids]:
         assert order_app.wait(rid, timeout=120)["status"] == "succeeded"
-    assert _start_order(order_app, [blocker, *ids]) == [blocker, *ids]
+    order = _start_order(order_app, [blocker, *ids])
+    assert order[0] == blocker, order
+    # Serve may route a turned-away request again behind younger ones, LoRA or not: only the bound holds.
+    assert max(_overtaken(order, [blocker, *ids]).values()) <= BOUND, order
+
+
+def _overtaken(order: list[str], ids: list[str]) -> dict[str, int]:
+    """For each job, how many younger jobs (later in ``ids``) started before it."""
+    return {rid: sum(order.index(y) < order.index(rid) for y in ids[ids.index(rid) + 1:]) for rid in ids}
 
 
 def test_lora_affinity_overtakes_an_older_job_at_most_the_documented_bound(order_app):
@@ -65,5 +71,5 @@ def test_lora_affinity_overtakes_an_older_job_at_most_the_documented_bound(order
     assert order[0] == blocker, order
     # No job, the older one with the other LoRA set or a younger one with the resident set (Serve's
     # retries can reorder those too), was overtaken by more younger jobs than the bound.
-    overtaken = {rid: sum(order.index(y) < order.index(rid) for y in ids[ids.index(rid) + 1:]) for rid in ids}
+    overtaken = _overtaken(order, ids)
     assert max(overtaken.values()) <= BOUND, overtaken

@@ -27,6 +27,8 @@ from deployments.fetch import (
     fetch_to_file,
     is_hub_url,
     normalize_lora_url,
+    post,
+    vet_url,
 )
 from tests.http_server import LocalServer, local_server, loopback_only  # noqa: F401  (fixtures)
 
@@ -351,6 +353,66 @@ def test_pinned_request_shape():
     assert str(req.url) == "https://1.2.3.4/o/r"
     assert req.headers["host"] == "huggingface.co" and req.headers["x-a"] == "1"
     assert req.extensions["sni_hostname"] == "huggingface.co"
+
+
+# -- post (webhook deliveries) ---------------------------------------------------------------------
+
+
+def test_post_sends_the_body_to_the_vetted_address_and_answers_the_status(local_server, loopback_only):  # noqa: F811
+    url = local_server.add("/hook", b"ignored", status=202)
+    assert post(url, LOCAL, b'{"a":1}', {"X-Sig": "s"}, timeout_s=2) == 202
+    (seen,) = local_server.requests
+    assert (seen["method"], seen["body"], seen["x-sig"]) == ("POST", b'{"a":1}', "s")
+    local_server.add("/down", status=500)
+    assert post(local_server.url("/down"), LOCAL, b"{}", timeout_s=2) == 500  # an answer, not an error
+
+
+def test_post_follows_no_redirect(local_server):  # noqa: F811
+    local_server.add("/target", b"ok")
+    url = local_server.redirect("/moved", local_server.url("/target"), 307)
+    assert post(url, LOCAL, b"{}", timeout_s=2) == 307
+    assert local_server.count("/target") == 0
+
+
+def test_post_checks_the_address_on_every_call(local_server, loopback_only, monkeypatch):  # noqa: F811
+    """Each delivery resolves again and refuses a name that now points somewhere private."""
+    local_server.add("/hook")
+    answers = iter([["127.0.0.1"], ["10.0.0.7"]])
+    guarded_dns = socket.getaddrinfo
+
+    def rebinding_dns(host, port, *a, **k):
+        if host != "hook.test":
+            return guarded_dns(host, port, *a, **k)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in next(answers)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    cfg = LOCAL.model_copy(update={"allowed_hosts": ["127.0.0.1/32"]})  # the address is exempt, not the name
+    url = local_server.url("/hook", host="hook.test")
+    assert post(url, cfg, b"{}", timeout_s=2) == 200
+    with pytest.raises(UrlNotAllowed) as e:
+        post(url, cfg, b"{}", timeout_s=2)
+    assert _reason(e) == "address" and local_server.count("/hook") == 1
+    for refused in ("http://10.0.0.1/hook", "http://169.254.169.254/", "http://localhost:1/", "ftp://127.0.0.1/"):
+        with pytest.raises(UrlNotAllowed):
+            post(refused, LOCAL, b"{}", timeout_s=2)
+
+
+def test_post_timeout(local_server):  # noqa: F811
+    url = local_server.add("/slow", delay_s=1.0)
+    with pytest.raises(FetchTimeout) as e:
+        post(url, LOCAL, b"{}", timeout_s=0.2)
+    assert _reason(e) == "timeout"
+
+
+def test_vet_url_resolves_and_refuses_private_names(loopback_only):  # noqa: F811
+    loopback_only["internal.test"] = ["10.0.0.5"]
+    loopback_only["public.test"] = ["93.184.216.34"]
+    with pytest.raises(UrlNotAllowed):
+        vet_url("https://internal.test/hook", DEFAULT)
+    vet_url("https://public.test/hook", DEFAULT)  # nothing is sent
+    with pytest.raises(FetchFailed) as e:
+        vet_url("https://nowhere.test/hook", DEFAULT)
+    assert _reason(e) == "dns"
 
 
 # -- Hugging Face references -----------------------------------------------------------------------

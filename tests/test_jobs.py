@@ -107,14 +107,56 @@ def test_cancel_ends_an_unleased_job_at_once_and_flags_a_running_one(store):
     store.release(queued.id, "h")
     assert store.claim_next("h", 30).id == queued.id
     store.release(queued.id, "h")
-    assert store.request_cancel(queued.id).status == "canceled"
+    canceled, now = store.request_cancel(queued.id)
+    assert canceled.status == "canceled" and now is True
+    assert store.request_cancel(queued.id) == (store.get(queued.id), False)  # final already: nothing changed
     assert store.claim_next("h", 30).id == running.id
     assert store.renew(running.id, "h", 30).cancel_requested is False
-    after = store.request_cancel(running.id)
-    assert after.status == "in_queue" and after.cancel_requested
+    after, now = store.request_cancel(running.id)
+    assert after.status == "in_queue" and after.cancel_requested and now is False  # its runner ends it
     assert store.renew(running.id, "h", 30).cancel_requested is True
     assert store.set_progress(running.id, "h", {"stage": "denoising"}) is False
-    assert store.request_cancel("nope") is None
+    assert store.request_cancel("nope") == (None, False)
+
+
+def test_concurrent_cancels_of_a_queued_job_report_one_cancel(store_url):
+    # The ingress counts a cancel that ended the job itself: two replicas canceling at once count one.
+    stores = [open_job_store(store_url) for _ in range(2)]
+    try:
+        jobs = [new(stores[0]) for _ in range(4)]
+        barrier = threading.Barrier(8)
+
+        def cancel(i):
+            barrier.wait()
+            return stores[i % 2].request_cancel(jobs[i // 2].id)[1]
+
+        with ThreadPoolExecutor(8) as pool:
+            canceled_now = list(pool.map(cancel, range(8)))
+        assert [canceled_now[2 * j] + canceled_now[2 * j + 1] for j in range(4)] == [1, 1, 1, 1]
+        assert all(stores[1].get(job.id).status == "canceled" for job in jobs)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_active_counts_tell_waiting_dispatched_and_running_jobs_apart(store):
+    assert store.active_counts() == {"waiting": 0, "dispatched": 0, "running": 0}
+    dispatched, running, expired, done, queued = (new(store) for _ in range(5))  # claimed oldest first
+    assert store.claim_next("h", 30).id == dispatched.id  # held by a runner, not started on a replica
+    assert store.claim_next("h", 30).id == running.id
+    assert store.set_progress(running.id, "h", {"stage": "denoising"})
+    assert store.claim_next("dead", 0.3).id == expired.id  # started, then its runner died
+    assert store.set_progress(expired.id, "dead", {"stage": "denoising"})
+    assert store.claim_next("h", 30).id == done.id
+    assert store.finish(done.id, "succeeded", holder="h")  # final: not active
+    assert store.active_counts()["dispatched"] == 1
+    deadline = time.time() + 10
+    # `queued` was never claimed; `expired` waits for a runner again once its lease runs out.
+    while (counts := store.active_counts()) != {"waiting": 2, "dispatched": 1, "running": 1}:
+        assert time.time() < deadline, counts
+        time.sleep(0.05)
+    store.request_cancel(queued.id)
+    assert store.active_counts() == {"waiting": 1, "dispatched": 1, "running": 1}
 
 
 def test_idempotency_key_yields_one_job_when_submits_race_across_replicas(store_url):
@@ -166,6 +208,164 @@ def test_retention_lists_only_final_jobs_finished_before_the_cutoff(store):
     assert store.get(old.id) is None and store.get(active.id) is not None
 
 
+# -- webhook deliveries ------------------------------------------------------------------------
+
+HOOK = "https://hooks.example/wan"
+
+
+def _wait_claim(store, holder: str, lease_s: float = 30, timeout: float = 10):
+    deadline = time.time() + timeout
+    while (job := store.claim_webhook(holder, lease_s)) is None:
+        assert time.time() < deadline, "the delivery never became due"
+        time.sleep(0.05)
+    return job
+
+
+def test_webhook_is_due_once_the_job_is_final_and_leased_to_one_holder(store):
+    job = new(store, webhook_url=HOOK)
+    plain = new(store)
+    assert (job.webhook_url, job.webhook_state, job.webhook_attempts) == (HOOK, "pending", [])
+    assert plain.webhook_state is None
+    assert store.claim_webhook("a", 30) is None  # not final yet: nothing to deliver
+    assert store.claim_next("r", 30).id == job.id
+    assert store.finish(job.id, "succeeded", holder="r") and store.finish(plain.id, "failed")
+    claimed = store.claim_webhook("a", 30)
+    assert claimed.id == job.id and claimed.status == "succeeded" and claimed.webhook_url == HOOK
+    assert store.claim_webhook("b", 30) is None  # leased; the job without a webhook is never due
+    assert store.record_webhook_attempt(job.id, "b", {"at": "t0", "error": "x"}, "failed") is False
+    assert store.record_webhook_attempt(job.id, "a", {"at": "t1", "status_code": 500}, "pending", 0.3)
+    assert store.claim_webhook("b", 30) is None  # the next attempt is not due yet
+    again = _wait_claim(store, "b")
+    assert again.id == job.id and again.webhook_attempts == [{"at": "t1", "status_code": 500}]
+    assert store.record_webhook_attempt(job.id, "a", {"at": "t2"}, "delivered") is False  # no longer a's
+    assert store.record_webhook_attempt(job.id, "b", {"at": "t2", "status_code": 204}, "delivered")
+    done = store.get(job.id)
+    assert done.webhook_state == "delivered" and [a["at"] for a in done.webhook_attempts] == ["t1", "t2"]
+    assert store.claim_webhook("c", 30) is None  # delivered: never again
+    assert store.record_webhook_attempt(job.id, "b", {"at": "t3"}, "failed") is False
+
+
+def test_an_expired_delivery_lease_is_taken_over(store):
+    job = new(store, webhook_url=HOOK)
+    store.request_cancel(job.id)  # a queued job canceled at once is final: its webhook is due
+    assert store.claim_webhook("dead", 0.3).id == job.id
+    taken = _wait_claim(store, "alive")
+    assert taken.id == job.id and taken.status == "canceled"
+    assert store.record_webhook_attempt(job.id, "dead", {"at": "late"}, "delivered") is False
+    assert store.record_webhook_attempt(job.id, "alive", {"at": "t", "status_code": 200}, "delivered")
+
+
+def test_concurrent_senders_never_claim_the_same_delivery(store_url):
+    stores = [open_job_store(store_url) for _ in range(3)]
+    try:
+        ids = []
+        for _ in range(12):
+            job = new(stores[0], webhook_url=HOOK)
+            stores[0].request_cancel(job.id)
+            ids.append(job.id)
+        barrier = threading.Barrier(6)
+
+        def claim_all(i):
+            barrier.wait()
+            got = []
+            while (job := stores[i % 3].claim_webhook(f"s{i}", 30)) is not None:
+                got.append(job.id)
+            return got
+
+        with ThreadPoolExecutor(6) as pool:
+            claimed = [jid for got in pool.map(claim_all, range(6)) for jid in got]
+        assert sorted(claimed) == sorted(ids) and len(claimed) == len(set(claimed))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_retention_keeps_a_job_whose_webhook_is_pending(store):
+    pending, delivered = new(store, webhook_url=HOOK), new(store, webhook_url=HOOK)
+    for job in (pending, delivered):
+        store.request_cancel(job.id)
+    job = store.claim_webhook("s", 30)
+    while job.id != delivered.id:  # deliver only the second one
+        store.record_webhook_attempt(job.id, "s", {"at": "t", "status_code": 500}, "pending", 3600)
+        job = store.claim_webhook("s", 30)
+    store.record_webhook_attempt(delivered.id, "s", {"at": "t", "status_code": 200}, "delivered")
+    assert store.finished_before(time.time() + 3600) == [delivered.id]
+
+
+def test_the_server_secret_is_made_once_and_shared(store_url):
+    first, second = open_job_store(store_url), open_job_store(store_url)
+    try:
+        secret = first.server_secret("webhook_signing_secret")
+        assert len(secret) == 64 and int(secret, 16) >= 0
+        assert second.server_secret("webhook_signing_secret") == secret
+        assert first.server_secret("another") != secret
+    finally:
+        first.close()
+        second.close()
+
+
+def execute(store_url: str, sql: str, params: tuple = ()) -> None:
+    """One statement straight on the database (``?`` placeholders), outside the store."""
+    if store_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), params)
+    else:
+        db = sqlite3.connect(store_url)
+        db.execute(sql, params)
+        db.commit()
+        db.close()
+
+
+def test_recent_lists_an_owners_jobs_newest_first_in_pages_that_miss_none(store, store_url):
+    mine = [new(store, owner="me").id for _ in range(7)]
+    theirs = new(store, owner="them").id
+    # Three of mine share one created_at: the id orders them, and no page boundary loses or repeats one.
+    execute(store_url, "UPDATE jobs SET created_at=(SELECT created_at FROM jobs WHERE id=?) WHERE id IN (?,?)",
+            (mine[2], mine[3], mine[4]))
+    tied = sorted(mine[2:5], reverse=True)
+    expected = [mine[6], mine[5], *tied, mine[1], mine[0]]
+    assert [j.id for j in store.recent("me", 100)] == expected
+    assert [j.id for j in store.recent("them", 100)] == [theirs] and store.recent("nobody", 100) == []
+    for size in (1, 2, 3):
+        seen, cursor = [], None
+        while page := store.recent("me", size, cursor):
+            assert len(page) <= size
+            seen += [j.id for j in page]
+            cursor = (page[-1].created_at, page[-1].id)
+        assert seen == expected, size
+    job = store.recent("me", 1)[0]
+    assert job.specs_json is None and job.status == "in_queue"  # a listing never reads the specs
+
+
+def test_recent_is_served_by_the_owner_index_after_migrating_an_older_database(store_url):
+    """A database of the previous schema version gains the (owner, created_at) index on the next start."""
+    old = open_job_store(store_url)
+    job = new(old, owner="me")
+    version = old.schema_version
+    old.close()
+    execute(store_url, "DROP INDEX jobs_owner_recent")
+    execute(store_url, "UPDATE schema_version SET version = ?", (version - 1,))
+    store = open_job_store(store_url)
+    try:
+        assert store.schema_version == version and [j.id for j in store.recent("me", 5)] == [job.id]
+        query = "SELECT id FROM jobs WHERE owner='me' ORDER BY created_at DESC, id DESC LIMIT 5"
+        if store_url.startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(store_url) as conn:
+                conn.execute("SET enable_seqscan = off")  # a tiny table: make the planner show its best index
+                plan = " ".join(r[0] for r in conn.execute(f"EXPLAIN {query}").fetchall())
+        else:
+            db = sqlite3.connect(store_url)
+            plan = " ".join(r[-1] for r in db.execute(f"EXPLAIN QUERY PLAN {query}").fetchall())
+            db.close()
+        assert "jobs_owner_recent" in plan and "TEMP B-TREE" not in plan.upper(), plan
+    finally:
+        store.close()
+
+
 # -- schema ------------------------------------------------------------------------------------
 
 FIRST_RELEASE_SCHEMA = """
@@ -199,6 +399,69 @@ def test_sqlite_database_of_the_first_release_is_migrated_and_its_jobs_still_run
     assert job.id == "old-job" and item.image_key is None and item.spec.image_png == spec.image_png
     reopened = open_job_store(str(path))  # idempotent: a second start migrates nothing
     assert reopened.get("old-job").lease_owner == "h"
+
+
+def _database_of_the_previous_release(url: str):
+    """A database of the release before webhooks, with a finished and a queued job."""
+    import json
+
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        from serve_app.jobs.postgres import MIGRATIONS
+
+        version = 1  # the release before webhooks
+        with psycopg.connect(url, autocommit=True) as conn:
+            for script in MIGRATIONS[:version]:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+            conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (%s)", (version,))
+            for job_id, status, finished in (("done", "succeeded", time.time()), ("queued", "in_queue", None)):
+                conn.execute("INSERT INTO jobs (id, status, model, specs, num_prompts, created_at, finished_at) "
+                             "VALUES (%s,%s,'m',%s,1,%s,%s)",
+                             (job_id, status, json.dumps([s.to_json() for s in specs()]), time.time(), finished))
+        return version
+    from serve_app.jobs.sqlite import MIGRATIONS
+
+    version = 2  # the release before webhooks
+    db = sqlite3.connect(url)
+    for script in MIGRATIONS[:version]:
+        db.executescript(script)
+    db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    for job_id, status, finished in (("done", "succeeded", time.time()), ("queued", "in_queue", None)):
+        db.execute("INSERT INTO jobs (id, status, model, specs, num_prompts, created_at, finished_at) "
+                   "VALUES (?,?,'m',?,1,?,?)",
+                   (job_id, status, json.dumps([s.to_json() for s in specs()]), time.time(), finished))
+    db.commit()
+    db.close()
+    return version
+
+
+def test_a_database_of_the_previous_release_gains_webhooks_and_keeps_its_jobs(store_url):
+    """SQLite 2 -> 3, PostgreSQL 1 -> 2 (and on, to the current version): the webhook columns and the
+    settings table are added."""
+    old = _database_of_the_previous_release(store_url)
+    store = open_job_store(store_url)
+    current = store.schema_version
+    try:
+        assert current > old
+        done = store.get("done")
+        assert done.status == "succeeded" and (done.webhook_url, done.webhook_state, done.webhook_attempts) == (
+            None, None, [])
+        assert store.claim_webhook("s", 30) is None  # old jobs have nothing to deliver
+        assert store.claim_next("r", 30).id == "queued"  # and the queued one still runs
+        assert store.finish("queued", "succeeded", holder="r")
+        hooked = new(store, webhook_url=HOOK)
+        store.request_cancel(hooked.id)
+        assert store.claim_webhook("s", 30).id == hooked.id
+        assert store.server_secret("webhook_signing_secret")
+        assert sorted(store.finished_before(time.time() + 60)) == ["done", "queued"]
+    finally:
+        store.close()
+    reopened = open_job_store(store_url)  # a second start migrates nothing
+    assert reopened.schema_version == current and reopened.get(hooked.id).webhook_state == "pending"
+    reopened.close()
 
 
 def test_a_database_from_a_newer_release_is_refused(store_url):

@@ -24,10 +24,10 @@ from deployments import models
 from deployments import pipeline as pipeline_mod
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
 from deployments.lora_files import detect_format, load_state_dict, read_header
-from deployments.pipeline import MAX_SEQUENCE_LENGTH, WanGenerator
+from deployments.pipeline import WanGenerator
 from deployments.spec import LoraRef, adapter_name
 
-from .conftest import load_tiny, tiny_spec
+from .conftest import load_tiny, stock_frames, tiny_spec
 from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)
     FORMATS,
     LAYOUTS,
@@ -158,26 +158,6 @@ def pristine(pristine_source):
     return lambda: copy.deepcopy(pristine_source)
 
 
-def reference_frames(pipe, spec) -> np.ndarray:
-    """Float frames of the reference server's call on a stock pipeline (the arguments the product passes)."""
-    from PIL import Image
-
-    out = pipe(
-        image=Image.open(io.BytesIO(spec.image_png)).convert("RGB"),
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        height=spec.height,
-        width=spec.width,
-        num_frames=spec.num_frames,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        generator=torch.Generator(device="cpu").manual_seed(spec.seed),
-        output_type="np",
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-    )
-    return out.frames[0]
-
-
 def product_frames(gen, spec) -> np.ndarray:
     """Float frames of ``gen.generate(spec)``, taken just before they are rounded to uint8."""
     seen = []
@@ -209,7 +189,7 @@ def test_layout_video_equals_stock_diffusers(gen, pristine, base_float_frames, s
     spec = _spec_with(small_spec, ("style", multiplier))
 
     ours = product_frames(gen, spec)
-    expected = reference_frames(stock_with(pristine, lora.path, multiplier), spec)
+    expected = stock_frames(stock_with(pristine, lora.path, multiplier), spec)
 
     assert np.array_equal(ours, expected), float(np.abs(ours - expected).max())
     assert np.abs(ours - base_float_frames).max() > 1e-3
@@ -293,7 +273,7 @@ def test_layouts_stock_cannot_use_are_refused_naming_the_keys(
 ):
     path, (detail, named) = _refused_by_stock_too(tmp_path, shapes)[case]
     with pytest.raises(Exception):  # stock fails too: on load, or on the first forward
-        reference_frames(stock_with(pristine, path, 1.0), small_spec(steps=1))
+        stock_frames(stock_with(pristine, path, 1.0), small_spec(steps=1))
 
     loads = gen.adapter_loads
     with pytest.raises(LoraIncompatible) as err:

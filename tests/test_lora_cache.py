@@ -5,6 +5,7 @@ one fetch for concurrent requests (in-process and through the per-node Ray actor
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -399,21 +400,29 @@ def test_lru_eviction_under_quota(dirs, local_server):  # noqa: F811
     root, cache, _ = dirs
     bodies = {name: lora_bytes(seed=i) for i, name in enumerate("abc")}
     size = len(bodies["a"])
+    reported = collections.Counter()  # what the actor exports as metrics (LoraCacheMetrics.count)
     store = LoraStore(
-        LoraCacheConfig(root=str(root), cache_dir=str(cache), disk_quota_bytes=int(size * 2.5)), FETCH
+        LoraCacheConfig(root=str(root), cache_dir=str(cache), disk_quota_bytes=int(size * 2.5)), FETCH,
+        on_count=lambda name, amount: reported.update({name: amount}),
     )
     urls = {name: local_server.add(f"/{name}.safetensors", body) for name, body in bodies.items()}
+    # Recency is a file's access time, set here explicitly (a an hour ago, b a minute later): file
+    # times tick coarsely (milliseconds), so back-to-back resolves could share one.
+    hour_ago = time.time() - 3600
     pa = store.resolve(urls["a"])
-    time.sleep(0.02)
+    os.utime(pa, (hour_ago, hour_ago))
     pb = store.resolve(urls["b"])
-    time.sleep(0.02)
-    store.resolve(urls["a"])  # a is now more recent than b
-    time.sleep(0.02)
+    os.utime(pb, (hour_ago + 60, hour_ago + 60))
+    store.resolve(urls["a"])  # a cache hit makes a the most recent again: b is now the oldest
     pc = store.resolve(urls["c"])
     assert os.path.exists(pa) and os.path.exists(pc) and not os.path.exists(pb)
     assert store.stats()["evictions"] == 1
     store.resolve(urls["b"])  # fetched again after eviction
     assert local_server.count("/b.safetensors") == 2
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == sorted([os.path.basename(pc), os.path.basename(pb)])
+    downloads = sum(local_server.count(f"/{name}.safetensors") for name in "abc")
+    assert dict(reported) == {"misses": downloads, "fetches": downloads, "fetched_bytes": downloads * size,
+                              "hits": 1, "evictions": 2} == {k: v for k, v in store.stats().items() if v}
 
 
 def test_file_larger_than_quota_is_kept(dirs, local_server):  # noqa: F811

@@ -20,7 +20,7 @@ from deployments.errors import Canceled
 from deployments.pipeline import frames_to_uint8, make_scheduler
 from deployments.spec import GenerationSpec
 
-from .conftest import make_image
+from .conftest import make_image, stock_frames
 
 STEPS = 3
 SHAPE = (5, 48, 64, 3)
@@ -57,20 +57,7 @@ def reference_call(pipe, spec: GenerationSpec) -> np.ndarray:
         pipe.scheduler = pipe.checkpoint_scheduler
     image = make_image(spec.width, spec.height).convert("RGB")  # the picture behind spec.image_png
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(spec.image_png)).convert("RGB")))
-    out = pipe(
-        image=image,
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        height=spec.height,
-        width=spec.width,
-        num_frames=spec.num_frames,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(spec.seed),
-        output_type="np",
-        max_sequence_length=512,
-    )
-    return frames_to_uint8(out.frames[0])
+    return frames_to_uint8(stock_frames(pipe, spec, image))
 
 
 @contextmanager

@@ -33,13 +33,12 @@ def papp(serve_env):
 
 
 @pytest.fixture(scope="module")
-def lora(serve_env, loaded_model):
+def lora(serve_env, tiny_shapes):
     """A LightX2V-style LoRA: block layers with bias deltas and the output head (``proj_out``)."""
-    from deployments.lora_files import linear_shapes
     from tests.lora_factory import make_lora
 
     path = serve_env.lora_root / "parallel-lightx2v.safetensors"
-    made = make_lora(path, "lightx2v", linear_shapes(loaded_model.pipe.transformer), seed=5)
+    made = make_lora(path, "lightx2v", tiny_shapes, seed=5)
     return {path.name: made.path}
 
 

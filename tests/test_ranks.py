@@ -34,12 +34,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lora_file(tmp_path_factory, loaded_model):
-    from deployments.lora_files import linear_shapes
+def lora_file(tmp_path_factory, tiny_shapes):
     from tests.lora_factory import make_lora
 
     path = tmp_path_factory.mktemp("rank-lora") / "lightx2v.safetensors"
-    return make_lora(path, "lightx2v", linear_shapes(loaded_model.pipe.transformer), seed=9).path
+    return make_lora(path, "lightx2v", tiny_shapes, seed=9).path
 
 
 @pytest.fixture(scope="module")

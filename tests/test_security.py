@@ -148,15 +148,21 @@ def write_lora(path, *, bad_in: int = 0):
 
 PROTECTED = [
     ("GET", "/v1/models"),
+    ("GET", "/v1/requests"),
     ("POST", "/v1/inference"),
     ("GET", "/v1/requests/x/status"),
     ("GET", "/v1/requests/x/result"),
     ("GET", "/v1/requests/x/outputs/0"),
     ("POST", "/v1/requests/x/cancel"),
+    ("GET", "/v1/webhook-secret"),
     ("GET", "/docs"),
     ("GET", "/openapi.json"),
     ("GET", "/no/such/route"),
     ("GET", "/healthz"),
+    ("GET", "/static/nope.js"),  # only the playground's own files are open, by exact path
+    ("GET", "/static/playground.html"),
+    ("GET", "/static/"),
+    ("GET", "/index.html"),
 ]
 
 BAD_AUTH = [
@@ -194,6 +200,32 @@ def test_every_route_but_health_needs_a_key(secure):
     assert secure.http.get("/docs", headers=auth(KEYS[0])).status_code == 200
     assert secure.http.get("/openapi.json", headers=auth(KEYS[0])).status_code == 200
     assert secure.http.get("/no/such/route", headers=auth(KEYS[0])).status_code == 404
+
+
+def test_the_playground_loads_without_a_key_and_serves_no_data(secure):
+    """Its page and files are open paths: a browser needs them before it has a key; they are constant."""
+    from serve_app import playground
+
+    page = secure.http.get("/")
+    assert page.status_code == 200 and page.text == playground.page("/secure")
+    for name in playground.ASSETS:
+        r = secure.http.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content == (playground.STATIC_DIR / name).read_bytes()
+    assert secure.http.post("/", json=small_request()).status_code == 401  # only GET is a page
+    assert secure.http.get("/", params={"x": "1"}).text == page.text
+
+
+def test_recent_requests_list_only_the_callers_jobs(secure):
+    mine, other = auth(KEYS[0]), auth(KEYS[1])
+    rid = secure.submit(small_request(), mine).json()["request_id"]
+    secure.wait(rid, headers=mine)
+    listed = secure.http.get("/v1/requests", headers=mine).json()["requests"]
+    assert rid in [s["request_id"] for s in listed]
+    theirs = secure.http.get("/v1/requests", params={"limit": 100}, headers=other).json()["requests"]
+    assert rid not in [s["request_id"] for s in theirs]
+    # Another key's job is no cursor either: it does not exist for this key.
+    r = secure.http.get("/v1/requests", params={"before": rid}, headers=other)
+    assert r.status_code == 404 and code(r) == "REQUEST_NOT_FOUND"
 
 
 def test_auth_is_checked_before_the_body_is_read(secure):
@@ -250,11 +282,23 @@ def test_production_config_refuses_to_start_without_keys(tmp_path, monkeypatch):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     prod = yaml.safe_load((configs / "wan21-i2v-480p.yaml").read_text())["applications"][0]["args"]
-    # The production config names a key file on shared storage: absent or empty, it refuses to start.
+    # The production config reads its keys from a variable each node's environment sets: unset or
+    # empty, it refuses to start.
+    variable = prod["auth"]["api_keys_env"]
+    assert prod["auth"]["require_keys"] and variable and "api_keys_file" not in prod["auth"]
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ValidationError, match="no key|no API key"):
+        build_app(prod)
+    monkeypatch.setenv(variable, " , ")
+    with pytest.raises(ValidationError, match="no key|no API key"):
+        build_app(prod)
+    monkeypatch.setenv(variable, "k1, k2")
+    assert build_app(prod) is not None and AppConfig.model_validate(prod).auth.load_keys() == ["k1", "k2"]
+    monkeypatch.delenv(variable)
+    # A key file is still an option: absent or empty, it refuses to start too.
     def with_file(path):
         return {**prod, "auth": {**prod["auth"], "api_keys_file": str(path)}}
 
-    assert prod["auth"]["require_keys"] and prod["auth"]["api_keys_file"]
     with pytest.raises(ValidationError, match="cannot be read"):
         build_app(with_file(tmp_path / "absent"))
     (tmp_path / "blank").write_text("\n \n")
@@ -262,9 +306,6 @@ def test_production_config_refuses_to_start_without_keys(tmp_path, monkeypatch):
         build_app(with_file(tmp_path / "blank"))
     (tmp_path / "keys").write_text("k1\nk2\n")
     assert build_app(with_file(tmp_path / "keys")) is not None
-    monkeypatch.setenv("WAN_API_KEYS", "k1, k2")
-    assert AuthConfig(api_keys_env="WAN_API_KEYS").load_keys() == ["k1", "k2"]
-    monkeypatch.delenv("WAN_API_KEYS")
     public = {**prod, "auth": {**prod["auth"], "public_by_choice": True}}
     assert build_app(public) is not None
 
@@ -316,6 +357,17 @@ def test_default_fetch_rules_refuse_private_urls_at_submit(secure):
                     "https://[::1]/x.safetensors", "https://0x7f.0.0.1/x.safetensors"):
             rejected(secure, {**small_request(), "loras": [{"path": ref}]}, 400, "URL_NOT_ALLOWED", headers=key)
         assert srv.count("/img.png") == 0 and srv.count("/l.safetensors") == 0  # never connected
+        hook = srv.add("/hook")
+        for webhook_url in (hook, hook.replace("http://", "https://"), "https://169.254.169.254/hook",
+                            "https://[::1]/hook", "https://0x7f.0.0.1/hook", "https://10.1.2.3/hook"):
+            rejected(secure, {**small_request(), "webhook_url": webhook_url}, 400, "URL_NOT_ALLOWED", headers=key)
+        assert srv.count("/hook") == 0
+
+
+def test_each_key_has_its_own_webhook_secret(secure):
+    secrets = [secure.http.get("/v1/webhook-secret", headers=auth(k)).json()["secret"] for k in (*KEYS, FILE_KEY)]
+    assert len(set(secrets)) == 3 and all(s.startswith("whsec_") and len(s) == 6 + 64 for s in secrets)
+    assert secure.http.get("/v1/webhook-secret", headers=auth(KEYS[0])).json()["secret"] == secrets[0]
 
 
 def test_redirects_to_private_addresses_are_refused(app):
@@ -654,9 +706,10 @@ def test_lora_refs_that_escape_the_root_are_refused(app, serve_env, lora_dir, tm
     # submit (the GPU node's LoRA cache checks the real path again: test_lora_cache.py).
     outside = tmp_path_factory.mktemp("outside") / "real.safetensors"
     write_lora(outside)
-    (lora_dir / "escape.safetensors").symlink_to(outside)
-    (lora_dir / "dir-link").symlink_to(outside.parent, target_is_directory=True)
-    for ref in ("security/escape.safetensors", "security/dir-link/real.safetensors"):
+    tag = app.backend  # the test runs once per backend on the same LoRA root
+    (lora_dir / f"escape-{tag}.safetensors").symlink_to(outside)
+    (lora_dir / f"dir-link-{tag}").symlink_to(outside.parent, target_is_directory=True)
+    for ref in (f"security/escape-{tag}.safetensors", f"security/dir-link-{tag}/real.safetensors"):
         rejected(app, {**small_request(), "loras": [{"path": ref}]}, 400, "LORA_REF_INVALID")
     healthy(app)
 

@@ -31,17 +31,15 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def lora_files(serve_env, loaded_model) -> dict[str, Path]:
+def lora_files(serve_env, tiny_shapes) -> dict[str, Path]:
     """Valid LoRA files in the LoRA root (one to load first, one whose name triggers the load fault) and
     one that does not fit the transformer."""
     from safetensors.torch import save_file
     import torch
 
-    from deployments.lora_files import linear_shapes
     from tests.lora_factory import make_lora
 
-    shapes = linear_shapes(loaded_model.pipe.transformer)
-    files = {name: make_lora(serve_env.lora_root / name, "ai-toolkit", shapes, seed=i).path
+    files = {name: make_lora(serve_env.lora_root / name, "ai-toolkit", tiny_shapes, seed=i).path
              for i, name in enumerate((GOOD, FAULTY, "0-half-good.safetensors"))}
     bad = serve_env.lora_root / "z-half-bad.safetensors"
     save_file({"diffusion_model.blocks.39.self_attn.q.lora_A.weight": torch.zeros(4, 16),
@@ -135,14 +133,16 @@ def test_a_set_that_fails_half_way_leaves_no_adapter_resident(app, lora_files):
     after = app.replica_stats()
     assert after["adapter_loads"] == before["adapter_loads"] + 1  # the good one was loaded first
     assert good not in after["resident_adapters"]
-    assert after["resident_adapters"] == before["resident_adapters"]
+    # Making room for the set may have evicted the least recently used adapters; nothing new stays.
+    assert set(after["resident_adapters"]) <= set(before["resident_adapters"])
 
     # An adapter that a resident set owns stays when another set holding it fails.
     assert app.run(_with_loras(good))["status"] == "succeeded"
     owned = app.replica_stats()
     assert good in owned["resident_adapters"]
     assert app.run(_with_loras(good, bad))["error"]["code"] == "LORA_INCOMPATIBLE"
-    assert app.replica_stats()["resident_adapters"] == owned["resident_adapters"]
+    left = app.replica_stats()["resident_adapters"]
+    assert good in left and set(left) <= set(owned["resident_adapters"])
 
 
 # ---------------------------------------------------------------------------------------------

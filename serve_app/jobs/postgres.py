@@ -1,7 +1,8 @@
 """The cluster job store: PostgreSQL, shared by every ingress replica on every node.
 
-- Claims take the oldest claimable job with ``SELECT ... FOR UPDATE SKIP LOCKED``: concurrent
-  runners on several nodes never get the same job and never wait for each other's rows.
+- Claims take the oldest claimable job (or due webhook delivery) with ``SELECT ... FOR UPDATE SKIP
+  LOCKED``: concurrent runners on several nodes never get the same one and never wait for each
+  other's rows.
 - Every time (created, leased, started, finished) comes from the database's clock, so leases mean
   the same on every node whatever their clocks say.
 - The schema is versioned (``schema_version``) and created or migrated at start under an advisory
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import secrets
 from typing import Any
 
 import psycopg
@@ -22,11 +24,21 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import StoreUnavailable
-from .records import CANCELED, FINAL, SUMMARY_COLUMNS, Job, initial_progress, row_to_job, specs_to_json
-from .store import JobStore, Lease, QueueFull, SchemaTooNew
+from .records import (
+    CANCELED,
+    FINAL,
+    SUMMARY_COLUMNS,
+    WEBHOOK_STATES,
+    Job,
+    initial_progress,
+    row_to_job,
+    specs_to_json,
+)
+from .store import JobStore, Lease, QueueFull, migration_statements
 
 NOW = "extract(epoch from clock_timestamp())::double precision"
 ACTIVE_SQL = "status IN ('in_queue','in_progress')"
+FINAL_SQL = "status IN ('succeeded','failed','canceled')"
 # Advisory lock keys (any constant bigint): migrations, and submits (so queue limits are exact).
 LOCK_MIGRATE = 7_301_000_001
 LOCK_SUBMIT = 7_301_000_002
@@ -58,6 +70,22 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue_order ON jobs(created_at, seq) WHERE status IN ('in_queue','in_progress');
     CREATE INDEX jobs_owner_active ON jobs(owner) WHERE status IN ('in_queue','in_progress');
     CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    """,
+    """
+    ALTER TABLE jobs
+        ADD COLUMN webhook_url text,
+        ADD COLUMN webhook_state text,
+        ADD COLUMN webhook_attempts jsonb NOT NULL DEFAULT '[]',
+        ADD COLUMN webhook_next_at double precision NOT NULL DEFAULT 0,
+        ADD COLUMN webhook_lease_owner text,
+        ADD COLUMN webhook_lease_until double precision NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_webhooks_pending ON jobs(webhook_next_at) WHERE webhook_state = 'pending';
+    CREATE TABLE settings (name text PRIMARY KEY, value text NOT NULL);
+    """,
+    # Plain CREATE INDEX (CONCURRENTLY cannot run in the migration's transaction): it blocks job
+    # writes while it builds, moments on a jobs table that retention keeps small.
+    """
+    CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -122,12 +150,8 @@ class PostgresJobStore(JobStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_MIGRATE,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             current = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version").fetchone()["v"]
-            if current > SCHEMA_VERSION:
-                raise SchemaTooNew(f"job database {self.url} has schema version {current}; this release knows "
-                                   f"up to {SCHEMA_VERSION}: upgrade the application")
-            for script in MIGRATIONS[current:]:
-                for statement in filter(str.strip, script.split(";")):
-                    conn.execute(statement)
+            for statement in migration_statements(MIGRATIONS, current, self.url):
+                conn.execute(statement)
             if current < SCHEMA_VERSION:
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
@@ -141,7 +165,7 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None,
-               metadata=None):
+               metadata=None, webhook_url=None):
         with self._pool.connection() as conn, conn.transaction():
             # One submit at a time cluster-wide: the limits below are exact, and an idempotency key
             # raced from two nodes yields one row (the unique index would refuse the second anyway).
@@ -162,9 +186,10 @@ class PostgresJobStore(JobStore):
                     raise QueueFull("per-key", max_per_owner)
             row = conn.execute(
                 "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, metadata,"
-                f" created_at) VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,%s,{NOW}) RETURNING {SUMMARY_COLUMNS}",
-                (job_id, owner, idempotency_key, model, specs_to_json(specs), len(specs),
-                 Jsonb(initial_progress(specs)), Jsonb(metadata or {}))).fetchone()
+                f" created_at, webhook_url, webhook_state) VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,%s,{NOW},%s,%s)"
+                f" RETURNING {SUMMARY_COLUMNS}",
+                (job_id, owner, idempotency_key, model, specs_to_json(specs), len(specs), Jsonb(initial_progress(specs)),
+                 Jsonb(metadata or {}), webhook_url, "pending" if webhook_url else None)).fetchone()
         return row_to_job(row), True
 
     # -- reads ----------------------------------------------------------------------------------
@@ -181,10 +206,29 @@ class PostgresJobStore(JobStore):
         return row_to_job(row) if row else None
 
     @_unavailable
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        after = "AND (created_at, id) < (%s, %s) " if before is not None else ""
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s {after}ORDER BY created_at DESC, id DESC LIMIT %s",
+                (owner, *(before or ()), limit)).fetchall()
+        return [row_to_job(r) for r in rows]
+
+    @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
         if statuses is None:
             return self._one("SELECT COUNT(*) AS n FROM jobs")["n"]
         return self._one("SELECT COUNT(*) AS n FROM jobs WHERE status = ANY(%s)", (list(statuses),))["n"]
+
+    @_unavailable
+    def active_counts(self) -> dict[str, int]:
+        # One clock reading for every row (clock_timestamp() changes while a statement runs).
+        row = self._one(
+            "SELECT count(*) FILTER (WHERE lease_until < n.t) AS waiting,"
+            " count(*) FILTER (WHERE lease_until >= n.t AND status='in_queue') AS dispatched,"
+            " count(*) FILTER (WHERE lease_until >= n.t AND status='in_progress') AS running"
+            f" FROM jobs, (SELECT {NOW} AS t) AS n WHERE {ACTIVE_SQL}")
+        return {k: int(row[k]) for k in ("waiting", "dispatched", "running")}
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -255,14 +299,44 @@ class PostgresJobStore(JobStore):
         return self._one(query + " RETURNING id", params) is not None
 
     @_unavailable
-    def request_cancel(self, job_id: str) -> Job | None:
+    def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute(f"UPDATE jobs SET cancel_requested=true WHERE id=%s AND {ACTIVE_SQL}", (job_id,))
-            conn.execute(f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, "
-                         f"lease_until=0 WHERE id=%s AND status='in_queue' AND lease_until < {NOW}",
-                         (Jsonb(CANCELED), job_id))
+            cur = conn.execute(f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, "
+                               f"lease_until=0 WHERE id=%s AND status='in_queue' AND lease_until < {NOW}",
+                               (Jsonb(CANCELED), job_id))
             row = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=%s", (job_id,)).fetchone()
+        return (row_to_job(row) if row else None), cur.rowcount == 1
+
+    # -- webhook deliveries ---------------------------------------------------------------------
+
+    @_unavailable
+    def claim_webhook(self, holder: str, lease_s: float) -> Job | None:
+        with self._pool.connection() as conn, conn.transaction():
+            row = conn.execute(
+                f"UPDATE jobs SET webhook_lease_owner=%s, webhook_lease_until={NOW} + %s WHERE id = ("
+                f"  SELECT id FROM jobs WHERE webhook_state='pending' AND {FINAL_SQL}"
+                f"   AND webhook_next_at <= {NOW} AND webhook_lease_until < {NOW}"
+                "   ORDER BY finished_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+                f") RETURNING {SUMMARY_COLUMNS}", (holder, lease_s)).fetchone()
         return row_to_job(row) if row else None
+
+    @_unavailable
+    def record_webhook_attempt(self, job_id, holder, attempt, state, retry_in_s=0.0) -> bool:
+        assert state in WEBHOOK_STATES
+        row = self._one(
+            "UPDATE jobs SET webhook_attempts = webhook_attempts || jsonb_build_array(%s::jsonb), webhook_state=%s,"
+            f" webhook_next_at={NOW} + %s, webhook_lease_owner=NULL, webhook_lease_until=0"
+            " WHERE id=%s AND webhook_lease_owner=%s AND webhook_state='pending' RETURNING id",
+            (Jsonb(attempt), state, retry_in_s, job_id, holder))
+        return row is not None
+
+    @_unavailable
+    def server_secret(self, name: str) -> str:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("INSERT INTO settings (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                         (name, secrets.token_hex(32)))
+            return conn.execute("SELECT value FROM settings WHERE name=%s", (name,)).fetchone()["value"]
 
     # -- retention ------------------------------------------------------------------------------
 
@@ -270,6 +344,7 @@ class PostgresJobStore(JobStore):
     def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
         with self._pool.connection() as conn:
             rows = conn.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < %s "
+                                "AND (webhook_state IS NULL OR webhook_state <> 'pending') "
                                 "ORDER BY finished_at LIMIT %s", (cutoff, limit)).fetchall()
         return [r["id"] for r in rows]
 

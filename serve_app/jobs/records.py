@@ -7,6 +7,7 @@ A job row holds its specs as JSON *without* the control images: those live once 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,11 +16,16 @@ from deployments.spec import GenerationSpec
 ACTIVE = ("in_queue", "in_progress")
 FINAL = ("succeeded", "failed", "canceled")
 CANCELED = {"code": "CANCELED", "message": "canceled by request", "details": {}}
+_WEBHOOK_NAMESPACE = uuid.UUID("5b0c52d6-6a53-4a43-9d55-0f6f8c1a2e77")  # any fixed UUID: ids stay stable
 
-# Columns a status poll needs: everything but the specs.
+# A job's webhook delivery: pending from submit until delivered or failed (sent once the job is final).
+WEBHOOK_STATES = ("pending", "delivered", "failed")
+
+# Columns a status poll needs: everything but the specs (and the delivery's lease).
 SUMMARY_COLUMNS = (
     "id, owner, idempotency_key, status, model, num_prompts, progress, outputs, error, metadata, attempts, "
-    "cancel_requested, lease_owner, lease_until, created_at, started_at, finished_at"
+    "cancel_requested, lease_owner, lease_until, created_at, started_at, finished_at, "
+    "webhook_url, webhook_state, webhook_attempts, webhook_next_at"
 )
 
 
@@ -63,6 +69,10 @@ class Job:
     started_at: float | None
     finished_at: float | None
     specs_json: str | None = field(default=None, repr=False)  # only when read with specs=True
+    webhook_url: str | None = None
+    webhook_state: str | None = None  # one of WEBHOOK_STATES; None without a webhook
+    webhook_attempts: list[dict[str, Any]] = field(default_factory=list)
+    webhook_next_at: float = 0.0  # epoch seconds (the database's clock) before which no attempt starts
 
     @property
     def specs(self) -> list[StoredSpec]:
@@ -73,6 +83,11 @@ class Job:
     @property
     def final(self) -> bool:
         return self.status in FINAL
+
+    @property
+    def webhook_id(self) -> str:
+        """The delivery's id (a job has at most one): the same on every attempt, so receivers can dedupe."""
+        return str(uuid.uuid5(_WEBHOOK_NAMESPACE, self.id))
 
 
 def _json(value, default):
@@ -103,6 +118,10 @@ def row_to_job(row: Mapping[str, Any]) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         specs_json=row["specs"] if "specs" in keys else None,
+        webhook_url=row["webhook_url"],
+        webhook_state=row["webhook_state"],
+        webhook_attempts=_json(row["webhook_attempts"], []),
+        webhook_next_at=float(row["webhook_next_at"]),
     )
 
 

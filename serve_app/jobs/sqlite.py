@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -18,10 +19,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import StoreUnavailable
-from .records import CANCELED, FINAL, SUMMARY_COLUMNS, Job, initial_progress, row_to_job, specs_to_json
-from .store import JobStore, Lease, QueueFull, SchemaTooNew
+from .records import (
+    CANCELED,
+    FINAL,
+    SUMMARY_COLUMNS,
+    WEBHOOK_STATES,
+    Job,
+    initial_progress,
+    row_to_job,
+    specs_to_json,
+)
+from .store import JobStore, Lease, QueueFull, migration_statements
 
 _ACTIVE_SQL = "('in_queue','in_progress')"
+_FINAL_SQL = "('succeeded','failed','canceled')"
 
 # Migration n takes the schema from version n-1 to n. Version 1 is the schema of the first release
 # (which had no version table), so its statements are idempotent.
@@ -54,6 +65,19 @@ MIGRATIONS: list[str] = [
     CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
     CREATE INDEX IF NOT EXISTS jobs_queue_order ON jobs(created_at) WHERE status IN ('in_queue','in_progress');
     CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
+    ALTER TABLE jobs ADD COLUMN webhook_state TEXT;
+    ALTER TABLE jobs ADD COLUMN webhook_attempts TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN webhook_next_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN webhook_lease_owner TEXT;
+    ALTER TABLE jobs ADD COLUMN webhook_lease_until REAL NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_webhooks_pending ON jobs(webhook_next_at) WHERE webhook_state = 'pending';
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -114,12 +138,8 @@ class SqliteJobStore(JobStore):
                 current = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
             else:
                 current = 1 if "jobs" in tables else 0
-            if current > SCHEMA_VERSION:
-                raise SchemaTooNew(f"job database {self.path} has schema version {current}; this release "
-                                   f"knows up to {SCHEMA_VERSION}: upgrade the application")
-            for script in MIGRATIONS[current:]:
-                for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
+            for statement in migration_statements(MIGRATIONS, current, str(self.path)):
+                db.execute(statement)
             if current < SCHEMA_VERSION:
                 db.execute("DELETE FROM schema_version")
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -129,7 +149,7 @@ class SqliteJobStore(JobStore):
 
     @_unavailable
     def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None,
-               metadata=None):
+               metadata=None, webhook_url=None):
         now = time.time()
         with self._tx() as db:
             if idempotency_key is not None:
@@ -148,9 +168,10 @@ class SqliteJobStore(JobStore):
                     raise QueueFull("per-key", max_per_owner)
             db.execute(
                 "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, metadata,"
-                " created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " created_at, webhook_url, webhook_state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, owner, idempotency_key, "in_queue", model, specs_to_json(specs), len(specs),
-                 json.dumps(initial_progress(specs)), json.dumps(metadata or {}), now),
+                 json.dumps(initial_progress(specs)), json.dumps(metadata or {}), now, webhook_url,
+                 "pending" if webhook_url else None),
             )
             row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return row_to_job(row), True
@@ -170,11 +191,29 @@ class SqliteJobStore(JobStore):
         return row_to_job(row) if row else None
 
     @_unavailable
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        after = "AND (created_at, id) < (?, ?) " if before is not None else ""
+        rows = self._conn().execute(
+            f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? {after}ORDER BY created_at DESC, id DESC LIMIT ?",
+            (owner, *(before or ()), limit)).fetchall()
+        return [row_to_job(r) for r in rows]
+
+    @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
         if statuses is None:
             return self._conn().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         marks = ",".join("?" * len(statuses))
         return self._conn().execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+
+    @_unavailable
+    def active_counts(self) -> dict[str, int]:
+        now = time.time()
+        row = self._conn().execute(
+            "SELECT COALESCE(SUM(lease_until < ?), 0) AS waiting,"
+            " COALESCE(SUM(lease_until >= ? AND status='in_queue'), 0) AS dispatched,"
+            " COALESCE(SUM(lease_until >= ? AND status='in_progress'), 0) AS running"
+            f" FROM jobs WHERE status IN {_ACTIVE_SQL}", (now, now, now)).fetchone()
+        return {k: int(row[k]) for k in ("waiting", "dispatched", "running")}
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -266,22 +305,60 @@ class SqliteJobStore(JobStore):
             return cur.rowcount == 1
 
     @_unavailable
-    def request_cancel(self, job_id: str) -> Job | None:
+    def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
         now = time.time()
         with self._tx() as db:
             db.execute(f"UPDATE jobs SET cancel_requested=1 WHERE id=? AND status IN {_ACTIVE_SQL}", (job_id,))
-            db.execute("UPDATE jobs SET status='canceled', finished_at=?, error=?, lease_owner=NULL, lease_until=0 "
-                       "WHERE id=? AND status='in_queue' AND lease_until < ?",
-                       (now, json.dumps(CANCELED), job_id, now))
+            cur = db.execute("UPDATE jobs SET status='canceled', finished_at=?, error=?, lease_owner=NULL, "
+                             "lease_until=0 WHERE id=? AND status='in_queue' AND lease_until < ?",
+                             (now, json.dumps(CANCELED), job_id, now))
             row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return row_to_job(row) if row else None
+        return (row_to_job(row) if row else None), cur.rowcount == 1
+
+    # -- webhook deliveries ---------------------------------------------------------------------
+
+    @_unavailable
+    def claim_webhook(self, holder: str, lease_s: float) -> Job | None:
+        now = time.time()
+        with self._tx() as db:  # BEGIN IMMEDIATE: one claimer at a time
+            row = db.execute(f"SELECT id FROM jobs WHERE webhook_state='pending' AND status IN {_FINAL_SQL} "
+                             "AND webhook_next_at <= ? AND webhook_lease_until < ? ORDER BY finished_at LIMIT 1",
+                             (now, now)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET webhook_lease_owner=?, webhook_lease_until=? WHERE id=?",
+                       (holder, now + lease_s, row["id"]))
+            claimed = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return row_to_job(claimed)
+
+    @_unavailable
+    def record_webhook_attempt(self, job_id, holder, attempt, state, retry_in_s=0.0) -> bool:
+        assert state in WEBHOOK_STATES
+        with self._tx() as db:
+            row = db.execute("SELECT webhook_attempts FROM jobs WHERE id=? AND webhook_lease_owner=? AND "
+                             "webhook_state='pending'", (job_id, holder)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE jobs SET webhook_attempts=?, webhook_state=?, webhook_next_at=?, "
+                       "webhook_lease_owner=NULL, webhook_lease_until=0 WHERE id=?",
+                       (json.dumps(json.loads(row["webhook_attempts"]) + [attempt]), state,
+                        time.time() + retry_in_s, job_id))
+            return True
+
+    @_unavailable
+    def server_secret(self, name: str) -> str:
+        with self._tx() as db:
+            db.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                       (name, secrets.token_hex(32)))
+            return db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()[0]
 
     # -- retention ------------------------------------------------------------------------------
 
     @_unavailable
     def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
         rows = self._conn().execute(
-            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?",
+            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? "
+            "AND (webhook_state IS NULL OR webhook_state <> 'pending') ORDER BY finished_at LIMIT ?",
             (cutoff, limit)).fetchall()
         return [r["id"] for r in rows]
 

@@ -56,8 +56,12 @@ class JobStore(ABC):
     @abstractmethod
     def create(self, job_id: str, specs: list[StoredSpec], model: str, owner: str = "",
                idempotency_key: str | None = None, max_total: int | None = None,
-               max_per_owner: int | None = None, metadata: dict[str, Any] | None = None) -> tuple[Job, bool]:
+               max_per_owner: int | None = None, metadata: dict[str, Any] | None = None,
+               webhook_url: str | None = None) -> tuple[Job, bool]:
         """Insert a job in ``in_queue``; returns (job, created). An idempotency key repeats the first job.
+
+        With ``webhook_url`` the job's delivery is ``pending`` from now on, so it is due the moment the
+        job becomes final, whichever process makes it final and whatever happens to that process.
 
         Raises:
             QueueFull: too many active jobs overall or for this owner.
@@ -74,8 +78,22 @@ class JobStore(ABC):
         """The job an owner already submitted with this Idempotency-Key, if any."""
 
     @abstractmethod
+    def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
+        """An owner's jobs, newest first (by ``created_at``, then id): at most ``limit``.
+
+        Args:
+            before: ``(created_at, id)`` of the last job of the previous page: only jobs after it in
+                this order (keyset paging, so jobs submitted meanwhile never shift a page).
+        """
+
+    @abstractmethod
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
         ...
+
+    @abstractmethod
+    def active_counts(self) -> dict[str, int]:
+        """Active jobs by where they are: ``waiting`` (no runner holds it: queued, or its runner's lease
+        expired), ``dispatched`` (held by a runner, not yet started on a GPU replica), ``running``."""
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -118,14 +136,37 @@ class JobStore(ABC):
         """Move an active job to a final state, once: a final job never changes again."""
 
     @abstractmethod
-    def request_cancel(self, job_id: str) -> Job | None:
-        """Flag a job for cancellation; a queued job nobody holds is canceled at once."""
+    def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
+        """Flag a job for cancellation; a queued job nobody holds is canceled at once.
+
+        Returns:
+            (the job after the call, None if there is none; whether this call made it canceled).
+        """
+
+    # -- webhook deliveries ---------------------------------------------------------------------
+
+    @abstractmethod
+    def claim_webhook(self, holder: str, lease_s: float) -> Job | None:
+        """Lease the due delivery (pending, job final, next attempt time reached) of the job that ended
+        first; None if none. Concurrent callers never get the same delivery while its lease lasts."""
+
+    @abstractmethod
+    def record_webhook_attempt(self, job_id: str, holder: str, attempt: dict[str, Any], state: str,
+                               retry_in_s: float = 0.0) -> bool:
+        """Append one attempt, move the delivery to ``state`` (``pending``: due again in ``retry_in_s``)
+        and free its lease; False (nothing written) unless ``holder`` still holds the lease."""
+
+    @abstractmethod
+    def server_secret(self, name: str) -> str:
+        """A random secret kept in the database under ``name``: made by whichever replica asks first,
+        the same for every replica afterwards."""
 
     # -- retention ------------------------------------------------------------------------------
 
     @abstractmethod
     def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
-        """Ids of final jobs that finished before ``cutoff`` (epoch seconds), oldest first."""
+        """Ids of final jobs that finished before ``cutoff`` (epoch seconds), oldest first; never a
+        job whose webhook is still pending."""
 
     @abstractmethod
     def delete(self, job_id: str) -> None:
@@ -133,6 +174,18 @@ class JobStore(ABC):
 
     def close(self) -> None:
         """Release connections (a no-op where there are none to release)."""
+
+
+def migration_statements(migrations: list[str], current: int, where: str) -> list[str]:
+    """The statements that take a database at schema version ``current`` to ``len(migrations)``.
+
+    Raises:
+        SchemaTooNew: the database was migrated by a newer release.
+    """
+    if current > len(migrations):
+        raise SchemaTooNew(f"job database {where} has schema version {current}; this release knows up to "
+                           f"{len(migrations)}: upgrade the application")
+    return [statement for script in migrations[current:] for statement in filter(str.strip, script.split(";"))]
 
 
 def open_job_store(url: str, pool_size: int = 8, timeout_s: float = 5.0) -> JobStore:
