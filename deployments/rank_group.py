@@ -29,11 +29,13 @@ import time
 
 from .config import GpuConfig
 from .errors import GenerationFailed, InvalidRequest, ReplicaUnavailable, ServiceError
+from .joblog import job_logger
 from .parallel import check_splittable
 from .spec import GenerationSpec, Progress
 from .wan_i2v import WanI2VReplica
 
-log = logging.getLogger("ray.serve")
+# generate() runs in the replica's job context: its lines name the job, as WanI2VReplica's do.
+log = job_logger("ray.serve")
 
 # Ray gives each rank its GPU by setting CUDA_VISIBLE_DEVICES to it alone unless told not to; then
 # NCCL cannot copy peer to peer between the ranks' processes (it falls back to host memory).
@@ -42,6 +44,13 @@ NOSET_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 def _frames_digest(frames) -> str:
     return hashlib.sha256(frames.tobytes()).hexdigest()[:16]
+
+
+def largest_memory(figures: list[dict | None]) -> dict | None:
+    """Each memory figure's largest value over the ranks (None where no rank has a GPU): the rank
+    nearest to running out is the one the gauge must show."""
+    present = [f for f in figures if f]
+    return {kind: max(f[kind] for f in present) for kind in present[0]} if present else None
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -147,6 +156,10 @@ class RankWorker:
         events: queue.Queue = queue.Queue()
         lead = self.rank == 0
         passes_before = self._passes()
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)  # the gauge's peak is this generation's
 
         def should_cancel() -> bool:
             # A collective: every rank stops at the same step, or none does.
@@ -199,13 +212,18 @@ class RankWorker:
         self._here()
         return {"rank": self.rank, **adapter_fingerprint(self.generator)}
 
-    def health(self) -> None:
+    def health(self) -> dict | None:
+        """Raises if this rank's GPU is unusable; its memory figures (None off CUDA)."""
         import torch
+
+        from .metrics import gpu_memory
 
         self._here()
         if self.generator is not None and self.generator.device.type == "cuda":
             torch.cuda.synchronize(self.generator.device)
             torch.ones(1, device=self.generator.device).add_(1).item()
+            return gpu_memory(self.generator.device)
+        return None
 
     def stats(self) -> dict:
         from .models import pipeline_loads
@@ -404,13 +422,15 @@ class RankGroup:
         if self.on_broken is not None:
             self.on_broken(why)
 
-    def check_health(self) -> None:
+    def check_health(self) -> dict | None:
+        """Raises if a rank is lost or stuck; the ranks' largest memory figures (``largest_memory``)."""
         import ray
 
         if self.broken:
             raise ReplicaUnavailable(f"this replica's ranks are out of step: {self.broken}")
         try:
-            ray.get([w.health.remote() for w in self.workers], timeout=self.cfg.replica.health_check_timeout_s)
+            return largest_memory(ray.get([w.health.remote() for w in self.workers],
+                                          timeout=self.cfg.replica.health_check_timeout_s))
         except Exception as e:  # noqa: BLE001  a dead or stuck rank
             raise ReplicaUnavailable(f"a rank is not usable: {type(e).__name__}: {e}"[:500]) from e
 
@@ -446,7 +466,8 @@ class ParallelWanI2VReplica(WanI2VReplica):
         os._exit(1)
 
     def check_health(self) -> None:
-        self.generator.check_health()
+        # This process holds no GPU: the memory gauge shows the ranks' (read by their health checks).
+        self.metrics.memory_figures(self.generator.check_health())
 
     def stats(self) -> dict:
         base = super().stats()

@@ -108,3 +108,12 @@ def test_a_lost_rank_takes_its_replica_down_and_the_job_is_retried_on_a_new_one(
     after = papp.replica_stats()
     assert after["pid"] != before["pid"] and len(after["ranks"]) == 2
     assert not {r["pid"] for r in after["ranks"]} & {r["pid"] for r in before["ranks"]}
+
+
+def test_the_memory_gauge_of_a_multi_gpu_replica_shows_its_fullest_rank():
+    from deployments.rank_group import largest_memory
+
+    ranks = [{"allocated": 5, "reserved": 9, "peak_allocated": 7}, None,
+             {"allocated": 6, "reserved": 8, "peak_allocated": 7}]
+    assert largest_memory(ranks) == {"allocated": 6, "reserved": 9, "peak_allocated": 7}
+    assert largest_memory([None, None]) is None  # CPU ranks: no gauge, as for a CPU replica
