@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .compile_cache import CompileCacheConfig
+from .parallel import ParallelConfig
+
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 
 
@@ -178,6 +181,9 @@ class ModelConfig(_Strict):
         "it shows it to anyone who can read the deployed config: prefer the environment variable",
     )
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    load_direct: bool = Field(
+        True, description="read safetensors weights straight onto the GPU (no copy in host memory first)"
+    )
 
     def token(self) -> SecretStr | None:
         """The hub token for model and LoRA downloads: ``hf_token``, else the ``hf_token_env`` variable.
@@ -293,3 +299,14 @@ class GpuConfig(_Strict):
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     lora: LoraCacheConfig = Field(default_factory=LoraCacheConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    compile_cache: CompileCacheConfig = Field(default_factory=CompileCacheConfig)
+
+    @model_validator(mode="after")
+    def _parallel_fits(self):
+        if self.parallel.degree > 1 and self.replica.num_gpus not in (0, 1):
+            raise ValueError(
+                f"with parallel.degree {self.parallel.degree}, replica.num_gpus is per rank and must be 1 (or 0 on "
+                f"CPU), got {self.replica.num_gpus}"
+            )
+        return self

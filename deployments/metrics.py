@@ -48,7 +48,10 @@ class ReplicaMetrics:
 
     def memory(self, device) -> None:
         """Report the device's memory now; nothing on a CPU replica."""
-        values = gpu_memory(device)
+        self.memory_figures(gpu_memory(device))
+
+    def memory_figures(self, values: Mapping[str, int] | None) -> None:
+        """Report figures read elsewhere (a multi-GPU replica's ranks: ``rank_group.largest_memory``)."""
         for kind, value in (values or {}).items():
             self.gpu_memory.set(value, tags={"kind": kind})
 

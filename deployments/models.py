@@ -401,7 +401,18 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
         secret = cfg.token()
         token = secret.get_secret_value() if secret is not None else None
         kwargs = {"cache_dir": str(Path(cfg.cache_dir).expanduser() / "hub")} if not Path(location).is_dir() else {}
-        pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
+        if cfg.load_direct:
+            # Each component's safetensors are read straight into the device's memory (on CUDA, the
+            # current GPU), not into host memory and then copied: half the copying, no host RAM.
+            kwargs["device_map"] = device.type
+        try:
+            pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
+        except (ValueError, NotImplementedError) as e:  # a diffusers that refuses the device map
+            if "device_map" not in kwargs:
+                raise
+            log.warning("loading straight to %s failed (%s); loading through host memory", device, e)
+            kwargs.pop("device_map")
+            pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     seconds = time.perf_counter() - t0

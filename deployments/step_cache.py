@@ -128,6 +128,9 @@ class StepCache:
         self.blocks: CachedBlocks = transformer.blocks
         self.run: CacheRun | None = None
         self._forwards = 0
+        # Set on a CFG-parallel rank (``ranks.py``): of each step's two calls, this process computes
+        # only the first, and with this branch's inputs; the second is answered by the other rank.
+        self.cfg_rank: int | None = None
         self._hook = transformer.register_forward_pre_hook(self._before_forward)
 
     def begin(self, schedule: list[list[bool]] | None, branches: int = 1) -> None:
@@ -154,6 +157,10 @@ class StepCache:
         n = self._forwards
         self._forwards += 1
         step, branch = divmod(n, run.branches)
+        if self.cfg_rank is not None and run.branches == 2:
+            if branch == 1:
+                return  # the other rank's branch: no block runs here
+            branch = self.cfg_rank
         if step >= len(run.schedule):
             raise RuntimeError(f"forward {n + 1} is past the step cache's schedule of {len(run.schedule)} steps")
         skip = not run.schedule[step][branch] and branch in self.blocks.residuals

@@ -97,9 +97,6 @@ class WanI2VReplica:
     def __init__(self, cfg: GpuConfig):
         import torch  # noqa: F401  (fail early if the replica's environment lacks torch)
 
-        from .models import load_pipeline
-        from .pipeline import WanGenerator
-
         logs.install()
         self.cfg = cfg
         self.metrics = ReplicaMetrics()
@@ -107,14 +104,19 @@ class WanI2VReplica:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan-gpu")
         self._lock = asyncio.Lock()
         self._resident: dict[str, list[str]] = {}
-        self.loaded = load_pipeline(cfg.model)
-        self.generator = WanGenerator(self.loaded, cfg.model.speed, cfg.replica.faults, lora_root=cfg.lora.root)
+        self.loaded, self.generator, self.startup = self._make_generator(cfg)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
         self._hf_token = cfg.model.token()  # a SecretStr: masked in any repr or log line
         self.caller_died_stops = 0  # generations stopped because their caller (an ingress) died
         self._warmup()
         self.metrics.memory(self.loaded.device)
+
+    def _make_generator(self, cfg: GpuConfig):
+        """(loaded model, generator, startup account) on this replica's GPU; ``rank_group`` uses several."""
+        from .startup import build_generator
+
+        return build_generator(cfg)
 
     def _warmup(self):
         """Compile and warm up before the replica reports ready (CUDA speed modes only)."""
@@ -383,6 +385,7 @@ class WanI2VReplica:
             "device": str(self.loaded.device),
             "pid": os.getpid(),
             "compiled_graphs": _compiled_graphs(),
+            "startup": self.startup,
         }
 
 
@@ -396,8 +399,13 @@ def _compiled_graphs() -> int:
 def make_deployment(cfg: GpuConfig):
     """The Serve deployment of this replica, sized and multiplexed from the config."""
     r = cfg.replica
+    base, placement = WanI2VReplica, {"ray_actor_options": {"num_gpus": r.num_gpus, "num_cpus": r.num_cpus}}
+    if cfg.parallel.degree > 1:  # one replica owns N GPUs through N rank processes
+        from .rank_group import ParallelWanI2VReplica, placement_options
 
-    class WanI2V(WanI2VReplica):
+        base, placement = ParallelWanI2VReplica, placement_options(cfg)
+
+    class WanI2V(base):
         @serve.multiplexed(max_num_models_per_replica=r.max_loras_per_replica)
         async def get_lora_set(self, key: str) -> LoraSet:
             return await self.load_lora_set(key)
@@ -419,7 +427,7 @@ def make_deployment(cfg: GpuConfig):
         max_ongoing_requests=1,
         num_replicas=None if autoscaling else r.min_replicas,
         autoscaling_config=autoscaling,
-        ray_actor_options={"num_gpus": r.num_gpus, "num_cpus": r.num_cpus},
+        **placement,
         health_check_period_s=r.health_check_period_s,
         health_check_timeout_s=r.health_check_timeout_s,
         graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,

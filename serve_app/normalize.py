@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 
 from deployments.config import FetchConfig
+from deployments.parallel import check_splittable
 from deployments.spec import (
     OUTPUT_FORMATS,
     SAMPLERS,
@@ -122,6 +123,10 @@ def check_sizes(index: int, width: int, height: int, frames: int, steps: int, cf
     if work > lim.max_work:
         raise limit("WORK_TOO_LARGE", f"width x height x frames x steps = {work} exceeds {lim.max_work}",
                     prompt_index=index, value=work, limit=lim.max_work)
+    unsplittable = check_splittable(cfg.gpu.parallel, width, height, frames)
+    if unsplittable:  # a replica across several GPUs splits every pass's tokens evenly over them
+        raise limit("SIZE_NOT_SPLITTABLE", unsplittable, prompt_index=index, width=width, height=height,
+                    num_frames=frames, sequence_degree=cfg.gpu.parallel.sequence_degree)
 
 
 def check_request_shape(req: InferenceRequest, cfg: AppConfig) -> None:

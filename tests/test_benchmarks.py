@@ -166,3 +166,37 @@ def test_gpu_serve_stages_smoke(app, tmp_path):
             "queued", "dispatch", "replica_wait", "to_first_step", "from_first_step", "store"]
         assert row["server"]["submit_s"] > 0 and row["generation_s"] > 0 and row["bytes"] > 0
         assert row["client"]["e2e_s"] >= row["client"]["until_succeeded_seen_s"] > 0
+
+
+def test_gpu_multi_smoke(serve_env, model_cache, tmp_path):
+    """Several GPUs, on CPU: 1 vs 2 gloo ranks for one request, 1 vs 2 replicas over HTTP, the switch to
+    autoscaling and a burst, the replicas' startup accounts, and both weight-loading paths."""
+    from benchmarks import gpu_multi
+
+    out = tmp_path / "out"
+    rc = gpu_multi.main(["--cpu-smoke", "--out", str(out), "--port", str(serve_env.port), "--work",
+                         str(tmp_path / "work"), "--cache-dir", str(model_cache)])
+    r = json.loads((out / "gpu_multi.json").read_text())
+    assert r["sections_failed"] == [] and r["sections_skipped"] == [], {k: r.get(k) for k in r["sections_failed"]}
+    assert _errors(r) == [] and rc == 0
+
+    lat = r["latency"]  # CFG-parallel on CPU is bit-exact, and each rank computed one pass per step
+    assert lat["parallel"]["split"] == {"cfg_degree": 2, "ulysses_degree": 1, "ring_degree": 1}
+    assert lat["frames_equal"] and lat["frames_rel_l2_vs_1gpu"] == 0 and lat["ranks_frames_identical"]
+    assert [x["passes"] for x in lat["parallel"]["ranks_last_request"]] == [3, 3]
+    assert lat["ratio"] > 0 and len(lat["parallel"]["ranks_startup"]) == 2
+
+    srv = r["serve"]
+    assert srv["one"]["jobs_per_s"] > 0 and srv["many"]["jobs_per_s"] > 0 and srv["throughput_ratio"] > 0
+    assert len(srv["one"]["replicas_seen"]) == 1 and len(srv["many"]["replicas_seen"]) == 2
+    assert srv["first_replica_kept"]  # switching to autoscaling did not restart the running replica
+    auto = srv["autoscale"]
+    assert 0 <= auto["to_scale_decision_s"] <= auto["to_second_replica_running_s"] \
+        <= auto["to_second_replica_first_job_done_s"]
+    assert srv["jobs"]["failed"] == 0 and srv["jobs"]["succeeded"] >= 2 + 3 + 4
+    starts = srv["cold_start"]["replicas"]
+    assert len(starts) == 2 and all(s["init_s"] > 0 and s["load_s"] > 0 for s in starts)
+
+    load = r["load"]
+    assert load["via_host_s"] > 0 and load["direct_s"] > 0
+    assert set(r["summary"]) >= {"latency_ratio", "throughput_ratio", "warm_cold_start_s", "meets"}

@@ -87,3 +87,44 @@ def test_hf_endpoint_must_be_a_bare_origin(endpoint):
     with pytest.raises(ValidationError):
         FetchConfig(hf_endpoint=endpoint)
     assert FetchConfig(hf_endpoint="https://hub.example:8443/").hf_endpoint == "https://hub.example:8443"
+
+
+# -- one request across several GPUs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpus, split", [(2, (2, 1, 1)), (4, (2, 2, 1))])
+def test_multi_gpu_configs_are_production_plus_a_parallel_section(gpus, split, monkeypatch):
+    production = yaml.safe_load((ROOT / "configs" / "wan21-i2v-480p.yaml").read_text())
+    config, app = app_section(f"wan21-i2v-480p-{gpus}gpu.yaml")
+    parallel = app["args"]["gpu"].pop("parallel")
+    assert config == production  # everything else in step with the one-GPU production config
+    app["args"]["gpu"]["parallel"] = parallel
+
+    monkeypatch.setenv(app["args"]["auth"]["api_keys_env"], "k1")
+    cfg = AppConfig.model_validate(app["args"])
+    p = cfg.gpu.parallel
+    assert (p.degree, (p.cfg_degree, p.ulysses_degree, p.ring_degree)) == (gpus, split)
+    assert cfg.gpu.replica.num_gpus == 1  # per rank
+    from deployments.wan_i2v import make_deployment
+
+    options = make_deployment(cfg.gpu)._deployment_config, make_deployment(cfg.gpu)._replica_config
+    replica = options[1]
+    assert replica.placement_group_strategy == "STRICT_PACK"
+    bundles = replica.placement_group_bundles
+    assert bundles[0] == {"CPU": cfg.gpu.replica.num_cpus} and bundles[1:] == [{"CPU": p.rank_cpus, "GPU": 1}] * gpus
+    assert replica.ray_actor_options["num_gpus"] == 0  # the replica drives; its ranks hold the GPUs
+    build_app(app["args"])
+
+
+def test_a_multi_gpu_config_with_a_bad_split_does_not_start(monkeypatch):
+    from pydantic import ValidationError
+
+    _, app = app_section("wan21-i2v-480p-4gpu.yaml")
+    monkeypatch.setenv(app["args"]["auth"]["api_keys_env"], "k1")
+    for bad, message in (({"degree": 3, "cfg_degree": 1, "ulysses_degree": 3}, "must divide the transformer's 40"),
+                         ({"degree": 16, "gpus_per_node": 8, "cfg_degree": 2, "ulysses_degree": 8},
+                          "does not fit one node"),
+                         ({"ulysses_degree": 1}, "must equal cfg_degree x ulysses_degree x ring_degree")):
+        args = {**app["args"], "gpu": {**app["args"]["gpu"], "parallel": {**app["args"]["gpu"]["parallel"], **bad}}}
+        with pytest.raises(ValidationError, match=message):
+            build_app(args)

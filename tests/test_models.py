@@ -124,6 +124,17 @@ def test_loaded_weights_are_the_saved_ones(tiny_loaded, tiny_dir, component):
         assert key in saved or tensor.data_ptr() in stored, f"{component}: {key} was not loaded"
 
 
+def test_weights_read_straight_to_the_device_equal_those_read_through_host_memory(model_cache, tiny_loaded):
+    # model.load_direct (the default) reads each component's safetensors onto the device (a device map
+    # of the device's type, on a GPU the current one); off, diffusers' default path then .to(device).
+    assert tiny_loaded.pipe.hf_device_map == "cpu"
+    via_host = load_pipeline(ModelConfig(source="tiny", device="cpu", cache_dir=str(model_cache), load_direct=False))
+    assert via_host.pipe.hf_device_map is None
+    for component in COMPONENTS:
+        assert_same_tensors(getattr(via_host.pipe, component).state_dict(),
+                            getattr(tiny_loaded.pipe, component).state_dict(), component)
+
+
 def test_loaded_on_cpu_in_float32(tiny_loaded):
     assert tiny_loaded.device == torch.device("cpu")
     assert tiny_loaded.dtype == torch.float32

@@ -400,6 +400,19 @@ def test_limits_come_from_the_config():
     assert len(to_specs(request([{"num_frames": 9}], loras=_loras(1)), cfg)) == 1
 
 
+def test_sizes_a_multi_gpu_replica_cannot_split_are_refused_at_submit():
+    # 48x80, 1 frame: 3 x 5 x 1 = 15 tokens, which 2 sequence-parallel GPUs cannot share evenly.
+    odd = request([{"width": 80, "height": 48, "num_frames": 1}])
+    assert len(to_specs(odd, CFG)) == 1  # one GPU per request: any size
+    cfg = AppConfig(gpu={"parallel": {"degree": 2, "ulysses_degree": 2}}, ingress=CFG.ingress)
+    err = api_error(odd, cfg)
+    assert err.code == "SIZE_NOT_SPLITTABLE" and "15 tokens" in err.message
+    assert err.details["sequence_degree"] == 2 and err.details["prompt_index"] == 0
+    cfg_only = AppConfig(gpu={"parallel": {"degree": 2}}, ingress=CFG.ingress)  # CFG-parallel splits no tokens
+    assert len(to_specs(odd, cfg_only)) == 1
+    assert len(to_specs(request([{"width": 64, "height": 48, "num_frames": 5}]), cfg)) == 1  # 24 tokens
+
+
 def test_limit_error_carries_details():
     err = api_error(request([{}, {"num_frames": 85}]))
     assert err.details["prompt_index"] == 1

@@ -130,6 +130,24 @@ def test_skips_run_no_block_and_reuse_each_branch_residual(transformer, cache):
     assert not transformer.blocks.residuals and transformer.blocks.decision is None
 
 
+def test_a_cfg_parallel_rank_follows_its_own_branch_schedule(transformer, cache):
+    """On CFG-parallel rank 1 the step's first call computes the uncond branch (the second call is
+    answered by the other rank without the blocks): the skips must be the uncond branch's."""
+    calls = []
+    hook = transformer.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    cache.cfg_rank = 1
+    try:
+        cache.begin([[T, T], [T, F], [F, T]], branches=2)
+        for _ in range(3):
+            forward(transformer, transformer_inputs(seed=1))
+            cache._before_forward(transformer, ())  # what the module's call does before ranks answer it
+        run = cache.end()
+    finally:
+        cache.cfg_rank = None
+        hook.remove()
+    assert len(calls) == 2 and (run.computed, run.skipped) == (2, 1) and run.skipped_forwards == [2]
+
+
 def test_a_schedule_shorter_than_the_run_is_an_error(transformer, cache):
     cache.begin([[T]], branches=1)
     try:
