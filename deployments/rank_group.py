@@ -125,9 +125,6 @@ class RankWorker:
         def split(generator):
             check_same_weights(generator.pipe, self.ranks)
             self.applied = apply_parallel(generator.pipe, self.ranks)
-            cache = generator.modes.cache
-            if cache is not None and self.cfg.parallel.cfg_degree > 1:  # fast mode's skips follow this rank's branch
-                cache.cfg_rank = self.ranks.layout.cfg_rank
             return self.applied.report()
 
         loaded, self.generator, self.startup = build_generator(self.cfg, split=split, rank=self.rank, clock=clock)

@@ -19,6 +19,8 @@ No Ray here: ``deployments/rank_group.py`` starts the processes; tests start the
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -131,6 +133,11 @@ class CfgParallel:
         return (cond,)
 
 
+def _sequence_part(tensor, parts: int, index: int):
+    """This rank's tokens, as the split hook on the first block cuts them (equal parts of dim 1)."""
+    return tensor.chunk(parts, dim=1)[index]
+
+
 def context_parallel_plan(transformer) -> dict:
     """Diffusers' plan for the model, with the gather moved from ``proj_out`` to ``norm_out``.
 
@@ -211,8 +218,17 @@ def apply_parallel(pipe, ranks: Ranks) -> Applied:
         transformer.enable_parallelism(config=resolved, cp_plan=plan)
         _resolve_split_arguments(transformer, plan)
         applied.context_parallel = {"ulysses": cfg.ulysses_degree, "ring": cfg.ring_degree}
+        from .step_cache import CachedBlocks
+
+        if isinstance(transformer.blocks, CachedBlocks):  # fast mode's step cache works on this rank's tokens
+            transformer.blocks.split = functools.partial(_sequence_part, parts=cfg.sequence_degree,
+                                                         index=ranks.layout.sequence_rank)
     if cfg.cfg_degree > 1:
         applied.cfg_parallel = CfgParallel(pipe, ranks)
+        from .step_cache import CachedBlocks
+
+        if isinstance(transformer.blocks, CachedBlocks):  # fast mode's skips follow this rank's branch
+            transformer.blocks.cfg_rank = ranks.layout.cfg_rank
     return applied
 
 

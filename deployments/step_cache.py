@@ -86,6 +86,12 @@ class CachedBlocks(torch.nn.ModuleList):
         self.branch = 0
         self.residuals: dict[int, torch.Tensor] = {}
         self._input: torch.Tensor | None = None
+        # Sequence parallelism (``ranks.py``) splits the tokens in the first block's pre-hook, so the
+        # loop's input is whole and its output this rank's part: ``split`` takes that part of the input.
+        self.split = None
+        # Set on a CFG-parallel rank (``ranks.py``): of each step's two calls, this process computes
+        # only the first, and with this branch's inputs; the second is answered by the other rank.
+        self.cfg_rank: int | None = None
 
     def __iter__(self):
         if self.decision is None:
@@ -96,7 +102,7 @@ class CachedBlocks(torch.nn.ModuleList):
 
     # Called in the block loop with the block arguments (hidden_states, context, temb, rope).
     def _keep_input(self, hidden_states, *_):
-        self._input = hidden_states
+        self._input = self.split(hidden_states) if self.split is not None else hidden_states
         return hidden_states
 
     def _keep_residual(self, hidden_states, *_):
@@ -105,6 +111,8 @@ class CachedBlocks(torch.nn.ModuleList):
         return hidden_states
 
     def _reuse(self, hidden_states, *_):
+        if self.split is not None:
+            hidden_states = self.split(hidden_states)
         return hidden_states + self.residuals[self.branch]
 
 
@@ -128,9 +136,6 @@ class StepCache:
         self.blocks: CachedBlocks = transformer.blocks
         self.run: CacheRun | None = None
         self._forwards = 0
-        # Set on a CFG-parallel rank (``ranks.py``): of each step's two calls, this process computes
-        # only the first, and with this branch's inputs; the second is answered by the other rank.
-        self.cfg_rank: int | None = None
         self._hook = transformer.register_forward_pre_hook(self._before_forward)
 
     def begin(self, schedule: list[list[bool]] | None, branches: int = 1) -> None:
@@ -157,10 +162,10 @@ class StepCache:
         n = self._forwards
         self._forwards += 1
         step, branch = divmod(n, run.branches)
-        if self.cfg_rank is not None and run.branches == 2:
+        if self.blocks.cfg_rank is not None and run.branches == 2:
             if branch == 1:
                 return  # the other rank's branch: no block runs here
-            branch = self.cfg_rank
+            branch = self.blocks.cfg_rank
         if step >= len(run.schedule):
             raise RuntimeError(f"forward {n + 1} is past the step cache's schedule of {len(run.schedule)} steps")
         skip = not run.schedule[step][branch] and branch in self.blocks.residuals

@@ -35,6 +35,16 @@ def cpu_attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0
     return (out, lse) if return_lse else out
 
 
+def fast_mode():
+    """Fast mode with a step cache that skips on the tiny model (what tests/test_ranks.py compares)."""
+    from deployments.config import SpeedConfig
+
+    return SpeedConfig(fast={"step_cache": {"threshold": 1.0, "max_skips": 1, "retention_ratio": 0.0}})
+
+
+FAST_SPEC = {"speed": "fast", "steps": 4}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, required=True)
@@ -45,6 +55,7 @@ def main() -> None:
     p.add_argument("--layouts", required=True)
     p.add_argument("--lora", default=None)
     p.add_argument("--multiplier", type=float, default=0.7)
+    p.add_argument("--fast", action="store_true", help="fast mode (its step cache) instead of exact mode")
     p.add_argument("--compile", action="store_true",
                    help="the GPU path on CPU: compiled blocks and the LoRA slot, warmed up after the split")
     a = p.parse_args()
@@ -60,6 +71,8 @@ def main() -> None:
     from deployments.spec import LoraRef
     from tests.conftest import load_tiny, tiny_spec
 
+    global FAST
+    FAST = fast_mode()
     native_op = dispatch._native_attention_forward_op
     results = []
     ranks = None
@@ -76,6 +89,8 @@ def main() -> None:
                                 warmup_frames=5, lora_hotswap_rank=8)
             pipeline_mod.apply_speed_modes = lambda p, s, d: speed_mod._apply(p, s)
             gen = WanGenerator(load_tiny(a.model_cache), speed)
+        elif a.fast:
+            gen = WanGenerator(load_tiny(a.model_cache), FAST)
         else:
             gen = WanGenerator(load_tiny(a.model_cache))
         applied = apply_parallel(gen.pipe, ranks)
@@ -95,7 +110,7 @@ def main() -> None:
         if not a.compile:  # a hook inside a compiled block would be compiled into it
             hooks.append(gen.pipe.transformer.blocks[-1].register_forward_pre_hook(
                 lambda m, args: tokens.append(args[0].shape[1])))
-        frames = gen.generate(tiny_spec(loras=loras))
+        frames = gen.generate(tiny_spec(loras=loras, **(FAST_SPEC if a.fast else {})))
         for h in hooks:
             h.remove()
         if a.compile:

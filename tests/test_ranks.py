@@ -58,6 +58,40 @@ def ranks_out(tmp_path_factory, model_cache, lora_file):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
+def _run_ranks(out, model_cache, lora_file, layouts, *extra) -> list:
+    import json
+
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, str(SCENARIO), "--rank", str(r), "--world", "2", "--init", init, "--model-cache",
+         str(model_cache), "--out", str(out), "--layouts", json.dumps(layouts), "--lora", str(lora_file),
+         "--multiplier", str(MULTIPLIER), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_fast_mode_split_over_ranks_gives_the_one_rank_result(tmp_path, model_cache, lora_file):
+    """Fast mode's step cache keeps and reuses the blocks' residual: under Ulysses on this rank's
+    tokens only (a residual of the whole sequence failed with a size mismatch on 4 H100s), under CFG
+    on this rank's branch."""
+    from deployments.pipeline import WanGenerator
+    from deployments.spec import LoraRef
+    from tests.conftest import load_tiny
+    from tests.rank_scenario import FAST_SPEC, fast_mode
+
+    layouts = [{"degree": 2, "cfg_degree": 2}, {"degree": 2, "ulysses_degree": 2}]
+    got = _run_ranks(tmp_path, model_cache, lora_file, layouts, "--fast")
+    gen = WanGenerator(load_tiny(model_cache), fast_mode())
+    gen.load_adapter("scenario-lora", str(lora_file))
+    one = gen.generate(tiny_spec(loras=(LoraRef(ref="scenario-lora", multiplier=MULTIPLIER),), **FAST_SPEC))
+    assert one.speed["forwards_skipped"] > 0  # the cache really skipped
+    for r in range(2):
+        for layout in got[r]:
+            assert torch.equal(layout["frames"], torch.from_numpy(one.frames)), (r, layout["layout"])
+
+
 @pytest.fixture(scope="module")
 def one_rank(generator, lora_file):
     """The one-rank generation of the same spec, with the same LoRA, and the tokens each block saw."""

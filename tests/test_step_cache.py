@@ -135,7 +135,7 @@ def test_a_cfg_parallel_rank_follows_its_own_branch_schedule(transformer, cache)
     answered by the other rank without the blocks): the skips must be the uncond branch's."""
     calls = []
     hook = transformer.blocks[0].register_forward_hook(lambda *a: calls.append(1))
-    cache.cfg_rank = 1
+    cache.blocks.cfg_rank = 1
     try:
         cache.begin([[T, T], [T, F], [F, T]], branches=2)
         for _ in range(3):
@@ -143,7 +143,7 @@ def test_a_cfg_parallel_rank_follows_its_own_branch_schedule(transformer, cache)
             cache._before_forward(transformer, ())  # what the module's call does before ranks answer it
         run = cache.end()
     finally:
-        cache.cfg_rank = None
+        cache.blocks.cfg_rank = None
         hook.remove()
     assert len(calls) == 2 and (run.computed, run.skipped) == (2, 1) and run.skipped_forwards == [2]
 
