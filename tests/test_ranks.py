@@ -44,18 +44,7 @@ def lora_file(tmp_path_factory, tiny_shapes):
 @pytest.fixture(scope="module")
 def ranks_out(tmp_path_factory, model_cache, lora_file):
     """What each of the two ranks made, per layout."""
-    import json
-
-    out = tmp_path_factory.mktemp("ranks")
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(
-        [sys.executable, str(SCENARIO), "--rank", str(r), "--world", "2", "--init", init, "--model-cache",
-         str(model_cache), "--out", str(out), "--layouts", json.dumps(LAYOUTS), "--lora", str(lora_file),
-         "--multiplier", str(MULTIPLIER)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return _run_ranks(tmp_path_factory.mktemp("ranks"), model_cache, lora_file, LAYOUTS)
 
 
 def _run_ranks(out, model_cache, lora_file, layouts, *extra) -> list:
