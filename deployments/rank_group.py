@@ -137,7 +137,8 @@ class RankWorker:
         if device.type == "cuda" and len(set(names)) != len(names):
             raise RuntimeError(f"ranks share a GPU: {names}")
         self.ranks.barrier()
-        return {"rank": self.rank, "pid": os.getpid(), **self.startup}
+        return {"rank": self.rank, "pid": os.getpid(), "speed_modes": list(self.generator.modes.enabled),
+                **self.startup}
 
     @staticmethod
     def _device_name(device) -> str:
@@ -232,8 +233,7 @@ class RankWorker:
 
         return {"rank": self.rank, "pid": os.getpid(), "pipeline_loads": pipeline_loads(),
                 "adapter_loads": self.generator.adapter_loads, "compiled_graphs": _compiled_graphs(),
-                "distill_loads": self.generator.distill_loads, "speed_modes": list(self.generator.modes.enabled),
-                "startup": self.startup}
+                "distill_loads": self.generator.distill_loads, "startup": self.startup}
 
 
 class RankGroup:
@@ -287,15 +287,12 @@ class RankGroup:
         self.loaded = LoadedModel(pipe=None, device=torch.device("cpu"), dtype=torch.float32, source=cfg.model.source,
                                   load_seconds=self.startup["slowest_rank"]["load_s"])
         self.speed_report = {"warmup": first.get("warmup"), "ranks": p.degree}
+        # Installed once at startup, the same on every rank (one config): no need to ask them again.
+        self.modes = SimpleNamespace(enabled=tuple(first["speed_modes"]))
         self.adapters: dict[str, str] = {}  # adapter name -> ref, identical on every rank
         self.adapter_loads = 0
         self.broken: str | None = None
         self.last_summaries: list[dict] = []
-
-    @property
-    def modes(self) -> SimpleNamespace:
-        """The speed modes the ranks installed (the same on every rank: one config)."""
-        return SimpleNamespace(enabled=tuple(self.stats()[0]["speed_modes"]))
 
     @property
     def distill_loads(self) -> int:
