@@ -11,10 +11,12 @@ stop the others):
               exactly as the reference server calls it: one warm-up request (1 step), one whole
               default request (per-stage split, peak memory, final latents), then seconds per
               transformer forward on the inputs that request fed the transformer;
-3. noise_*    the same forward with other attention backends, eager: the backend-to-backend noise
+3. noise_*    the same forward with other attention backends (FlashAttention-4 too where installed),
+              eager: the backend-to-backend noise
               floor for the error columns; truth_forward: the same forward in float32 (block by
               block, so it fits any card), the truth every error is also measured against;
-4. ours_*     ``WanGenerator`` with the default ``SpeedConfig`` (cuDNN attention, compiled blocks,
+4. ours_*     ``WanGenerator`` with the default ``SpeedConfig`` (attention ``auto``: FlashAttention-4
+              where installed, else cuDNN; ``--attention`` picks another; compiled blocks,
               LoRA slot, warm-up at replica start): compile/warm-up seconds, per forward, one whole
               default request through ``generate`` (the product path), relative L2 errors;
 5. lora       a rank-32 ai-toolkit LoRA on every block linear (random, ~360 MB) written to /tmp and
@@ -424,6 +426,7 @@ def main(argv=None):
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                     help="FP8 linears in fast/turbo (needs torchao on the card)")
     ap.add_argument("--distill-rank", type=int, default=64, help="rank of the random distillation LoRA (turbo)")
+    ap.add_argument("--attention", default="auto", help="exact mode's speed.attention_backend (auto: FA4 if installed)")
     ap.add_argument("--long", action="store_true", help="81 frames and 40 steps (Wan's own defaults)")
     ap.add_argument("--only", default="", help="comma-separated sections to run (build always; ours_init as needed)")
     ap.add_argument(
@@ -451,6 +454,7 @@ def main(argv=None):
     import peft
     import transformers
 
+    from deployments import attention as attention_mod
     from deployments import pipeline as pipeline_mod
     from deployments import speed as speed_mod
     from deployments.config import ModelConfig, SpeedConfig
@@ -574,9 +578,11 @@ def main(argv=None):
     def noise_forward():
         res = {}
         backends = ["_native_cudnn", "_native_flash", "_native_efficient"] if device.type == "cuda" else ["_native_math"]
+        if attention_mod.flash4_unavailable(device) is None:
+            backends.append(attention_mod.FLASH4)
         for backend in backends:
             try:
-                pipe.transformer.set_attention_backend(backend)
+                attention_mod.set_backend(pipe.transformer, backend)
                 med, times, out = time_forward(pipe.transformer, S["inputs"], device, warm=1, reps=max(1, a.reps - 1))
                 S.setdefault("noise_outs", {})[backend.lstrip("_")] = out
                 res[backend.lstrip("_")] = {
@@ -612,6 +618,7 @@ def main(argv=None):
             S["distill_bytes"] = make_distill_lora(S["shapes"], tcfg.num_layers, a.distill_rank, 300, path, device)
             turbo = {"enabled": True, "lora": path, "fp8": a.fp8}
         speed = SpeedConfig(
+            attention_backend=a.attention,
             warmup_width=a.width, warmup_height=a.height, warmup_frames=a.frames, lora_hotswap_rank=a.slot_rank,
             fast={"enabled": "fast" in a.modes, "fp8": a.fp8}, turbo=turbo,
         )
@@ -852,7 +859,7 @@ def main(argv=None):
                     cap, totals = whole_request(lambda: reference_call(pipe, spec))
             finally:
                 if gen.speed_report.get("attention_backend"):
-                    pipe.transformer.set_attention_backend(gen.speed_report["attention_backend"])
+                    attention_mod.set_backend(pipe.transformer, gen.speed_report["attention_backend"])
                 else:
                     pipe.transformer.reset_attention_backend()
             return {

@@ -135,7 +135,7 @@ def gpu_config(a, s: dict, degree: int) -> dict:
                     "graceful_shutdown_timeout_s": 5},
         "lora": {"root": str(a.work / "loras"), "cache_dir": str(a.work / "lora-cache")},
         "parallel": parallel,
-        "compile_cache": {"location": str(a.work / "compile-cache")},
+        "compile_cache": {"location": str(a.work / "compile-cache"), "inductor_dir": str(a.work / "inductor")},
     }
 
 
@@ -427,19 +427,25 @@ def serve_section(a, s: dict, n: int, bench: Bench) -> dict:
         ready = lambda states, pids: states.get("RUNNING", 0) >= n  # noqa: E731
         load.steady(depth=2 * n, deadline=burst + min(a.scale_timeout_s, share(bench, 0.5)),
                     until=lambda: watch.first(ready, burst) is not None and _served_by_all(load, burst, n))
-        new_jobs = [j for j in load.done(burst) if j.get("replica") and _pid(j["replica"]) not in old]
-        decided = watch.first(lambda st, pids: sum(v for k, v in st.items() if k != "STOPPING") > 1, burst)
-        second_ready = watch.first(lambda st, pids: st.get("RUNNING", 0) >= 2, burst)
-        out["autoscale"] = {
-            "burst_jobs": 2 * n,
-            "to_scale_decision_s": _since(burst, decided),
-            "to_second_replica_running_s": _since(burst, second_ready),
-            "to_all_replicas_running_s": _since(burst, watch.first(ready, burst)),
-            "to_second_replica_first_job_started_s": _since(burst, min((j["started"] for j in new_jobs
-                                                                        if j.get("started")), default=None)),
-            "to_second_replica_first_job_done_s": _since(burst, new_jobs[0]["finished"] if new_jobs else None),
-            "decision_to_running_s": _since(decided, second_ready),
-        }
+
+        def autoscale_account() -> dict:
+            # Also called again after the steady phase: a replica that came up after this phase's share
+            # of the budget ran out still counts (the watch keeps sampling; the x4 run had nulls here).
+            new_jobs = [j for j in load.done(burst) if j.get("replica") and _pid(j["replica"]) not in old]
+            decided = watch.first(lambda st, pids: sum(v for k, v in st.items() if k != "STOPPING") > 1, burst)
+            second_ready = watch.first(lambda st, pids: st.get("RUNNING", 0) >= 2, burst)
+            return {
+                "burst_jobs": 2 * n,
+                "to_scale_decision_s": _since(burst, decided),
+                "to_second_replica_running_s": _since(burst, second_ready),
+                "to_all_replicas_running_s": _since(burst, watch.first(ready, burst)),
+                "to_second_replica_first_job_started_s": _since(burst, min((j["started"] for j in new_jobs
+                                                                            if j.get("started")), default=None)),
+                "to_second_replica_first_job_done_s": _since(burst, new_jobs[0]["finished"] if new_jobs else None),
+                "decision_to_running_s": _since(decided, second_ready),
+            }
+
+        out["autoscale"] = autoscale_account()
         bench.results["serve_partial"] = out
         bench.save()
 
@@ -451,6 +457,7 @@ def serve_section(a, s: dict, n: int, bench: Bench) -> dict:
         out["replicas"] = n
         one, many = out["one"].get("jobs_per_s"), out["many"].get("jobs_per_s")
         out["throughput_ratio"] = round(many / one, 4) if one and many else None
+        out["autoscale"] = autoscale_account()
         load.drain(a.drain_timeout_s)
         failed = [j for j in load.jobs.values() if j["status"] == "failed"]
         out["jobs"] = {"submitted": load.n, "succeeded": len(load.done()), "failed": len(failed),

@@ -96,11 +96,15 @@ class CompileCache:
 
     @staticmethod
     def use_inductor_dir(cfg: CompileCacheConfig) -> None:
-        """Point inductor's on-disk cache at the configured directory (read by torch at each compile)."""
+        """Point inductor's on-disk cache at the configured directory (read by torch at each compile), and
+        FlashAttention-4's kernel cache beside it (read when ``flash_attn.cute`` is first imported; without it
+        every replica start JIT-compiles FA4's kernels again, a few seconds per shape)."""
         if cfg.inductor_dir:
             path = os.path.expanduser(cfg.inductor_dir)
             os.makedirs(path, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+            os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+            os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", os.path.join(path, "flash4"))
 
     def _path(self):
         """(filesystem, path of this key's blob, whether it is a local file)."""
@@ -173,5 +177,7 @@ def for_generator(cfg: CompileCacheConfig, generator, parallel: dict | None = No
     # What only decides whether and when we warm up, not what gets compiled.
     for k in ("warmup", "stream_video"):
         speed.pop(k, None)
+    # "auto" compiles FlashAttention-4's op on one machine and cuDNN on another: key on what was chosen
+    speed["attention_backend"] = generator.speed_report.get("attention_backend", speed.get("attention_backend"))
     key = cache_key(dict(pipe.transformer.config), str(generator.loaded.dtype), speed, parallel, rank)
     return CompileCache(cfg, key)

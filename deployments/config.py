@@ -137,7 +137,10 @@ class SpeedConfig(_Strict):
 
     compile_blocks: bool = Field(True, description="regional torch.compile of the transformer blocks (CUDA only)")
     attention_backend: str | None = Field(
-        "_native_cudnn", description="diffusers attention backend on CUDA; null keeps the default"
+        "auto",
+        description="exact mode's attention on CUDA: auto (FlashAttention-4 where installed and able to run, "
+        "else _native_cudnn), flash4 (a startup error where it cannot run), a diffusers backend name, or null "
+        "(diffusers' default)",
     )
     warmup: bool = Field(True, description="run one small generation at start so no user pays compile time")
     warmup_width: int = 832

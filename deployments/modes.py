@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import attention
 from .config import SpeedConfig
 from .errors import SpeedModeNotSupported, SpeedModeUnavailable
 from .step_cache import StepCache, magcache_schedule
@@ -149,7 +150,7 @@ class AttentionSwitch:
                 processor._attention_backend = value
             self.registry.set_active_backend(self.saved_active)
         else:
-            self.transformer.set_attention_backend(backend)
+            attention.set_backend(self.transformer, backend)
         self.current = backend
 
 
@@ -199,6 +200,9 @@ class SpeedModes:
             else:
                 self.kernels = KernelSwap(self.transformer, linear_names, convert)
         self.attention = AttentionSwitch(self.transformer)
+        # auto / flash4 resolved once, here: a mode's kernel is fixed for the replica's life
+        self.backends = {m: attention.resolve(getattr(speed, m).attention_backend, device)[0]
+                         for m in ("fast", "turbo") if m in self.enabled}
         cache_cfg = speed.fast.step_cache
         self.cache = StepCache(self.transformer) if "fast" in self.enabled and cache_cfg.enabled else None
         self.turbo_scheduler = None
@@ -228,7 +232,7 @@ class SpeedModes:
         fp8 = cfg is not None and cfg.fp8 and self.kernels is not None
         if self.kernels is not None:
             self.kernels.use(fp8)
-        backend = cfg.attention_backend if cfg is not None else None
+        backend = self.backends.get(mode)
         self.attention.use(backend)
         branches = 2 if spec.guidance_scale > 1 else 1  # CFG only when guidance > 1, as diffusers does
         scheduler = None

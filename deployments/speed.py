@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import attention
 from .config import SpeedConfig
 from .errors import LoraIncompatible
 
@@ -341,8 +342,11 @@ def _apply(pipe, speed: SpeedConfig) -> dict:
     transformer = pipe.transformer
     report: dict = {"applied": True, "attention_backend": None, "compiled": False, "lora_slot_rank": 0}
     if speed.attention_backend:
-        transformer.set_attention_backend(speed.attention_backend)
-        report["attention_backend"] = speed.attention_backend
+        backend, why = attention.resolve(speed.attention_backend, next(transformer.parameters()).device)
+        attention.set_backend(transformer, backend)
+        report["attention_backend"] = backend
+        if why:
+            report["attention_fallback"] = why
     slots = None
     if speed.compile_blocks:
         if speed.lora_hotswap_rank > 0:

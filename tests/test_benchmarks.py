@@ -88,6 +88,22 @@ def test_gpu_bench_smoke_runs_every_section(model_cache, tmp_path):
     assert isinstance(modes["turbo"]["psnr_db_vs_exact"], float)
 
 
+def test_attention_bench_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_bench.py"), "--cpu-smoke", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "attention_bench.json").read_text())
+    assert r["sections_failed"] == [] and _errors({s: r[s] for s in ("attention", "gemm")}) == []
+    row = next(iter(r["attention"]["shapes"].values()))
+    # the one kernel CPU has is timed and checked against float32; the GPU kernels say why they did not run
+    assert row["math"]["s"] > 0 and 0 < row["math"]["rel_err_vs_fp32"] < 0.02
+    assert row["flash4"] == {"unavailable": "device cpu"} and "unavailable" in row["sage_int8"]
+    assert len(r["gemm"]["shapes"]) == 3
+    for gemm in r["gemm"]["shapes"].values():
+        assert gemm["cublas"]["s"] > 0 and gemm["inductor"]["rel_err_vs_cublas"] < 0.02
+
+
 # The served-app smokes need one app, not one per state backend (the load smoke runs on both).
 @pytest.mark.parametrize("app", ["sqlite"], indirect=True)
 def test_gpu_serve_overhead_smoke(app, model_cache, tmp_path):

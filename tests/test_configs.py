@@ -39,7 +39,7 @@ def test_production_config_needs_keys(tmp_path, monkeypatch):
     assert cfg_model["source"] == "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers" and args["gpu"]["replica"]["num_gpus"] == 1
     replica = args["gpu"]["replica"]
     assert replica["min_replicas"] == 1 and replica["max_replicas"] > 1 and replica["target_ongoing_requests"] == 1
-    assert cfg_model["speed"]["compile_blocks"] and cfg_model["speed"]["attention_backend"] == "_native_cudnn"
+    assert cfg_model["speed"]["compile_blocks"] and cfg_model["speed"]["attention_backend"] == "auto"
     assert args["ingress"]["lora_root_visible"] is False  # the LoRA root is on each GPU node, not the ingress's
     speed = AppConfig.model_validate({**args, "auth": {"public_by_choice": True}}).gpu.model.speed
     assert speed.enabled_modes() == ("exact", "fast") and speed.fast.fp8  # turbo waits for its LoRA file
