@@ -93,7 +93,10 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
             generator.warmup()  # compiles (or hits the cache) and runs the warm-up; nothing without speed modes
     with clock.part("compile_cache_save_s"):
         cache.save()
-    report = {**clock.report(), "compile_cache": cache.report, "warmup": generator.speed_report.get("warmup")}
+    report = {**clock.report(), "compile_cache": cache.report, "warmup": generator.speed_report.get("warmup"),
+              "attention_backend": generator.speed_report.get("attention_backend")}
+    if generator.speed_report.get("attention_fallback"):
+        report["attention_fallback"] = generator.speed_report["attention_fallback"]
     if split_report is not None:
         report["parallel"] = split_report
     log.info("startup (rank %d): %s", rank, report)
