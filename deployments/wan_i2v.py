@@ -334,6 +334,8 @@ class WanI2VReplica:
                 # pipeline is free so the next request never overlaps this one.
                 cancel.set()
                 await asyncio.shield(asyncio.wait({work}))
+                if not work.cancelled():
+                    work.exception()  # the expected Canceled, read: else asyncio logs it as a lost traceback
                 raise
             finally:
                 if watch is not None:
