@@ -592,6 +592,9 @@ def main(argv=None):
                 }
             except Exception as e:
                 res[backend.lstrip("_")] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        # reset_attention_backend leaves diffusers' process-wide active backend at the last one set
+        # (flash4 here, which takes no float32: the truth forward below failed on it): native first
+        pipe.transformer.set_attention_backend("native")
         pipe.transformer.reset_attention_backend()
         return res
 
