@@ -46,38 +46,37 @@ def test_flash4_asked_for_where_it_cannot_run_is_a_startup_error():
         attention.resolve("flash4", "cpu")
 
 
-def test_flash4_backend_runs_every_attention_through_the_op(model_cache, cpu_kernel):
-    loaded = load_tiny(model_cache)
-    transformer = loaded.pipe.transformer
-    inputs = transformer_inputs(seed=3)
-    with torch.no_grad():
-        transformer.set_attention_backend("_native_math")
-        expected = forward(transformer, inputs)
-        attention.set_backend(transformer, attention.FLASH4)
-        before = cpu_kernel["n"]
-        got = forward(transformer, inputs)
-    # self-attention and cross-attention (text; image when the model has image tokens) in every block
-    per_block = 2
-    assert cpu_kernel["n"] - before >= per_block * transformer.config.num_layers
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_compiled_blocks_keep_the_op_in_one_graph(model_cache, cpu_kernel):
+def _math_then_flash4(model_cache, calls, seed: int, compile_blocks: bool):
+    """One forward on math SDPA, then the same on ``flash4`` (compiled blocks if asked): both outputs and
+    how many times the op ran."""
     import torch._dynamo
 
     loaded = load_tiny(model_cache)
     transformer = loaded.pipe.transformer
-    inputs = transformer_inputs(seed=4)
+    inputs = transformer_inputs(seed=seed)
     with torch.no_grad():
         transformer.set_attention_backend("_native_math")
         expected = forward(transformer, inputs)
         attention.set_backend(transformer, attention.FLASH4)
-        torch._dynamo.reset()
-        # fullgraph: a graph break (dynamo tracing into the kernel) would be an error, not a slow path
-        transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-        before = cpu_kernel["n"]
+        if compile_blocks:
+            torch._dynamo.reset()
+            # fullgraph: a graph break (dynamo tracing into the kernel) would be an error, not a slow path
+            transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        before = calls["n"]
         got = forward(transformer, inputs)
-    assert cpu_kernel["n"] > before
+    return expected, got, calls["n"] - before, transformer.config.num_layers
+
+
+def test_flash4_backend_runs_every_attention_through_the_op(model_cache, cpu_kernel):
+    expected, got, op_calls, layers = _math_then_flash4(model_cache, cpu_kernel, seed=3, compile_blocks=False)
+    # self-attention and cross-attention (text; image when the model has image tokens) in every block
+    assert op_calls >= 2 * layers
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_blocks_keep_the_op_in_one_graph(model_cache, cpu_kernel):
+    expected, got, op_calls, layers = _math_then_flash4(model_cache, cpu_kernel, seed=4, compile_blocks=True)
+    assert op_calls >= 2 * layers
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
