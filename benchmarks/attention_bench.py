@@ -34,35 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_bench import rel_l2, sync, time_call  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"[attention_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def timed(fn, device, warm: int, reps: int) -> tuple[float, list[float], object]:
-    """Median seconds of ``fn()`` over ``reps`` after ``warm`` calls, and its last output."""
-    out = None
-    for _ in range(warm):
-        out = fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2], [round(t, 5) for t in times], out
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return round(float((a - b).norm() / b.norm().clamp_min(1e-30)), 6)
 
 
 def candidates(device) -> dict:
@@ -125,18 +101,18 @@ def attention_section(a, device, dtype) -> dict:
                 with torch.no_grad():
                     t_first = time.perf_counter()
                     fn(q, k, v)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    sync(device)
                     first = time.perf_counter() - t_first
-                    med, times, out = timed(lambda: fn(q, k, v), device, a.warm, a.reps)
+                    med, times, out = time_call(lambda: fn(q, k, v), device, a.warm, a.reps)
                 outs[name] = out
-                row[name] = {"s": round(med, 5), "times": times, "tflops": round(flops / med / 1e12, 1),
-                             "first_call_s": round(first, 3), "rel_err_vs_fp32": rel_l2(out, truth)}
+                row[name] = {"s": round(med, 5), "times": [round(t, 5) for t in times],
+                             "tflops": round(flops / med / 1e12, 1), "first_call_s": round(first, 3),
+                             "rel_err_vs_fp32": round(rel_l2(out, truth), 6)}
             except Exception as e:  # noqa: BLE001
                 row[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
         base = "cudnn" if "cudnn" in outs else next(iter(outs), None)
         for name, out in outs.items():
-            row[name][f"rel_err_vs_{base}"] = rel_l2(out, outs[base])
+            row[name][f"rel_err_vs_{base}"] = round(rel_l2(out, outs[base]), 6)
             if base in row and "s" in row[base]:
                 row[name][f"time_vs_{base}"] = round(row[name]["s"] / row[base]["s"], 3)
         res["shapes"][str(tokens)] = row
@@ -160,7 +136,7 @@ def gemm_section(a, device, dtype) -> dict:
         flops = 2 * tokens * k_in * n_out
         row: dict = {}
         with torch.no_grad():
-            med, _, ref = timed(lambda: torch.nn.functional.linear(x, w), device, a.warm, a.reps)
+            med, _, ref = time_call(lambda: torch.nn.functional.linear(x, w), device, a.warm, a.reps)
             row["cublas"] = {"s": round(med, 5), "tflops": round(flops / med / 1e12, 1)}
             try:
                 torch._dynamo.reset()
@@ -170,10 +146,10 @@ def gemm_section(a, device, dtype) -> dict:
                     t = time.perf_counter()
                     fn(x, w)
                     compile_s = time.perf_counter() - t
-                med, _, out = timed(lambda: fn(x, w), device, a.warm, a.reps)
+                med, _, out = time_call(lambda: fn(x, w), device, a.warm, a.reps)
                 row["inductor"] = {"mode": mode or "default", "s": round(med, 5),
                                    "tflops": round(flops / med / 1e12, 1), "compile_s": round(compile_s, 1),
-                                   "rel_err_vs_cublas": rel_l2(out, ref),
+                                   "rel_err_vs_cublas": round(rel_l2(out, ref), 6),
                                    "time_vs_cublas": round(med / row["cublas"]["s"], 3)}
             except Exception as e:  # noqa: BLE001
                 row["inductor"] = {"error": f"{type(e).__name__}: {e}"[:400]}

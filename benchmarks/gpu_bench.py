@@ -228,41 +228,18 @@ def forward_flops(shapes: dict, cfg, tokens: int, text_tokens: int, image_tokens
     return total
 
 
-def make_aitoolkit_lora(shapes: dict, num_layers: int, rank: int, seed: int, path: str, device, std_b: float = 3e-3):
-    """A random ai-toolkit-format LoRA on every block linear (bf16), saved as safetensors."""
+def make_random_lora(fmt: str, shapes: dict, num_layers: int, rank: int, seed: int, path: str, device,
+                     std_b: float = 3e-3, drop_page_cache: bool = True) -> int:
+    """A random LoRA on every block linear (bf16) in layout ``fmt``, saved as safetensors; its bytes.
+
+    ``ai-toolkit``: a user's LoRA. ``lightx2v``: a distillation LoRA (lora_down/lora_up, ``.alpha`` = rank,
+    ``diff_b``): the shape of LightX2V's rank-64 Wan 2.1 I2V 4-step LoRA, not its numbers. With
+    ``drop_page_cache`` the file leaves the page cache, so that a timed load reads the disk.
+    """
     from safetensors.torch import save_file
 
     from deployments.lora_files import WAN_TO_DIFFUSERS
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    sd = {}
-    for i in range(num_layers):
-        for aitk, diff in WAN_TO_DIFFUSERS.items():
-            name = f"blocks.{i}.{diff}"
-            if name not in shapes:
-                continue
-            fi, fo = shapes[name]
-            a = torch.randn(rank, fi, generator=g, device=device) / math.sqrt(fi)
-            b = torch.randn(fo, rank, generator=g, device=device) * std_b
-            sd[f"diffusion_model.blocks.{i}.{aitk}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
-            sd[f"diffusion_model.blocks.{i}.{aitk}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
-    save_file(sd, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):  # drop it from the page cache: the load reads the disk
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return sum(t.numel() * t.element_size() for t in sd.values())
-
-
-def make_distill_lora(shapes: dict, num_layers: int, rank: int, seed: int, path: str, device, std_b: float = 3e-3):
-    """A random distillation LoRA in LightX2V's layout (lora_down/lora_up, .alpha = rank, diff_b) on every
-    block linear: the shape of LightX2V's rank-64 Wan 2.1 I2V 4-step LoRA, not its numbers."""
-    from safetensors.torch import save_file
-
-    from deployments.lora_files import WAN_TO_DIFFUSERS
+    from deployments.lora_writer import bias_key, file_keys
 
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}
@@ -272,14 +249,23 @@ def make_distill_lora(shapes: dict, num_layers: int, rank: int, seed: int, path:
             if name not in shapes:
                 continue
             fi, fo = shapes[name]
-            stem = f"diffusion_model.blocks.{i}.{native}"
-            sd[f"{stem}.lora_down.weight"] = (torch.randn(rank, fi, generator=g, device=device) / math.sqrt(fi)).to(
-                torch.bfloat16).cpu()
-            sd[f"{stem}.lora_up.weight"] = (torch.randn(fo, rank, generator=g, device=device) * std_b).to(
-                torch.bfloat16).cpu()
-            sd[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=torch.bfloat16)
-            sd[f"{stem}.diff_b"] = (torch.randn(fo, generator=g, device=device) * std_b).to(torch.bfloat16).cpu()
+            key_a, key_b, key_alpha = file_keys(fmt, i, native)
+            sd[key_a] = (torch.randn(rank, fi, generator=g, device=device) / math.sqrt(fi)).to(torch.bfloat16).cpu()
+            sd[key_b] = (torch.randn(fo, rank, generator=g, device=device) * std_b).to(torch.bfloat16).cpu()
+            if key_alpha is not None:
+                sd[key_alpha] = torch.tensor(float(rank), dtype=torch.bfloat16)
+            if fmt == "lightx2v":
+                sd[bias_key(fmt, i, native)] = (torch.randn(fo, generator=g, device=device) * std_b).to(
+                    torch.bfloat16).cpu()
     save_file(sd, path)
+    if drop_page_cache:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
@@ -322,22 +308,28 @@ def reference_call(pipe, spec, steps: int | None = None):
         )
 
 
+def time_call(fn, device, warm: int, reps: int) -> tuple[float, list[float], object]:
+    """Median seconds of ``fn()`` over ``reps`` calls after ``warm`` untimed ones, every time, the last output."""
+    out = None
+    for _ in range(warm):
+        out = fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), times, out
+
+
 def time_forward(transformer, inputs, device, warm: int, reps: int):
     """Median seconds of one transformer forward on the captured inputs, and its output."""
     args, kwargs = inputs
-    times = []
-    out = None
     with torch.inference_mode():
-        for _ in range(warm):
-            out = transformer(*args, **kwargs)
-        for _ in range(reps):
-            sync(device)
-            t = time.perf_counter()
-            out = transformer(*args, **kwargs)
-            sync(device)
-            times.append(time.perf_counter() - t)
+        med, times, out = time_call(lambda: transformer(*args, **kwargs), device, warm, reps)
     sample = out[0] if isinstance(out, tuple) else out.sample
-    return float(np.median(times)), [round(x, 4) for x in times], sample.detach().clone()
+    return med, [round(x, 4) for x in times], sample.detach().clone()
 
 
 class _Fp32Block(torch.nn.Module):
@@ -618,7 +610,8 @@ def main(argv=None):
         if "turbo" in a.modes:
             S["distill_dir"] = tempfile.TemporaryDirectory(prefix="bench-distill-")
             path = os.path.join(S["distill_dir"].name, "distill.safetensors")
-            S["distill_bytes"] = make_distill_lora(S["shapes"], tcfg.num_layers, a.distill_rank, 300, path, device)
+            S["distill_bytes"] = make_random_lora("lightx2v", S["shapes"], tcfg.num_layers, a.distill_rank, 300, path,
+                                                  device, drop_page_cache=False)
             turbo = {"enabled": True, "lora": path, "fp8": a.fp8}
         speed = SpeedConfig(
             attention_backend=a.attention,
@@ -699,7 +692,8 @@ def main(argv=None):
         paths = [os.path.join(tmp.name, f"lora{i}.safetensors") for i in range(2)]
         t = time.perf_counter()
         for i, path in enumerate(paths):
-            res["file_bytes"] = make_aitoolkit_lora(S["shapes"], tcfg.num_layers, a.lora_rank, 100 + i, path, device)
+            res["file_bytes"] = make_random_lora("ai-toolkit", S["shapes"], tcfg.num_layers, a.lora_rank, 100 + i,
+                                                 path, device)
         res["write_files_s"] = round(time.perf_counter() - t, 2)
         base_out = S.get("ours_out")
         g0 = unique_graphs()
@@ -778,7 +772,7 @@ def main(argv=None):
             ref = "bench/mode-user.safetensors"
             with tempfile.TemporaryDirectory(prefix="bench-user-") as tmp:
                 path = os.path.join(tmp, "user.safetensors")
-                make_aitoolkit_lora(S["shapes"], tcfg.num_layers, a.lora_rank, 100, path, device)
+                make_random_lora("ai-toolkit", S["shapes"], tcfg.num_layers, a.lora_rank, 100, path, device)
                 gen.load_adapter(ref, path)
         return ref
 

@@ -37,7 +37,7 @@ def write_loras(root: Path, source: str, rank: int) -> list[str]:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from benchmarks.gpu_bench import make_aitoolkit_lora
+    from benchmarks.gpu_bench import make_random_lora
     from deployments.lora_files import linear_shapes
     from deployments.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
 
@@ -48,7 +48,7 @@ def write_loras(root: Path, source: str, rank: int) -> list[str]:
     (root / "bench").mkdir(parents=True, exist_ok=True)
     refs = []
     for seed, name in enumerate(("bench/lora_a.safetensors", "bench/lora_b.safetensors")):
-        make_aitoolkit_lora(shapes, config["num_layers"], rank, seed, str(root / name), "cpu", std_b=0.02)
+        make_random_lora("ai-toolkit", shapes, config["num_layers"], rank, seed, str(root / name), "cpu", std_b=0.02)
         refs.append(name)
     return refs
 
