@@ -91,6 +91,21 @@ def resolve(requested: str | None, device, sequence_parallel: bool = False) -> t
     return CUDNN, why
 
 
+def for_sequence_parallel(speed, device):
+    """``speed`` (a ``SpeedConfig``) for ranks that split the sequence: ``auto`` resolved to cuDNN in exact
+    mode and in each mode's own setting, so no warm-up meets FA4 on a context-parallel transformer.
+
+    Raises:
+        ValueError: ``flash4`` asked for anywhere in ``speed``.
+    """
+    def resolved(requested):
+        return resolve(requested, device, sequence_parallel=True)[0]
+
+    modes = {m: getattr(speed, m) for m in ("fast", "turbo")}
+    modes = {m: c.model_copy(update={"attention_backend": resolved(c.attention_backend)}) for m, c in modes.items()}
+    return speed.model_copy(update={"attention_backend": resolved(speed.attention_backend), **modes})
+
+
 @torch.library.custom_op("wan_serve::flash4_attention", mutates_args=(), device_types="cuda")
 def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """FlashAttention-4 forward, (batch, tokens, heads, head_dim) in and out, no mask, not causal."""

@@ -67,14 +67,14 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
 
     clock = clock or StartupClock()
     compile_cache.CompileCache.use_inductor_dir(cfg.compile_cache)
-    attention.preload(cfg.model.speed.attention_backend, cfg.model.device)
+    sequence_parallel = cfg.parallel.sequence_degree > 1
+    if not sequence_parallel:  # those ranks never run FA4: no import for them
+        attention.preload(cfg.model.speed.attention_backend, cfg.model.device)
     with clock.part("load_s"):
         loaded = load_pipeline(cfg.model)
     speed = cfg.model.speed
-    if cfg.parallel.sequence_degree > 1 and speed.attention_backend in (attention.AUTO, attention.FLASH4):
-        # FlashAttention-4 has no context-parallel path: cuDNN here (flash4 asked for: a startup error)
-        backend, _ = attention.resolve(speed.attention_backend, loaded.device, sequence_parallel=True)
-        speed = speed.model_copy(update={"attention_backend": backend})
+    if sequence_parallel:  # FA4 has no context-parallel path: cuDNN (flash4 asked for: a startup error)
+        speed = attention.for_sequence_parallel(speed, loaded.device)
     with clock.part("speed_modes_s"):
         # Warm-up waits for the split and the compile cache, below.
         generator = WanGenerator(loaded, speed.model_copy(update={"warmup": False}), cfg.replica.faults,

@@ -46,6 +46,17 @@ def test_flash4_asked_for_where_it_cannot_run_is_a_startup_error():
         attention.resolve("flash4", "cpu")
 
 
+def test_sequence_parallel_ranks_take_cudnn_for_auto_everywhere_and_refuse_flash4():
+    speed = SpeedConfig(fast={"attention_backend": "auto"}, turbo={"attention_backend": "_native_flash"})
+    ranks = attention.for_sequence_parallel(speed, "cuda")
+    assert (ranks.attention_backend, ranks.fast.attention_backend, ranks.turbo.attention_backend) == (
+        "_native_cudnn", "_native_cudnn", "_native_flash")
+    assert ranks.fast.step_cache == speed.fast.step_cache  # only the attention changed
+    for flash4 in (SpeedConfig(attention_backend="flash4"), SpeedConfig(fast={"attention_backend": "flash4"})):
+        with pytest.raises(ValueError, match="sequence-parallel"):
+            attention.for_sequence_parallel(flash4, "cuda")
+
+
 def _math_then_flash4(model_cache, calls, seed: int, compile_blocks: bool):
     """One forward on math SDPA, then the same on ``flash4`` (compiled blocks if asked): both outputs and
     how many times the op ran."""
