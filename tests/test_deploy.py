@@ -378,6 +378,18 @@ def _quantity_gi(value: str) -> float:
     return float(m.group(1)) * (units[m.group(2)] if m.group(2) else 2**-30)
 
 
+def test_rayservice_secrets_are_the_variables_of_the_secrets_file():
+    # `kubectl create secret generic wan-i2v-secrets --from-env-file=deploy/secrets.env` must provide them.
+    names = set(_wan_env().parse_env((ROOT / "deploy" / "secrets.env.example").read_text()))
+    names |= set(re.findall(r"^# ([A-Z_]+)=", (ROOT / "deploy" / "secrets.env.example").read_text(), re.M))
+    for manifest in _rayservices():
+        for c in _containers(manifest):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] == "wan-i2v-secrets":
+                    assert ref["key"] == e["name"] and ref["key"] in names, e
+
+
 def test_rayservice_pods_drain_get_disk_and_only_the_secrets_they_use():
     drain_s = _production_args()["gpu"]["replica"]["graceful_shutdown_timeout_s"]
     for manifest in _rayservices():
