@@ -98,6 +98,55 @@ def test_launcher_can_launch_what_the_production_config_needs(path):
         assert "wan-env --secret-id" in start.split("ray start")[0]
 
 
+def test_cluster_yaml_bootstraps_and_launches_its_nodes_on_the_ec2_api(s3_server, monkeypatch, tmp_path):
+    """What `ray up` does on AWS, against moto's EC2/IAM (the suite's S3 server answers every service):
+    Ray's AWS bootstrap resolves the profiles, subnets and security group cluster.yaml names, then its node
+    provider launches a head and a GPU worker with them. Only the ids of this account's VPC, subnet,
+    security group and AMI stand in for the placeholders; the profile ARNs are the file's own (moto's
+    account is 123456789012)."""
+    import boto3
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.commands import _bootstrap_config
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ENDPOINT_URL": s3_server.endpoint, "HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)  # HOME: Ray writes the SSH key it creates under ~/.ssh
+    ec2, iam = boto3.client("ec2", region_name="us-east-1"), boto3.client("iam")
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    # `ray up` reaches the nodes over SSH at public IPs (use_internal_ips is off): Ray refuses a subnet
+    # that does not give them, as deploy/aws/README.md says.
+    ec2.modify_subnet_attribute(SubnetId=subnet, MapPublicIpOnLaunch={"Value": True})
+    group = ec2.create_security_group(GroupName=f"wan-i2v-{os.urandom(3).hex()}", Description="test", VpcId=vpc)["GroupId"]
+    trust = (ROOT / "deploy" / "aws" / "trust-policy.json").read_text()
+    for role in ("head", "worker"):
+        iam.create_role(RoleName=f"wan-i2v-{role}", AssumeRolePolicyDocument=trust)
+        iam.put_role_policy(RoleName=f"wan-i2v-{role}", PolicyName=f"wan-i2v-{role}",
+                            PolicyDocument=(ROOT / "deploy" / "aws" / f"{role}-policy.json").read_text())
+        iam.create_instance_profile(InstanceProfileName=f"wan-i2v-{role}")
+        iam.add_role_to_instance_profile(InstanceProfileName=f"wan-i2v-{role}", RoleName=f"wan-i2v-{role}")
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    text = (ROOT / "cluster.yaml").read_text()
+    for placeholder, real in (("ami-0123456789abcdef0", ami), ("subnet-0123456789abcdef0", subnet),
+                              ("sg-0123456789abcdef0", group)):
+        assert placeholder in text
+        text = text.replace(placeholder, real)
+
+    config = _bootstrap_config(yaml.safe_load(text), no_config_cache=True)
+    provider = AWSNodeProvider(config["provider"], config["cluster_name"])
+    for node_type, node in config["available_node_types"].items():
+        kind = "head" if node_type == config["head_node_type"] else "worker"
+        provider.create_node(node["node_config"], {TAG_RAY_NODE_KIND: kind, TAG_RAY_USER_NODE_TYPE: node_type,
+                                                   TAG_RAY_NODE_NAME: node_type}, 1)
+    launched = {}
+    for reservation in ec2.describe_instances(Filters=[{"Name": "subnet-id", "Values": [subnet]}])["Reservations"]:
+        for instance in reservation["Instances"]:
+            launched[instance["InstanceType"]] = (instance["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1],
+                                                  [g["GroupId"] for g in instance["SecurityGroups"]])
+    assert launched == {"m7i.4xlarge": ("wan-i2v-head", [group]), "p5.48xlarge": ("wan-i2v-worker", [group])}
+
+
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
 def test_launcher_never_copies_the_secrets_file(path):
     config = yaml.safe_load(path.read_text())
