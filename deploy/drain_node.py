@@ -17,6 +17,12 @@ import sys
 import time
 
 
+def drain_command(node_id: str, deadline_s: int) -> list[str]:
+    """`ray drain-node` for this node: no new work here, Serve moves its replicas off before the deadline."""
+    return ["ray", "drain-node", "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message", "pod terminating", "--deadline-remaining-seconds", str(deadline_s)]
+
+
 def main(argv: list[str]) -> int:
     deadline_s = int(argv[0]) if argv else 600
     end = time.monotonic() + deadline_s
@@ -26,11 +32,7 @@ def main(argv: list[str]) -> int:
 
     ray.init(address="auto", log_to_driver=False)  # RAY_ADDRESS, set by KubeRay in every Ray container
     node_id = ray.get_runtime_context().get_node_id()
-    drained = subprocess.run(
-        ["ray", "drain-node", "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-         "--reason-message", "pod terminating", "--deadline-remaining-seconds", str(deadline_s)],
-        check=False,
-    )
+    drained = subprocess.run(drain_command(node_id, deadline_s), check=False)
     if drained.returncode != 0:  # e.g. the head is gone already: nothing to hand over to
         return 0
     while time.monotonic() < end:

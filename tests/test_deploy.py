@@ -487,11 +487,26 @@ def test_secrets_file_is_never_committed_nor_built_into_the_image():
     assert "deploy/secrets.env" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
-def _wan_env():
-    spec = importlib.util.spec_from_file_location("wan_env", ROOT / "deploy" / "wan_env.py")
+def _deploy_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "deploy" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _wan_env():
+    return _deploy_script("wan_env")
+
+
+def test_drain_hook_calls_ray_drain_node_as_the_installed_ray_parses_it():
+    import click
+    from ray.scripts.scripts import drain_node
+
+    command = _deploy_script("drain_node").drain_command("ab" * 28, 600)
+    assert command[:2] == ["ray", "drain-node"]
+    drain_node.make_context("drain-node", command[2:])  # unknown options or reasons raise here
+    with pytest.raises(click.UsageError):
+        drain_node.make_context("drain-node", [*command[2:], "--reason", "DRAIN_NODE_REASON_NAP"])
 
 
 def test_wan_env_reads_the_secrets_file_format():
