@@ -74,7 +74,14 @@ def test_launcher_can_launch_what_the_production_config_needs(path):
     ingress = _production_args()["ingress"]
     # The ingress replica that docs/operations.md keeps on the head needs CPUs there.
     assert head["resources"].get("CPU", 0) >= ingress["num_cpus"]
-    assert sum(n.get("resources", {}).get("GPU", 0) * n["max_workers"] for n in workers) >= 4
+    # One launcher for the 1-, 2- and 4-GPU Serve configs: a replica's GPUs are on one node.
+    for serve_config in sorted((ROOT / "configs").glob("wan21-i2v-480p*.yaml")):
+        gpu = yaml.safe_load(serve_config.read_text())["applications"][0]["args"]["gpu"]
+        parallel = gpu.get("parallel", {"degree": 1})
+        fits = [n for n in workers if n.get("resources", {}).get("GPU", 0) >= parallel["degree"]]
+        assert fits, f"no worker node type holds a replica of {serve_config.name}"
+        if "gpus_per_node" in parallel:
+            assert {n["resources"]["GPU"] for n in fits} == {parallel["gpus_per_node"]}, serve_config.name
     # Ray's defaults are replaced, not inherited: no nightly-Ray pip install, boto3 checked on the head
     # (Ray's AWS node provider imports it there; the image carries it).
     assert "setup_commands" in config and "head_setup_commands" in config
