@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def test_cluster_yaml_bootstraps_and_launches_its_nodes_on_the_ec2_api(s3_server
     for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                         "AWS_ENDPOINT_URL": s3_server.endpoint, "HOME": str(tmp_path)}.items():
         monkeypatch.setenv(name, value)  # HOME: Ray writes the SSH key it creates under ~/.ssh
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # and its resolved-config cache in the temp dir
     ec2, iam = boto3.client("ec2", region_name="us-east-1"), boto3.client("iam")
     vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
