@@ -7,11 +7,17 @@ import hmac
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.config import GpuConfig
 from deployments.spec import OutputFormat, Sampler, SpeedMode
+
+
+# The placeholders of deploy/secrets.env.example: a key or password still starting with this was copied
+# from the example unchanged.
+PLACEHOLDER_PREFIX = "change-me"
 
 
 class _Strict(BaseModel):
@@ -233,5 +239,23 @@ class AppConfig(_Strict):
             raise ValueError(
                 "auth.api_keys_file/api_keys_env is set but yields no key; refusing to start open "
                 "(set auth.public_by_choice to run without keys)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_example_placeholders(self):
+        # Validated again in every ingress replica, so a node whose secrets came unchanged from
+        # deploy/secrets.env.example refuses to start instead of serving with a published key or password.
+        found = [f"API key #{n}" for n, key in enumerate(self.auth.load_keys(), 1)
+                 if key.lower().startswith(PLACEHOLDER_PREFIX)]
+        url = self.storage.jobs_db_url()
+        if url.startswith(("postgresql:", "postgres:")):
+            password = urlsplit(url).password or os.environ.get("PGPASSWORD", "")  # libpq's order
+            if password.lower().startswith(PLACEHOLDER_PREFIX):
+                found.append("the job database password")
+        if found:
+            raise ValueError(
+                f"{' and '.join(found)} {'is' if len(found) == 1 else 'are'} still the example placeholder ({PLACEHOLDER_PREFIX}...) of "
+                "deploy/secrets.env.example; set real secrets before starting"
             )
         return self
