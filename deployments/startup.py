@@ -71,7 +71,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     if cfg.model.speed.turbo.enabled:  # before the model: a missing file stops the replica at once
         from .turbo import distill_lora_file
 
-        with clock.part("turbo_lora_s"):
+        with clock.part("distill_lora_s"):
             turbo_lora = distill_lora_file(cfg)
     sequence_parallel = cfg.parallel.sequence_degree > 1
     if not sequence_parallel:  # those ranks never run FA4: no import for them
