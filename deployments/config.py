@@ -7,7 +7,8 @@ These models are nested inside the app's ``AppConfig`` (``serve_app/config.py``)
 from __future__ import annotations
 
 import os
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -100,8 +101,9 @@ class TurboModeConfig(_Strict):
     enabled: bool = False
     lora: str | None = Field(
         None,
-        description="the distillation LoRA: an absolute path, or a path relative to gpu.lora.root (e.g. LightX2V's "
-        "wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors); loaded once per replica",
+        description="the distillation LoRA: an absolute path, or a path under gpu.lora.root (a directory or an "
+        "object-store prefix; e.g. LightX2V's wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors) or a LoRA URL, "
+        "fetched and checked through the node's LoRA cache like a request's LoRA; loaded once per replica",
     )
     strength: float = Field(1.0, description="the distillation LoRA's multiplier")
     denoising_step_list: list[int] = Field(
@@ -247,15 +249,55 @@ class RetryConfig(_Strict):
     )
 
 
+# Object stores a LoRA root or a LoRA reference may be on (through fsspec: s3fs, gcsfs).
+OBJECT_STORE_SCHEMES = ("s3", "gs")
+
+
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def url_scheme(value: str) -> str | None:
+    """The scheme of ``scheme://...``, lower-cased; None for a plain path."""
+    m = _SCHEME_RE.match(value)
+    return m.group(1).lower() if m else None
+
+
 class LoraCacheConfig(_Strict):
     """Where adapters come from and how the per-node cache keeps them."""
 
-    root: str = Field("./loras", description="relative LoRA paths resolve under this directory only")
+    root: str = Field(
+        "./loras",
+        description="root-relative LoRA paths resolve under this only: a directory on each node, or an object-store "
+        "prefix (s3://bucket/prefix, gs://bucket/prefix) each node's LoRA cache fetches from on first use",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for an object-store root and for s3:// / gs:// LoRA references of the same "
+        "scheme (client_kwargs.endpoint_url for an S3-compatible store, region, ...); credentials come from the "
+        "node's role or environment unless given here. Left empty, the app fills it with storage.outputs_options "
+        "when the root is on the same kind of store as the outputs",
+    )
     cache_dir: str = Field("./outputs/lora-cache", description="downloaded adapters live here")
     max_file_bytes: int = Field(2 * 1024**3, description="largest accepted LoRA file")
     disk_quota_bytes: int = Field(50 * 1024**3, description="LRU eviction keeps the cache under this")
     max_header_bytes: int = Field(16 * 1024**2, description="largest accepted safetensors header")
     retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("root")
+    @classmethod
+    def _root_kind(cls, v: str) -> str:
+        scheme = url_scheme(v)
+        if scheme is not None and scheme not in OBJECT_STORE_SCHEMES:
+            raise ValueError(f"gpu.lora.root must be a directory or an object-store prefix "
+                             f"({', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)}), got {v!r}")
+        if scheme is not None and not v.split("://", 1)[1].strip("/"):
+            raise ValueError(f"gpu.lora.root {v!r} names no bucket")
+        return v
+
+    @property
+    def object_root(self) -> str | None:
+        """The root as an object-store URL without a trailing slash; None for a directory."""
+        return self.root.rstrip("/") if url_scheme(self.root) is not None else None
 
 
 class FaultInjection(_Strict):

@@ -23,19 +23,23 @@ request to a proxy would vet the wrong thing.
 is an answer like any other: a redirect could only lead the body somewhere the client did not name).
 
 Residual risks: a hostname listed in ``allowed_hosts`` is trusted with whatever it resolves to;
-``total_timeout_s`` is checked between chunks, so one stalled read can still take ``read_timeout_s``;
-object-store URLs (s3://, gs:// in the LoRA cache) do not come through here.
+``total_timeout_s`` is checked between chunks, so one stalled read can still take ``read_timeout_s``.
+
+Object stores (``s3://``, ``gs://``: the LoRA root and LoRA references, output storage) are not
+vetted here: the SDK talks to its own endpoints with the node's credentials. ``object_fs`` is the one
+way every part opens one, with the defaults below under the options its config gives.
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import re
 import socket
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -464,3 +468,34 @@ def post(url: str, cfg: FetchConfig, body: bytes, headers: dict[str, str] | None
         addrs = resolve_vetted(current, cfg)
         with _open(client, current, addrs, dict(headers or {}), "POST", body) as resp:
             return resp.status_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Object stores (fsspec)
+
+# botocore's own defaults retry a dead endpoint for about ten seconds a call; with a caller's own
+# retries on top, a lost store would hold a request for a minute. s3fs's listing cache would let one
+# process see an object another one already deleted or replaced. Options given in a config win.
+OBJECT_STORE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "s3": {"use_listings_cache": False,
+           "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}},
+}
+
+
+def object_fs(url: str, options: dict[str, Any] | None = None):
+    """The fsspec filesystem and path of ``url`` (a local path too), opened with the defaults above.
+
+    Args:
+        url: ``s3://bucket/prefix``, ``gs://...``, or a local path.
+        options: fsspec storage options from the config (``client_kwargs.endpoint_url``, region,
+            credentials where not from the node's role or environment); each top-level key replaces
+            the default's.
+    Raises:
+        ImportError: the scheme's fsspec backend is not installed; ValueError: fsspec cannot parse it.
+    """
+    import fsspec
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    # A copy: s3fs rewrites the retry settings it is given in place.
+    defaults = copy.deepcopy(OBJECT_STORE_DEFAULTS.get(scheme, {}))
+    return fsspec.core.url_to_fs(url, **{**defaults, **copy.deepcopy(options or {})})

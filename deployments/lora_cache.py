@@ -1,16 +1,23 @@
 """The per-node LoRA cache: turn a LoRA reference into a verified local file, fetching it at most once.
 
 References (``LoraRef.ref``):
-  * ``path/to/x.safetensors``: relative to ``LoraCacheConfig.root``, never outside it (checked on the
-    real path, so symlinks cannot lead out); verified in place, not copied.
+  * ``path/to/x.safetensors``: relative to ``LoraCacheConfig.root``, never outside it (no ``..``, not
+    absolute). A directory root: checked on the real path (symlinks cannot lead out), verified in
+    place, not copied. An object-store root (``s3://bucket/prefix``): the object ``<root>/<path>``,
+    fetched and cached like an ``s3://`` reference.
   * ``https://...`` (``http://`` with ``FetchConfig.allow_http``), Hugging Face ``/blob/`` page URLs
     rewritten to ``/resolve/``, and ``hf://owner/repo[@rev]/path.safetensors``.
-  * ``s3://`` / ``gs://`` through fsspec, only where fsspec and its backend are installed.
+  * ``s3://`` / ``gs://`` through fsspec (``fetch.object_fs``), only where its backend is installed.
 
-Downloads land in ``cache_dir/<sha256 of the normalised URL>.safetensors``: streamed into a temp file
-in the same directory, header-checked, fsync'ed, then ``os.replace``'d, so the final name only ever
-names a complete, verified file. Files are evicted least-recently-used (by an explicitly set access
-time) to stay under ``disk_quota_bytes``.
+Downloads land in ``cache_dir``: streamed into a temp file in the same directory, header-checked,
+fsync'ed, then ``os.replace``'d, so the final name only ever names a complete, verified file. An
+http(s) download is named ``<sha256 of the normalised URL>.safetensors`` and never looked up again.
+An object is looked up (one HEAD) on every resolve, so a missing one is ``LORA_NOT_FOUND``, an
+oversized one is refused before any byte is read, and a replaced one (another ETag) is fetched again:
+it is named ``<sha256 of its URL>.<digest of its ETag>.safetensors``. Where the store cannot be
+reached, the most recently used cached copy of that object is served (and logged), as a CDN serves
+stale on error. Files are evicted least-recently-used (by an explicitly set access time) to stay
+under ``disk_quota_bytes``.
 
 HTTP(S) downloads that fail for a reason that may pass (connection error, read timeout, a cut body,
 HTTP 5xx or 429) are retried with exponential backoff and full jitter, bounded by
@@ -33,7 +40,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import threading
 import uuid
 from pathlib import Path
@@ -43,16 +49,16 @@ from pydantic import SecretStr
 from tenacity import Retrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity import wait_random_exponential
 
-from .config import FetchConfig, LoraCacheConfig, RetryConfig
-from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound
+from .config import OBJECT_STORE_SCHEMES, FetchConfig, LoraCacheConfig, RetryConfig, url_scheme
+from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound, ServiceError
 from .fetch import (
-    FetchError,
     FetchFailed,
     FetchTooLarge,
     check_url,
     fetch_to_file,
     is_hub_url,
     normalize_lora_url,
+    object_fs,
 )
 from .lora_files import read_header
 
@@ -60,9 +66,9 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".part-"  # temp downloads; a leading dot keeps them out of the *.safetensors listing
-FSSPEC_SCHEMES = ("s3", "gs")
+FSSPEC_SCHEMES = OBJECT_STORE_SCHEMES
 ACTOR_NAMESPACE = "wan-i2v"
-_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+CHUNK = 1024 * 1024
 # A download must average at least this rate (plus one read timeout of slack): a server that drips
 # bytes just fast enough to dodge the read timeout cannot hold a fetch (and the GPU waiting on it).
 MIN_DOWNLOAD_BYTES_PER_S = 2 * 1024**2
@@ -94,9 +100,7 @@ class LoraTooLarge(LoraInvalid, FetchTooLarge):
 # Reference syntax (no filesystem, no network): usable by the ingress at submit time
 
 
-def _scheme(ref: str) -> str | None:
-    m = _SCHEME_RE.match(ref)
-    return m.group(1).lower() if m else None
+_scheme = url_scheme
 
 
 def _fsspec_supports(scheme: str) -> bool:
@@ -184,6 +188,70 @@ def find_in_root(root: str | os.PathLike, ref: str) -> str:
     return real
 
 
+def object_url(cfg: LoraCacheConfig, ref: str) -> str:
+    """The URL of a root-relative reference's object under an object-store root.
+
+    Raises:
+        LoraRefInvalid (LORA_REF_INVALID): as ``validate_ref``, and a ``?`` or ``#`` (s3fs would read
+            ``?versionId=`` as a version and the rest as another key).
+    """
+    _check_relative(ref)
+    _check_suffix(ref, ref)
+    if "?" in ref or "#" in ref:
+        raise LoraRefInvalid(f"LoRA path {ref!r} must not contain '?' or '#'", {"ref": ref})
+    return f"{cfg.object_root}/{ref}"
+
+
+def storage_options(cfg: LoraCacheConfig, url: str) -> dict[str, Any]:
+    """The configured fsspec options where ``url`` is on the root's kind of store; else none."""
+    return cfg.storage_options if _scheme(url) == _scheme(cfg.root) else {}
+
+
+def check_in_root(cfg: LoraCacheConfig, ref: str) -> None:
+    """Submit-time check that a root-relative reference's file is in the root, without reading it.
+
+    A directory root: ``find_in_root``. An object-store root: one HEAD; only an answer that the object
+    is not there refuses the reference. Anything else (no credentials here, access denied, the store
+    unreachable) leaves the decision to the replica, which may see the root where the caller cannot.
+
+    Raises:
+        LoraRefInvalid (LORA_REF_INVALID), LoraNotFound (LORA_NOT_FOUND).
+    """
+    if cfg.object_root is None:
+        find_in_root(cfg.root, ref)
+        return
+    url = object_url(cfg, ref)
+    try:
+        fs, path = object_fs(url, storage_options(cfg, url))
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref}) from None
+    except Exception as e:  # each backend raises its own errors
+        log.warning("cannot check LoRA %s at submit (%s: %s); the replica will", ref, type(e).__name__,
+                    _first_line(e))
+        return
+    if info.get("type") != "file":
+        raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """What changes when an object is replaced: its ETag (S3, GCS) or generation, else size and time."""
+    for key in ("ETag", "etag", "generation", "VersionId", "md5Hash"):
+        if info.get(key):
+            return f"{key}={info[key]}"
+    stamp = info.get("LastModified") or info.get("updated") or info.get("mtime")
+    return f"size={info.get('size')};time={stamp}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # Retries
 
@@ -235,12 +303,12 @@ class LoraStore:
         self.cfg = cfg
         self.fetch_cfg = fetch_cfg
         # "~" is the home of this node's processes: node-local paths need no per-node config.
-        self.root = Path(os.path.realpath(os.path.expanduser(cfg.root)))
+        self.root = None if cfg.object_root else Path(os.path.realpath(os.path.expanduser(cfg.root)))
         self.cache_dir = Path(cfg.cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # eviction and counters; downloads run outside it
         self.counts = {"fetches": 0, "hits": 0, "misses": 0, "local": 0, "evictions": 0, "failures": 0,
-                       "retries": 0, "fetched_bytes": 0}
+                       "retries": 0, "fetched_bytes": 0, "stale_hits": 0}
         self._on_count = on_count
         self._clean_temps()
 
@@ -257,16 +325,17 @@ class LoraStore:
         """
         validate_ref(ref, self.fetch_cfg)
         scheme = _scheme(ref)
-        if scheme is None:
+        if scheme is None and self.root is not None:
             return self._resolve_local(ref)
-        url = ref if scheme in FSSPEC_SCHEMES else self.normalize(ref)
-        return self._resolve_remote(url, hf_token)
+        if scheme is None:
+            return self._resolve_object(object_url(self.cfg, ref), ref)
+        if scheme in FSSPEC_SCHEMES:
+            return self._resolve_object(ref, ref)
+        return self._resolve_remote(self.normalize(ref), hf_token)
 
     def cache_path(self, ref: str) -> Path:
-        """Where a remote reference is (or would be) cached."""
-        scheme = _scheme(ref)
-        url = ref if scheme in FSSPEC_SCHEMES else self.normalize(ref)
-        return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest() + SUFFIX)
+        """Where an http(s) or ``hf://`` reference is (or would be) cached."""
+        return self.cache_dir / (_digest(self.normalize(ref)) + SUFFIX)
 
     def normalize(self, ref: str) -> str:
         """The download URL of an http(s)/hf reference (hub pages and ``hf://`` on the configured hub)."""
@@ -321,10 +390,6 @@ class LoraStore:
         return str(final)
 
     def _download(self, url: str, tmp: Path, hf_token: SecretStr | None) -> None:
-        scheme = _scheme(url)
-        if scheme in FSSPEC_SCHEMES:
-            self._download_fsspec(url, tmp)
-            return
         headers = {}
         if hf_token is not None and is_hub_url(url, self.fetch_cfg.hf_endpoint):
             # Dropped by the fetcher on a redirect to another origin (the hub sends LFS files to its CDN).
@@ -365,27 +430,96 @@ class LoraStore:
         """The whole-download limit: a largest-allowed file at the minimum rate, plus a read timeout."""
         return self.fetch_cfg.read_timeout_s + self.cfg.max_file_bytes / MIN_DOWNLOAD_BYTES_PER_S
 
-    def _download_fsspec(self, url: str, tmp: Path) -> None:
-        """Object-store download; the address checks do not apply (the SDK talks to its own endpoints)."""
-        import fsspec
+    # -- object stores ------------------------------------------------------------------------
+    def _resolve_object(self, url: str, ref: str) -> str:
+        """An object-store file: looked up on every call, downloaded once per version of the object."""
+        try:
+            fs, path = object_fs(url, storage_options(self.cfg, url))
+        except (ImportError, ValueError) as e:  # a backend that is not installed, a URL fsspec cannot parse
+            raise LoraSchemeUnsupported(f"cannot read {_scheme(url)}:// LoRAs here: {e}", {"ref": ref}) from e
+        try:
+            info = fs.info(path)
+        except (FileNotFoundError, PermissionError) as e:
+            # S3 answers 403 for a missing key to a reader without s3:ListBucket: not found or not readable,
+            # as an http 401/403/404 is.
+            raise LoraNotFound(f"LoRA not found: {ref}", {"ref": ref}) from e
+        except Exception as e:  # the store cannot be reached (each backend raises its own errors)
+            return self._stale_or_raise(url, ref, e)
+        if info.get("type") != "file":
+            raise LoraNotFound(f"LoRA not found: {ref}", {"ref": ref})
+        size = int(info.get("size") or 0)
+        if size > self.cfg.max_file_bytes:
+            raise LoraTooLarge(f"LoRA {ref!r} is {size} bytes; the limit is {self.cfg.max_file_bytes}",
+                               {"ref": ref, "bytes": size, "limit": self.cfg.max_file_bytes})
+        final = self.cache_dir / f"{_digest(url)}.{_digest(object_version(info))[:16]}{SUFFIX}"
+        if self._touch(final):
+            with self._lock:
+                self._bump("hits")
+            return str(final)
+        with self._lock:
+            self._bump("misses")
+        tmp = self.cache_dir / f"{TEMP_PREFIX}{final.stem[:16]}-{uuid.uuid4().hex}{SUFFIX}"
+        try:
+            self._download_object(fs, path, tmp, size, ref)
+            read_header(tmp, self.cfg.max_header_bytes)  # before the rename: a bad file never gets the name
+            os.replace(tmp, final)
+        except BaseException:
+            with self._lock:
+                self._bump("failures")
+            tmp.unlink(missing_ok=True)
+            raise
+        os.utime(final)
+        with self._lock:
+            self._bump("fetches")
+            self._bump("fetched_bytes", size)
+        self._evict(keep=final)
+        return str(final)
 
+    def _download_object(self, fs, path: str, tmp: Path, size: int, ref: str) -> None:
+        """Stream one object into ``tmp``, within the size limit and exactly the size its lookup gave."""
         total = 0
         try:
-            with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1024 * 1024):
+            with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
                     total += len(chunk)
                     if total > self.cfg.max_file_bytes:
                         limit = self.cfg.max_file_bytes
-                        raise LoraTooLarge(f"LoRA is larger than {limit} bytes", {"limit": limit})
+                        raise LoraTooLarge(f"LoRA {ref!r} is larger than {limit} bytes", {"ref": ref, "limit": limit})
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
-        except FileNotFoundError as e:
-            raise LoraNotFound(f"LoRA not found: {url}", {"url": url}) from e
-        except (FetchError, LoraInvalid):
+        except (FileNotFoundError, PermissionError) as e:  # deleted since the lookup
+            raise LoraNotFound(f"LoRA not found: {ref}", {"ref": ref}) from e
+        except ServiceError:
             raise
-        except Exception as e:  # each fsspec backend raises its own error types
-            raise LoraFetchFailed(f"cannot download LoRA {url}: {type(e).__name__}: {e}", {"url": url}) from e
+        except Exception as e:
+            raise LoraFetchFailed(f"cannot download LoRA {ref}: {type(e).__name__}: {_first_line(e)}",
+                                  {"ref": ref}) from e
+        if total != size:  # replaced or cut while it was read: the next resolve looks it up again
+            raise LoraFetchFailed(f"LoRA {ref} changed while it was downloaded ({total} of {size} bytes)",
+                                  {"ref": ref, "bytes": total, "expected": size})
+
+    def _stale_or_raise(self, url: str, ref: str, err: Exception) -> str:
+        """The most recently used cached version of an object the store cannot be asked about now."""
+        copies = []
+        for p in self.cache_dir.glob(f"{_digest(url)}.*{SUFFIX}"):
+            try:
+                copies.append((p.stat().st_mtime, p))
+            except FileNotFoundError:
+                continue
+        if not copies:
+            with self._lock:
+                self._bump("failures")
+            raise LoraFetchFailed(f"cannot reach the object store for LoRA {ref}: {type(err).__name__}: "
+                                  f"{_first_line(err)}", {"ref": ref}) from err
+        stale = max(copies, key=lambda c: c[0])[1]
+        log.warning("object store unreachable for LoRA %s (%s); serving the cached copy %s", ref,
+                    type(err).__name__, stale.name)
+        self._touch(stale)
+        with self._lock:
+            self._bump("hits")
+            self._bump("stale_hits")
+        return str(stale)
 
     # -- disk housekeeping ----------------------------------------------------------------------
     def _touch(self, path: Path) -> bool:
@@ -509,3 +643,29 @@ def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig)
         .remote(lora_cfg.model_dump(), fetch_cfg.model_dump())
     )
     return actor
+
+
+def resolve_on_node(ref: str, lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig,
+                    hf_token: SecretStr | None = None) -> str:
+    """``LoraStore.resolve`` for a LoRA the configuration names (turbo's), blocking.
+
+    Inside Ray through this node's cache actor, so the file is fetched once per node and shares the
+    cache (and its quota) with the requests' LoRAs; outside Ray (a script, a test) through a store of
+    this process.
+
+    Raises:
+        the store's typed errors; LoraFetchFailed when the node's cache actor keeps dying.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return LoraStore(lora_cfg, fetch_cfg).resolve(ref, hf_token)
+    from ray.exceptions import RayActorError
+
+    for attempt in range(2):
+        try:
+            return ray.get(get_or_create_cache_actor(lora_cfg, fetch_cfg).resolve.remote(ref, hf_token))
+        except RayActorError as e:  # the node's cache actor died: a fresh one, once (as a replica does)
+            if attempt:
+                raise LoraFetchFailed(f"LoRA cache unavailable: {e}", {"ref": ref}) from e
+    raise AssertionError("unreachable")

@@ -292,23 +292,3 @@ class SpeedModes:
             "fp8_note": self.fp8_note,
             "step_cache": self.cache is not None,
         }
-
-
-def resolve_turbo_lora(ref: str, lora_root: str | None) -> str:
-    """The distillation LoRA's file: an absolute path as is, else a path under the LoRA root.
-
-    Raises:
-        LoraNotFound, LoraRefInvalid: as for a request's root-relative LoRA.
-    """
-    import os
-
-    from .lora_cache import find_in_root
-
-    if os.path.isabs(os.path.expanduser(ref)):
-        path = os.path.expanduser(ref)
-        if not os.path.isfile(path):
-            from .errors import LoraNotFound
-
-            raise LoraNotFound(f"speed.turbo.lora not found: {ref}", {"ref": ref})
-        return path
-    return find_in_root(lora_root or ".", ref)

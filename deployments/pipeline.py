@@ -22,7 +22,7 @@ from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
 from .media_out import Mp4Stream
 from .models import LoadedModel
-from .modes import SpeedModes, resolve_turbo_lora
+from .modes import SpeedModes
 from .spec import GenerationSpec, Progress, adapter_name
 from .speed import apply_speed_modes
 from .speed import warmup as speed_warmup
@@ -198,12 +198,13 @@ class WanGenerator:
     """Holds one loaded pipeline and its resident adapters; runs one generation at a time."""
 
     def __init__(self, loaded: LoadedModel, speed: SpeedConfig | None = None, faults: FaultInjection | None = None,
-                 lora_root: str | None = None, convert=None):
+                 turbo_lora: str | None = None, convert=None):
         """Args:
             loaded: the pipeline (changed in place: hooks, speed modes, adapters).
             speed: speed-ups and modes (default ``SpeedConfig()``).
             faults: test-only fault injection.
-            lora_root: where a relative ``speed.turbo.lora`` is looked up.
+            turbo_lora: the distillation LoRA's file on this node (startup resolves ``speed.turbo.lora`` with
+                ``turbo.distill_lora_file``); default: ``speed.turbo.lora`` itself, as a local path.
             convert: tests only: what makes the fast kernels' Linear copies (default: FP8 on CUDA).
         """
         self.loaded = loaded
@@ -230,7 +231,7 @@ class WanGenerator:
                                 [n for n in self._shapes if n.startswith("blocks.")], convert)
         self.distill_loads = 0
         if "turbo" in self.modes.enabled:
-            self._load_distill(resolve_turbo_lora(self.speed.turbo.lora, lora_root))
+            self._load_distill(turbo_lora or self.speed.turbo.lora)
         self.speed_report["modes"] = self.modes.describe()
         if self.speed.warmup:
             self.warmup()

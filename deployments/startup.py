@@ -67,6 +67,12 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
 
     clock = clock or StartupClock()
     compile_cache.CompileCache.use_inductor_dir(cfg.compile_cache)
+    turbo_lora = None
+    if cfg.model.speed.turbo.enabled:  # before the model: a missing file stops the replica at once
+        from .turbo import distill_lora_file
+
+        with clock.part("distill_lora_s"):
+            turbo_lora = distill_lora_file(cfg)
     sequence_parallel = cfg.parallel.sequence_degree > 1
     if not sequence_parallel:  # those ranks never run FA4: no import for them
         attention.preload(cfg.model.speed.attention_backend, cfg.model.device)
@@ -78,7 +84,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     with clock.part("speed_modes_s"):
         # Warm-up waits for the split and the compile cache, below.
         generator = WanGenerator(loaded, speed.model_copy(update={"warmup": False}), cfg.replica.faults,
-                                  lora_root=cfg.lora.root)
+                                  turbo_lora=turbo_lora)
     split_report = None
     if split is not None:
         with clock.part("parallel_split_s"):

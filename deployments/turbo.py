@@ -13,15 +13,43 @@ Followed source: ModelTC/LightX2V, ``lightx2v/models/schedulers/wan/step_distill
   noise (not an Euler step). LightX2V draws that noise from the run's seeded generator; here it comes
   from the request's CPU generator (the one the pipeline drew the initial latents from), so a seed
   gives the same video on any device, as in the other modes.
+
+The distillation LoRA itself (``speed.turbo.lora``) is found like a request's LoRA: ``distill_lora_file``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
+if TYPE_CHECKING:
+    from .config import GpuConfig
+
+
+def distill_lora_file(cfg: "GpuConfig") -> str:
+    """The distillation LoRA as a verified file on this node, fetched at most once per node.
+
+    An absolute path is the operator's own file and is used as it is; anything else (a path under
+    ``gpu.lora.root``, a directory or an object-store prefix, or a LoRA URL) resolves through this
+    node's LoRA cache exactly as a request's LoRA does: the same root rules, checks, cache and codes.
+
+    Raises:
+        LoraNotFound (LORA_NOT_FOUND), LoraRefInvalid, LoraInvalid, LoraFetchFailed: the replica does not start.
+    """
+    from .errors import LoraNotFound
+    from .lora_cache import resolve_on_node
+
+    ref = cfg.model.speed.turbo.lora
+    path = os.path.expanduser(ref)
+    if os.path.isabs(path):
+        if not os.path.isfile(path):
+            raise LoraNotFound(f"speed.turbo.lora not found: {ref}", {"ref": ref})
+        return path
+    return resolve_on_node(ref, cfg.lora, cfg.fetch, cfg.model.token())
 
 
 def distill_sigmas(denoising_step_list: Sequence[int], shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:

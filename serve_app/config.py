@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.config import GpuConfig
+from deployments.config import GpuConfig, url_scheme
 from deployments.spec import OutputFormat, Sampler, SpeedMode
 
 
@@ -197,9 +197,11 @@ class IngressConfig(_Strict):
     replica_header: bool = Field(False, description="name the answering replica (host:pid) in X-Wan-Ingress")
     lora_root_visible: bool = Field(
         True,
-        description="gpu.lora.root is the same directory for the ingress as for the GPU replicas (one machine, or "
-        "shared storage): a root-relative LoRA that is not there is refused at submit (400 LORA_NOT_FOUND). Set "
-        "false where the root exists only on GPU nodes; such a LoRA then fails its job with that code",
+        description="the ingress sees gpu.lora.root as the GPU replicas do (one machine, shared storage, or an "
+        "object-store root the ingress's credentials can read): a root-relative LoRA that is not there is refused at "
+        "submit (400 LORA_NOT_FOUND; an object-store root costs one HEAD per LoRA, and a HEAD that fails for another "
+        "reason lets the replica decide). Set false where the root exists only on GPU nodes or the ingress may not "
+        "read it; such a LoRA then fails its job with that code",
     )
 
 
@@ -215,6 +217,14 @@ class AppConfig(_Strict):
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     public_base_url: str | None = Field(None, description="prefix for URLs in responses; default: relative")
+
+    @model_validator(mode="after")
+    def _one_object_store_endpoint(self):
+        # One place for an S3-compatible endpoint: a LoRA root on the outputs' kind of store uses their options.
+        lora = self.gpu.lora
+        if lora.object_root and not lora.storage_options and url_scheme(lora.root) == url_scheme(self.storage.outputs_dir):
+            lora.storage_options = dict(self.storage.outputs_options)
+        return self
 
     @model_validator(mode="after")
     def _default_speed_enabled(self):

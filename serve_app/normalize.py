@@ -36,7 +36,7 @@ def check_model(req: InferenceRequest, cfg: AppConfig) -> None:
 
 def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
     """The request's LoRAs, checked (count, MoE field, duplicates, syntax; files in a root the ingress sees)."""
-    from deployments.lora_cache import find_in_root, is_root_relative, validate_ref
+    from deployments.lora_cache import check_in_root, is_root_relative, validate_ref
 
     if len(req.loras) > cfg.limits.max_loras:
         raise limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",
@@ -57,7 +57,7 @@ def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
     if cfg.ingress.lora_root_visible:
         for ref in refs:
             if is_root_relative(ref.ref):
-                find_in_root(cfg.gpu.lora.root, ref.ref)
+                check_in_root(cfg.gpu.lora, ref.ref)  # an object-store root: one HEAD
     return tuple(refs)
 
 

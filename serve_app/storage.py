@@ -19,10 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import fsspec
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from deployments.errors import ServiceError
+from deployments.fetch import object_fs
 
 from .config import StorageConfig
 from .errors import ApiError, StoreUnavailable
@@ -30,12 +30,6 @@ from .errors import ApiError, StoreUnavailable
 log = logging.getLogger("ray.serve")
 
 CHUNK = 1024 * 1024
-# botocore's own defaults retry a dead endpoint for about ten seconds a call; with our own retries on
-# top, a lost store would hold a submit for a minute. s3fs's listing cache would let one replica see
-# an object another replica (or the retention sweep) already deleted. Options given in the config win.
-DEFAULT_OPTIONS = {"s3": {"use_listings_cache": False,
-                          "config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
-                                            "retries": {"max_attempts": 2, "mode": "standard"}}}}
 
 
 class OutputWriteFailed(ServiceError):
@@ -90,10 +84,10 @@ class OutputStore:
     def __init__(self, cfg: StorageConfig):
         self.cfg = cfg
         url = os.path.expanduser(cfg.outputs_dir)
-        options = {**DEFAULT_OPTIONS.get(url.split("://", 1)[0] if "://" in url else "file", {}),
-                   **cfg.outputs_options}
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **options)
+            # Short SDK timeouts and no listing cache (see object_fs): a lost store must not hold a
+            # submit for a minute, and one replica must not see an object another one deleted.
+            self.fs, self.root = object_fs(url, cfg.outputs_options)
         except (ImportError, ValueError) as e:  # an fsspec backend that is not installed, a bad URL
             raise ValueError(f"storage.outputs_dir {cfg.outputs_dir!r} cannot be used: {e}") from e
         self.root = self.root.rstrip("/")

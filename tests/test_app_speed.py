@@ -110,6 +110,6 @@ def test_switching_modes_reloads_nothing_and_turbo_matches_the_core(turbo_app, m
     cfg = AppConfig.model_validate(turbo_app.args)
     spec = to_specs(InferenceRequest.model_validate(request("turbo")), cfg)[0]
     speed: SpeedConfig = cfg.gpu.model.speed
-    core = WanGenerator(load_tiny(model_cache), speed, lora_root=cfg.gpu.lora.root)
+    core = WanGenerator(load_tiny(model_cache), speed, turbo_lora=str(speed_files["distill_path"]))
     core.load_adapter(speed_files["user"], str(speed_files["user_path"]))
     assert encode(core.generate(spec).frames, spec.fps, spec.output_format) == outputs["turbo"][0]

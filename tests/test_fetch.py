@@ -472,3 +472,26 @@ def test_hf_refs_on_a_configured_endpoint():
 )
 def test_the_token_goes_to_the_hub_origin_only(url, endpoint, same):
     assert is_hub_url(url, endpoint) is same
+
+
+# -- object stores ----------------------------------------------------------------------------------
+
+
+def test_object_stores_open_without_a_listing_cache_and_with_short_timeouts(s3_server, tmp_path):
+    """What one process lists, another may delete or replace: a lookup asks the store, not a stale listing."""
+    import fsspec
+
+    from deployments.fetch import object_fs
+
+    url = f"s3://{s3_server.bucket}/{tmp_path.name}"
+    fs, root = object_fs(url, s3_server.options())
+    other = fsspec.filesystem("s3", **s3_server.options(), skip_instance_cache=True)
+    other.pipe_file(f"{root}/a.safetensors", b"one")
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(root)] == ["a.safetensors"]
+    other.rm(f"{root}/a.safetensors")
+    with pytest.raises(FileNotFoundError):
+        fs.info(f"{root}/a.safetensors")
+    assert (fs.config_kwargs["connect_timeout"], fs.config_kwargs["read_timeout"]) == (5, 60)
+    # A key the config gives replaces the default's whole.
+    fs, _ = object_fs(url, {**s3_server.options(), "config_kwargs": {"connect_timeout": 1}})
+    assert fs.config_kwargs == {"connect_timeout": 1}

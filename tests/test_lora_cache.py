@@ -9,6 +9,7 @@ import collections
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from deployments.lora_cache import (
     LoraRefInvalid,
     LoraSchemeUnsupported,
     LoraStore,
+    check_in_root,
     validate_ref,
 )
 from tests.http_server import LocalServer, Route, local_server, loopback_only  # noqa: F401  (fixtures)
@@ -462,6 +464,201 @@ def test_actor_class_failures_reach_every_waiter(dirs, local_server):  # noqa: F
     results = asyncio.run(main())
     assert all(isinstance(r, LoraInvalid) for r in results)
     assert local_server.count("/junk.safetensors") == 1
+
+
+# -- an object-store root (the suite's S3-compatible server) -----------------------------------------
+
+
+@pytest.fixture
+def s3_root(s3_server, tmp_path):
+    """A LoRA root on a fresh prefix of the session's bucket: its URL, options, and ``put(key, bytes)``
+    for keys under the prefix (``loras/...`` is inside the root, anything else beside it)."""
+    import fsspec
+
+    prefix = f"{s3_server.bucket}/{tmp_path.name}"
+    fs = fsspec.filesystem("s3", **s3_server.options())
+    return SimpleNamespace(url=f"s3://{prefix}/loras", options=s3_server.options(),
+                           put=lambda key, data: fs.pipe_file(f"{prefix}/{key}", data))
+
+
+def s3_store(s3_root, cache, **cfg) -> LoraStore:
+    return LoraStore(LoraCacheConfig(root=s3_root.url, cache_dir=str(cache), storage_options=s3_root.options,
+                                     retry=FAST_RETRY, **cfg), FETCH)
+
+
+def test_object_root_fetches_on_first_use_serves_the_cache_then_notices_a_replaced_object(s3_root, dirs):
+    _, cache, _ = dirs
+    first, second = lora_bytes(seed=1), lora_bytes(seed=2)
+    s3_root.put("loras/sub/a.safetensors", first)
+    store = s3_store(s3_root, cache)
+    path = store.resolve("sub/a.safetensors")
+    assert open(path, "rb").read() == first and os.path.dirname(path) == str(cache)
+    assert store.resolve("sub/a.safetensors") == path
+    assert (store.stats()["fetches"], store.stats()["hits"], store.stats()["fetched_bytes"]) == (1, 1, len(first))
+    # Another process of the node (a restarted cache actor) finds the file on disk: no download.
+    again = s3_store(s3_root, cache)
+    assert again.resolve("sub/a.safetensors") == path and again.stats()["fetches"] == 0
+
+    s3_root.put("loras/sub/a.safetensors", second)  # re-uploaded under the same name
+    newer = store.resolve("sub/a.safetensors")
+    assert newer != path and open(newer, "rb").read() == second and store.stats()["fetches"] == 2
+
+
+@pytest.mark.parametrize("ref", ["missing.safetensors", "sub/missing.safetensors", "folder.safetensors"])
+def test_a_missing_object_is_lora_not_found_in_the_cache_and_at_submit(s3_root, dirs, ref):
+    _, cache, _ = dirs
+    s3_root.put("loras/folder.safetensors/inside.safetensors", lora_bytes())  # a "directory", not a file
+    s3_root.put("loras/present.safetensors", lora_bytes())
+    cfg = LoraCacheConfig(root=s3_root.url, cache_dir=str(cache), storage_options=s3_root.options)
+    for check in (s3_store(s3_root, cache).resolve, lambda r: check_in_root(cfg, r)):
+        with pytest.raises(LoraNotFound) as e:
+            check(ref)
+        assert (e.value.code, e.value.status, e.value.details) == ("LORA_NOT_FOUND", 400, {"ref": ref})
+    check_in_root(cfg, "present.safetensors")
+    assert leftovers(cache) == []
+
+
+@pytest.mark.parametrize("ref", ["../outside/x.safetensors", "sub/../../outside/x.safetensors",
+                                 "/outside/x.safetensors", "~/x.safetensors",
+                                 "x.safetensors?versionId=v1.safetensors", "x.safetensors#.safetensors"])
+def test_paths_leaving_an_object_root_are_refused(s3_root, dirs, ref):
+    """Each would otherwise name an object the root does not hold (s3fs reads '?versionId=' as a version)."""
+    _, cache, _ = dirs
+    s3_root.put("outside/x.safetensors", lora_bytes())
+    s3_root.put("loras/x.safetensors", lora_bytes())
+    cfg = LoraCacheConfig(root=s3_root.url, cache_dir=str(cache), storage_options=s3_root.options)
+    for check in (s3_store(s3_root, cache).resolve, lambda r: check_in_root(cfg, r)):
+        with pytest.raises(LoraRefInvalid) as e:
+            check(ref)
+        assert e.value.code == "LORA_REF_INVALID"
+    assert leftovers(cache) == []
+
+
+@pytest.mark.parametrize("body, limit, code", [
+    (b"\x00" * 64, None, "LORA_INVALID"),
+    (b"junk" * 100, None, "LORA_INVALID"),
+    (lora_bytes(), 100, "LORA_TOO_LARGE"),
+])
+def test_an_object_root_checks_files_as_a_local_root_does(s3_root, dirs, tmp_path, body, limit, code):
+    root, cache, _ = dirs
+    s3_root.put("loras/f.safetensors", body)
+    (root / "f.safetensors").write_bytes(body)
+    extra = {"max_file_bytes": limit} if limit else {}
+    local = LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(tmp_path / "local-cache"), **extra), FETCH)
+    store = s3_store(s3_root, cache, **extra)
+    for resolve in (local.resolve, store.resolve):
+        with pytest.raises(LoraInvalid) as e:
+            resolve("f.safetensors")
+        assert (e.value.code, e.value.status) == (code, 400)
+    assert leftovers(cache) == []  # a bad file never gets a name in the cache
+    if limit:
+        assert store.stats()["misses"] == 0  # refused by its size before any byte was read
+
+
+def test_an_unreachable_store_serves_the_cached_copy_and_fails_what_it_never_had(dirs):
+    from tests.services import S3Server
+
+    _, cache, _ = dirs
+    server = S3Server().start()
+    try:
+        import fsspec
+
+        bucket = server.create_bucket()
+        fsspec.filesystem("s3", **server.options()).pipe_file(f"{bucket}/loras/a.safetensors", lora_bytes())
+        cfg = LoraCacheConfig(root=f"s3://{bucket}/loras", cache_dir=str(cache), storage_options=server.options())
+        store = LoraStore(cfg, FETCH)
+        path = store.resolve("a.safetensors")
+    finally:
+        server.stop()
+    assert store.resolve("a.safetensors") == path and store.stats()["stale_hits"] == 1
+    with pytest.raises(LoraFetchFailed) as e:
+        store.resolve("never-fetched.safetensors")
+    assert e.value.code == "LORA_FETCH_FAILED" and e.value.details == {"ref": "never-fetched.safetensors"}
+    check_in_root(cfg, "never-fetched.safetensors")  # the ingress cannot tell: the replica decides
+
+
+def test_the_lora_root_shares_the_outputs_store_options():
+    """One endpoint setting for an S3-compatible store: a LoRA root on it needs no second copy."""
+    from serve_app.config import AppConfig
+
+    endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    storage = {"outputs_dir": "s3://out/videos", "outputs_options": endpoint}
+    shared = AppConfig(gpu={"lora": {"root": "s3://loras/prefix"}}, storage=storage)
+    assert shared.gpu.lora.storage_options == endpoint
+    own = AppConfig(gpu={"lora": {"root": "s3://loras/prefix", "storage_options": {"anon": True}}}, storage=storage)
+    assert own.gpu.lora.storage_options == {"anon": True}
+    assert AppConfig(gpu={"lora": {"root": "gs://loras/prefix"}}, storage=storage).gpu.lora.storage_options == {}
+    assert AppConfig(storage=storage).gpu.lora.storage_options == {}  # a directory root
+
+
+def test_a_lora_from_an_object_root_gives_the_frames_of_the_same_file_from_a_local_root(
+        generator, small_spec, tiny_shapes, s3_root, dirs, tmp_path):
+    from deployments.spec import LoraRef
+    from tests.lora_factory import make_lora
+
+    root, cache, _ = dirs
+    lora = make_lora(root / "style.safetensors", "ai-toolkit", tiny_shapes, seed=21)
+    s3_root.put("loras/style.safetensors", lora.path.read_bytes())
+    paths = {"local": LoraStore(LoraCacheConfig(root=str(root), cache_dir=str(tmp_path / "c2")), FETCH),
+             "s3": s3_store(s3_root, cache)}
+    paths = {kind: store.resolve("style.safetensors") for kind, store in paths.items()}
+    assert os.path.dirname(paths["s3"]) == str(cache)  # fetched into the node's cache, not read in place
+    frames = {}
+    for kind, path in paths.items():
+        generator.load_adapter(f"{kind}/style.safetensors", path)
+        try:
+            spec = small_spec(loras=(LoraRef(ref=f"{kind}/style.safetensors", multiplier=0.8),))
+            frames[kind] = generator.generate(spec).frames
+        finally:
+            generator.delete_adapter(f"{kind}/style.safetensors")
+    assert np.array_equal(frames["s3"], frames["local"])
+    assert not np.array_equal(frames["s3"], generator.generate(small_spec()).frames)  # the LoRA was applied
+
+
+def test_an_object_store_lora_root_over_http(serve_env, generator, tiny_shapes, tmp_path):
+    """The Serve app with its LoRA root and turbo's distillation LoRA in S3, sharing the outputs' endpoint.
+
+    Kept before the Ray actor tests below: this module's ``ray_cluster`` joins the session's cluster
+    when one runs, and ``serve_env`` must be the one that starts it.
+    """
+    import uuid
+
+    import fsspec
+    from ray import serve
+
+    from tests.conftest import small_request
+    from tests.lora_factory import make_layout, make_lora
+    from tests.test_app import _core_bytes, _download
+
+    s3 = serve_env.s3
+    prefix = f"{s3.bucket}/lora-root-{uuid.uuid4().hex[:6]}"
+    style = make_lora(tmp_path / "a.safetensors", "kohya", tiny_shapes, seed=22)
+    distill = make_layout(tmp_path / "distill.safetensors", "lightx2v", tiny_shapes, seed=23)
+    fs = fsspec.filesystem("s3", **s3.options())
+    fs.pipe_file(f"{prefix}/styles/a.safetensors", style.path.read_bytes())
+    fs.pipe_file(f"{prefix}/distill/turbo.safetensors", distill.path.read_bytes())
+    args = serve_env.args_for("s3-lora-root", "postgres", gpu={
+        "lora": {"root": f"s3://{prefix}/"},
+        "model": {"speed": {"turbo": {"enabled": True, "lora": "distill/turbo.safetensors"}}}})
+    assert "storage_options" not in args["gpu"]["lora"]  # the outputs' options reach the root
+    app = serve_env.deploy("s3-lora-root", "/s3-lora-root", args)
+    try:
+        missing = {**small_request(), "loras": [{"path": "styles/missing.safetensors"}]}
+        r = app.submit(missing)
+        assert r.status_code == 400 and r.json()["detail"]["error"]["code"] == "LORA_NOT_FOUND", r.text
+
+        request = {**small_request(output_format="webp"), "loras": [{"path": "styles/a.safetensors",
+                                                                     "network_multiplier": 0.9}]}
+        result = app.run(request)
+        assert result["status"] == "succeeded", result
+        assert _download(app, result).content == _core_bytes(app, generator, request,
+                                                             lora_paths={"styles/a.safetensors": style.path})
+        turbo = app.run(small_request(speed="turbo"))
+        assert turbo["status"] == "succeeded", turbo
+        stats = app.replica_stats()
+        assert stats["distill_loads"] == 1 and stats["adapter_loads"] == 1
+    finally:
+        serve.delete("s3-lora-root")
 
 
 # -- the Ray actor ---------------------------------------------------------------------------------

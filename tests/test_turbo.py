@@ -7,6 +7,8 @@ Expected values come from the source's formulas worked out here, not from the mo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -75,3 +77,42 @@ def test_turbo_on_the_tiny_model_feeds_the_distilled_timesteps_without_cfg(model
     # the seed decides the re-noising too: the same request gives the same frames, another seed others
     assert (gen.generate(small_spec(speed="turbo", steps=4, guidance_scale=1.0)).frames == frames.frames).all()
     assert (gen.generate(small_spec(speed="turbo", steps=4, guidance_scale=1.0, seed=43)).frames != frames.frames).any()
+
+
+def test_turbo_lora_under_an_object_root_is_fetched_into_the_node_cache_and_loaded(model_cache, tiny_shapes, small_spec, s3_server,
+                                                                      tmp_path):
+    """The distillation LoRA named under an s3:// root: fetched into the node's cache at start, checked, and
+    giving the frames of the same file named by its local path; a missing one stops the start with its code."""
+    import fsspec
+
+    from deployments.config import GpuConfig, SpeedConfig
+    from deployments.errors import LoraNotFound
+    from deployments.pipeline import WanGenerator
+    from deployments.startup import build_generator
+
+    from .lora_factory import make_layout
+
+    distill = make_layout(tmp_path / "distill.safetensors", "lightx2v", tiny_shapes, seed=5)
+    prefix = f"{s3_server.bucket}/{tmp_path.name}"
+    fsspec.filesystem("s3", **s3_server.options()).pipe_file(f"{prefix}/lightx2v/distill.safetensors",
+                                                             distill.path.read_bytes())
+    cache = tmp_path / "lora-cache"
+
+    def config(lora: str) -> GpuConfig:
+        return GpuConfig(
+            model={"source": "tiny", "device": "cpu", "cache_dir": str(model_cache),
+                   "speed": {"turbo": {"enabled": True, "lora": lora}}},
+            lora={"root": f"s3://{prefix}", "cache_dir": str(cache), "storage_options": s3_server.options()})
+
+    _, gen, report = build_generator(config("lightx2v/distill.safetensors"))
+    path = gen.speed_report["turbo_lora"]["path"]
+    assert os.path.dirname(path) == str(cache) and open(path, "rb").read() == distill.path.read_bytes()
+    assert gen.distill_loads == 1 and "distill_lora_s" in report
+
+    local = WanGenerator(load_tiny(model_cache), SpeedConfig(turbo={"enabled": True, "lora": str(distill.path)}))
+    spec = small_spec(speed="turbo", steps=4, guidance_scale=1.0)
+    assert (gen.generate(spec).frames == local.generate(spec).frames).all()
+
+    with pytest.raises(LoraNotFound) as e:
+        build_generator(config("lightx2v/missing.safetensors"))
+    assert e.value.details == {"ref": "lightx2v/missing.safetensors"}
