@@ -40,10 +40,11 @@ def status(job: Job) -> StatusResponse:
 
 
 def event_status(job: Job, event: JobEvent) -> StatusResponse:
-    """The status body as ``event`` left the job: its status and progress; an end (error, finish time)
-    only on a final event. The rest (attempts, start, webhook) is the job's as read now."""
+    """The status body as ``event`` left the job (its end, error and finish time, only on a final event:
+    a job ends once); the webhook's delivery is the one live part, as read now."""
     final = event.final
-    return status(replace(job, status=event.status, progress=event.progress, error=job.error if final else None,
+    return status(replace(job, status=event.status, progress=event.progress, attempts=event.attempts,
+                          started_at=event.started_at, error=job.error if final else None,
                           finished_at=job.finished_at if final else None))
 
 

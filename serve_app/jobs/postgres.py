@@ -56,9 +56,9 @@ def _logged(update: str) -> str:
     head, sep, _ = update.rpartition(" RETURNING id")
     assert sep and head.startswith("UPDATE jobs SET "), update
     head = head.replace("UPDATE jobs SET ", "UPDATE jobs SET event_seq = event_seq + 1, ", 1)
-    return (f"WITH u AS ({head} RETURNING id, event_seq, status, progress), "
-            "e AS (INSERT INTO job_events (job_id, seq, status, progress, at) "
-            f"SELECT id, event_seq, status, progress, {NOW} FROM u) SELECT id FROM u")
+    return (f"WITH u AS ({head} RETURNING id, event_seq, status, progress, attempts, started_at), "
+            "e AS (INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at) "
+            f"SELECT id, event_seq, status, progress, attempts, started_at, {NOW} FROM u) SELECT id FROM u")
 
 
 # records.final_progress in SQL (one parameter: the final status).
@@ -119,12 +119,14 @@ MIGRATIONS: list[str] = [
         seq integer NOT NULL,
         status text NOT NULL,
         progress jsonb NOT NULL,
+        attempts integer NOT NULL,
+        started_at double precision,
         at double precision NOT NULL,
         PRIMARY KEY (job_id, seq)
     );
     UPDATE jobs SET progress = jsonb_set(progress, '{stage}', '"done"') WHERE status IN ('succeeded','failed','canceled');
-    INSERT INTO job_events (job_id, seq, status, progress, at)
-        SELECT id, 1, status, progress, COALESCE(finished_at, started_at, created_at) FROM jobs;
+    INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at)
+        SELECT id, 1, status, progress, attempts, started_at, COALESCE(finished_at, started_at, created_at) FROM jobs;
     UPDATE jobs SET event_seq = 1;
     """,
 ]
@@ -230,8 +232,8 @@ class PostgresJobStore(JobStore):
                 f"%s,%s,1) RETURNING {SUMMARY_COLUMNS}",
                 (job_id, owner, idempotency_key, model, specs_to_json(specs), len(specs), Jsonb(initial_progress(specs)),
                  Jsonb(metadata or {}), webhook_url, "pending" if webhook_url else None)).fetchone()
-            conn.execute("INSERT INTO job_events (job_id, seq, status, progress, at) VALUES (%s, 1, %s, %s, %s)",
-                         (job_id, row["status"], Jsonb(row["progress"]), row["created_at"]))
+            conn.execute("INSERT INTO job_events (job_id, seq, status, progress, attempts, at) "
+                         "VALUES (%s, 1, %s, %s, 0, %s)", (job_id, row["status"], Jsonb(row["progress"]), row["created_at"]))
         return row_to_job(row), True
 
     # -- reads ----------------------------------------------------------------------------------
@@ -259,7 +261,8 @@ class PostgresJobStore(JobStore):
     @_unavailable
     def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
         with self._pool.connection() as conn:
-            rows = conn.execute("SELECT seq, status, progress, at FROM job_events WHERE job_id=%s AND seq>%s "
+            rows = conn.execute("SELECT seq, status, progress, attempts, started_at, at FROM job_events "
+                                "WHERE job_id=%s AND seq>%s "
                                 "ORDER BY seq LIMIT %s", (job_id, after, limit)).fetchall()
         return [row_to_event(r) for r in rows]
 

@@ -131,7 +131,7 @@ def row_to_job(row: Mapping[str, Any]) -> Job:
 
 @dataclass(frozen=True)
 class JobEvent:
-    """One entry of a job's event log: its status and progress as one write left them.
+    """One entry of a job's event log: its status, progress, attempts and start as one write left them.
 
     Every write that changes a job's status or progress appends one, numbered 1, 2, ... per job in
     the same transaction, so a reader that asks for the events after the last one it saw (the
@@ -141,6 +141,8 @@ class JobEvent:
     seq: int
     status: str
     progress: dict[str, Any]
+    attempts: int
+    started_at: float | None
     at: float  # epoch seconds
 
     @property
@@ -149,7 +151,8 @@ class JobEvent:
 
 
 def row_to_event(row: Mapping[str, Any]) -> JobEvent:
-    return JobEvent(seq=int(row["seq"]), status=row["status"], progress=_json(row["progress"], {}), at=float(row["at"]))
+    return JobEvent(seq=int(row["seq"]), status=row["status"], progress=_json(row["progress"], {}),
+                    attempts=int(row["attempts"]), started_at=row["started_at"], at=float(row["at"]))
 
 
 def final_progress(progress: dict[str, Any], status: str, num_prompts: int) -> dict[str, Any]:

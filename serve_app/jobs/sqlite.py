@@ -91,12 +91,14 @@ MIGRATIONS: list[str] = [
         seq INTEGER NOT NULL,
         status TEXT NOT NULL,
         progress TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        started_at REAL,
         at REAL NOT NULL,
         PRIMARY KEY (job_id, seq)
     ) WITHOUT ROWID;
     UPDATE jobs SET progress = json_set(progress, '$.stage', 'done') WHERE status IN ('succeeded','failed','canceled');
-    INSERT INTO job_events (job_id, seq, status, progress, at)
-        SELECT id, 1, status, progress, COALESCE(finished_at, started_at, created_at) FROM jobs;
+    INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at)
+        SELECT id, 1, status, progress, attempts, started_at, COALESCE(finished_at, started_at, created_at) FROM jobs;
     UPDATE jobs SET event_seq = 1;
     """,
 ]
@@ -153,10 +155,10 @@ class SqliteJobStore(JobStore):
     @staticmethod
     def _append_event(db: sqlite3.Connection, job_id: str, now: float) -> None:
         """Log the job's status and progress as this transaction leaves them (see ``JobEvent``)."""
-        row = db.execute("UPDATE jobs SET event_seq=event_seq+1 WHERE id=? RETURNING event_seq, status, progress",
-                         (job_id,)).fetchone()
-        db.execute("INSERT INTO job_events (job_id, seq, status, progress, at) VALUES (?,?,?,?,?)",
-                   (job_id, row["event_seq"], row["status"], row["progress"], now))
+        row = db.execute("UPDATE jobs SET event_seq=event_seq+1 WHERE id=? "
+                         "RETURNING event_seq, status, progress, attempts, started_at", (job_id,)).fetchone()
+        db.execute("INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at) "
+                   "VALUES (?,?,?,?,?,?,?)", (job_id, *tuple(row), now))
 
     @_unavailable
     def _migrate(self) -> int:
@@ -229,7 +231,8 @@ class SqliteJobStore(JobStore):
 
     @_unavailable
     def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
-        rows = self._conn().execute("SELECT seq, status, progress, at FROM job_events WHERE job_id=? AND seq>? "
+        rows = self._conn().execute("SELECT seq, status, progress, attempts, started_at, at FROM job_events "
+                                    "WHERE job_id=? AND seq>? "
                                     "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
         return [row_to_event(r) for r in rows]
 
