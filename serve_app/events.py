@@ -52,6 +52,11 @@ def last_event_id(value: str | None) -> int:
     return int(text)
 
 
+def unknown_event(event_id: int, last: int) -> ApiError:
+    return ApiError(400, "INVALID_LAST_EVENT_ID", f"Last-Event-ID {event_id} is past this job's last event ({last})",
+                    {"last_event_id": event_id, "last": last})
+
+
 def frame(event_id: int, data: str) -> bytes:
     """One SSE event (``data`` is one line of JSON)."""
     return f"id: {event_id}\ndata: {data}\n\n".encode()

@@ -246,7 +246,9 @@ class Ingress:
         """The job's status as it changes (``text/event-stream``); resume with ``Last-Event-ID``."""
         job = await self._job(request_id, authorization)
         after = events.last_event_id(last_event_id)
-        if job.final and after >= job.event_seq:
+        if after > job.event_seq:  # no stream sent it: waiting for it would wait for nothing
+            raise events.unknown_event(after, job.event_seq)
+        if job.final and after == job.event_seq:
             return Response(status_code=204)
         owner = job.owner
         self.streams.take(owner)

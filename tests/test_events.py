@@ -207,8 +207,9 @@ def test_the_stream_answers_like_status_for_unknown_ids_and_bad_last_event_ids(a
     r, _ = _stream(app.http, "not-a-job")
     assert r.status_code == 404 and r.json()["detail"]["error"]["code"] == "REQUEST_NOT_FOUND"
     rid = app.submit(small_request()).json()["request_id"]
-    r, _ = _stream(app.http, rid, {"Last-Event-ID": "seven"})
-    assert r.status_code == 400 and r.json()["detail"]["error"]["code"] == "INVALID_LAST_EVENT_ID"
+    for bad in ("seven", "-1", "1000"):  # not a number, or past the job's last event
+        r, _ = _stream(app.http, rid, {"Last-Event-ID": bad})
+        assert r.status_code == 400 and r.json()["detail"]["error"]["code"] == "INVALID_LAST_EVENT_ID", bad
     app.wait(rid)
 
 
