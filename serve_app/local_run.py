@@ -83,12 +83,22 @@ def _interrupt(signum, frame):
 def _sigterm_as_interrupt() -> None:
     """SIGTERM takes the path of Ctrl-C: ``serve run`` shuts Serve down and exits quietly.
 
-    ``ray.init`` replaces the SIGTERM handler of its process with one that exits at once, leaving Ray
-    to kill the replicas mid-flight, which prints their stack traces; ``serve run`` handles only
-    KeyboardInterrupt gracefully. Ray installs its handler through ``set_sigterm_handler``, which is
-    pointed at ours here, in this process only (the ``wan-serve run`` driver).
+    ``serve run`` handles only KeyboardInterrupt gracefully. ``ray.init`` first sets a Python SIGTERM
+    handler that exits at once (through ``set_sigterm_handler``), then Ray's core worker installs a
+    C-level handler that prints a stack trace (``*** SIGTERM received ***``) and aborts, leaving the
+    replicas to be killed mid-flight. Both are replaced by ours, in this process only (the
+    ``wan-serve run`` driver): Ray's handlers of crash signals (SIGSEGV, ...) stay.
     """
+    import ray
     import ray._private.utils as ray_utils
 
     signal.signal(signal.SIGTERM, _interrupt)
     ray_utils.set_sigterm_handler = lambda handler: signal.signal(signal.SIGTERM, _interrupt)
+    init = ray.init
+
+    def init_then_interrupt_on_sigterm(*args, **kwargs):
+        context = init(*args, **kwargs)
+        signal.signal(signal.SIGTERM, _interrupt)
+        return context
+
+    ray.init = init_then_interrupt_on_sigterm
