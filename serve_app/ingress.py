@@ -236,7 +236,7 @@ class Ingress:
     async def status(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         return views.status(await self._job(request_id, authorization))
 
-    @api.get("/v1/requests/{request_id}/events", response_class=events.EventStream, responses={
+    @api.get("/v1/requests/{request_id}/events", response_class=events.EventStream, status_code=200, responses={
         200: {"content": {events.MEDIA_TYPE: {}},
               "description": "Server-Sent Events: one per status or progress change, each the /status body"},
         204: {"description": "Last-Event-ID is the job's final event: nothing more will come"},
@@ -260,13 +260,16 @@ class Ingress:
     async def result(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         return views.result(await self._job(request_id, authorization), self.cfg.public_base_url or "")
 
-    @api.api_route("/v1/requests/{request_id}/outputs/{n}", methods=["GET", "HEAD"])
+    @api.head("/v1/requests/{request_id}/outputs/{n}")
+    async def output_head(self, request_id: str, n: int, request: Request,
+                          authorization: Annotated[str | None, Header()] = None):
+        """What ``GET`` answers (status, length, ranges, the redirect), without the body."""
+        return await self.output(request_id, n, request, authorization)
+
+    @api.get("/v1/requests/{request_id}/outputs/{n}")
     async def output(self, request_id: str, n: int, request: Request,
                      authorization: Annotated[str | None, Header()] = None):
-        """The video, streamed from the output store (``Range`` honoured), or a redirect to a presigned URL.
-
-        ``HEAD`` answers as ``GET`` would (status, length, ranges, the redirect), without the body.
-        """
+        """The video, streamed from the output store (``Range`` honoured), or a redirect to a presigned URL."""
         job = await self._job(request_id, authorization)
         if not 0 <= n < len(job.outputs):
             raise errors.ApiError(404, "OUTPUT_NOT_FOUND", f"request {request_id} has no output {n} (yet)",
