@@ -26,6 +26,22 @@ from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+
+class _TorchvisionFallback(logging.Filter):
+    """Drops transformers' one warning that ``CLIPImageProcessor`` falls back to ``CLIPImageProcessorPil``.
+
+    torchvision is left out on purpose (the PIL processor is the one we run and test, see
+    pitfalls), and diffusers asks for ``CLIPImageProcessor`` by the name in the checkpoint's
+    ``model_index.json``, so the warning came on every start. Every other message passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# transformers' logger of that warning (transformers.utils.import_utils), before transformers is imported.
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallback())
+
 TINY = "tiny"
 RANDOM_FULL = "random-full"
 TINY_VERSION = "1"  # bump when the tiny recipe changes, so cached copies are rebuilt

@@ -19,6 +19,8 @@ import httpx
 from .client import DEFAULT_MODEL, WanApiError, WanClient, build_request, parse_lora
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# The README section whose examples use what ``wan-serve samples`` writes.
+SAMPLES_README_SECTION = "Try it"
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--model", default=DEFAULT_MODEL)
     submit.add_argument("--out", type=Path, help="where to write the video (default <request_id>.<format>)")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
-    submit.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    submit.add_argument("--poll", type=float, default=1.0,
+                        help="seconds between status polls, where the server has no event stream")
     submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds (job keeps running)")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -138,8 +141,9 @@ def _samples(args: argparse.Namespace) -> int:
             _error(f"{w.path} exists and is not the sample: left as it is (--force replaces it)")
         else:
             print(w.path)
-    print(f'request with "ctrl_img" from {written["first_frame"].path} and "loras": [{{"path": "{LORA_REF}"}}] '
-          "(see the README's first example)", file=sys.stderr)
+    print(f'next: a request with "ctrl_img" from {written["first_frame"].path} and "loras": [{{"path": "{LORA_REF}"}}]'
+          f' (the curl and wan-serve submit examples in the README, section "{SAMPLES_README_SECTION}")',
+          file=sys.stderr)
     return EXIT_OK
 
 
@@ -236,6 +240,8 @@ class _ProgressBar:
         if stage == "denoising" and status.get("status") == "in_progress":
             self._denoising(index, prefix, p.get("step", 0), p.get("total_steps") or None)
             return
+        if self.bar is not None and self.shown == (index, "denoising") and p.get("step", 0) >= (self.bar.total or 0):
+            self.bar.update(self.bar.total - self.bar.n)  # past the last step (which a poll may not have seen)
         self.close()
         if (index, stage) != self.shown:
             self.shown = (index, stage)

@@ -1,4 +1,4 @@
-"""A small synchronous Python client for the Wan I2V service (create -> poll -> download).
+"""A small synchronous Python client for the Wan I2V service (create -> follow -> download).
 
 Needs only httpx, so it can be used from a machine without torch or Ray::
 
@@ -7,7 +7,7 @@ Needs only httpx, so it can be used from a machine without torch or Ray::
     with WanClient("http://127.0.0.1:8000", api_key="...") as client:
         job = client.submit(build_request("first_frame.png", "a runner on a beach",
                                           loras=[("my_job/my_job.safetensors", 1.0)], seed=7))
-        result = client.wait(job["request_id"], on_progress=print)
+        result = client.wait(job["request_id"], on_progress=print)  # every status change, as it happens
         client.download(job["request_id"], 0, "out.mp4")
 
 A webhook receiver checks each delivery with ``verify_webhook`` before trusting it::
@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import httpx
 
@@ -314,20 +314,79 @@ class WanClient:
                 raise
         return target
 
+    def events(self, request_id: str, last_event_id: int | None = None) -> Iterator[tuple[int | None, dict[str, Any]]]:
+        """GET /v1/requests/{id}/events: ``(event id, status dict)`` for each event of one connection.
+
+        The connection ends after the final status, or earlier (the server's stream length, a proxy):
+        call again with the last id seen to go on from there. Nothing is yielded if ``last_event_id``
+        was the final event already.
+        """
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        with self._http.stream("GET", f"/v1/requests/{request_id}/events", headers=headers) as response:
+            check(response)
+            if response.status_code == 204:  # the stream was over already
+                return
+            yield from _sse_events(response.iter_lines())
+
     def wait(self, request_id: str, poll_s: float = 1.0,
              on_progress: Callable[[dict[str, Any]], None] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        """Poll the status until the job is final and return its result (which may be failed or canceled).
+             timeout: float | None = None, stream: bool = True) -> dict[str, Any]:
+        """Follow the job until it is final and return its result (which may be failed or canceled).
 
         Args:
             request_id: the job.
-            poll_s: seconds between polls.
-            on_progress: called with every status dict seen, the final one included.
+            poll_s: seconds between status polls, where the server has no event stream.
+            on_progress: called with every status dict seen, the final one included: with the event
+                stream, every stage and every denoising step.
             timeout: give up after this many seconds (TimeoutError); the job keeps running.
+            stream: follow ``/events``; False (or a server without it, or one that refuses another
+                stream) polls ``/status``.
         Returns:
             The result dict; check ``result["status"]`` and ``result["error"]``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if stream and self._follow(request_id, on_progress, deadline, timeout):
+            return self.result(request_id)
+        return self._poll(request_id, poll_s, on_progress, deadline, timeout)
+
+    def _follow(self, request_id: str, on_progress, deadline: float | None, timeout: float | None) -> bool:
+        """Follow the event stream, reconnecting where it stopped, until the final status: True; False
+        where the server has no stream for us (an older server: 404 on the route; TOO_MANY_STREAMS)."""
+        last: int | None = None
+        transient = 0
+        while True:
+            heard = False
+            try:
+                for event_id, status in self.events(request_id, last):
+                    last = event_id if event_id is not None else last
+                    heard, transient = True, 0
+                    if on_progress is not None:
+                        on_progress(status)
+                    if status.get("status") in FINAL_STATUSES:
+                        return True
+                    _check_deadline(deadline, request_id, timeout)
+                if last is not None and self.status(request_id)["status"] in FINAL_STATUSES:
+                    return True  # the final event was seen on an earlier connection (answered 204)
+            except WanApiError as e:
+                if e.code == "REQUEST_NOT_FOUND":
+                    raise
+                if e.status == 404 or e.code == "TOO_MANY_STREAMS":
+                    return False
+                if e.status not in _TRANSIENT_STATUSES:
+                    raise
+                transient += 1
+            except (httpx.TransportError, ValueError):  # a connection cut mid-event is resumed, not fatal
+                transient += 1
+            if transient > _MAX_TRANSIENT:
+                raise WanApiError(503, "STREAM_LOST", f"the event stream of {request_id} kept failing")
+            _check_deadline(deadline, request_id, timeout)
+            if transient or not heard:  # no reconnect storm against a server that keeps failing
+                time.sleep(min(5.0, 0.2 * 2 ** transient))
+
+    def _poll(self, request_id: str, poll_s: float, on_progress, deadline: float | None,
+              timeout: float | None) -> dict[str, Any]:
         transient = 0
         while True:
             try:
@@ -346,6 +405,30 @@ class WanClient:
                     on_progress(status)
                 if status["status"] in FINAL_STATUSES:
                     return self.result(request_id)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"request {request_id} not finished after {timeout}s")
+            _check_deadline(deadline, request_id, timeout)
             time.sleep(poll_s)
+
+
+def _check_deadline(deadline: float | None, request_id: str, timeout: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"request {request_id} not finished after {timeout}s")
+
+
+def _sse_events(lines: Iterable[str]) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """``(id, JSON data)`` of each event in a ``text/event-stream`` (comments and ``retry:`` skipped)."""
+    event_id: int | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event_id, json.loads("\n".join(data))
+            data = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field == "id" and value.isdigit():
+            event_id = int(value)

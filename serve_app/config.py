@@ -47,6 +47,9 @@ class LimitsConfig(_Strict):
     max_queue_total: int = Field(1000, description="QUEUE_FULL (429): jobs queued or running, all keys")
     max_queue_per_key: int = Field(100, description="QUEUE_FULL (429): jobs queued or running, one key")
     retry_after_s: int = Field(30, description="Retry-After sent with 429")
+    max_streams_per_key: int = Field(
+        8, ge=1, description="TOO_MANY_STREAMS (429): /events streams one key holds open at once, per ingress replica"
+    )
 
 
 class AuthConfig(_Strict):
@@ -172,6 +175,20 @@ class WebhooksConfig(_Strict):
         return 3 * self.timeout_s + 5
 
 
+class EventsConfig(_Strict):
+    """The ``/events`` streams (Server-Sent Events of a job's status, read from the job database)."""
+
+    poll_s: float = Field(0.25, gt=0, description="how often an open stream reads the job's new events")
+    heartbeat_s: float = Field(
+        15.0, gt=0, description="a ': keep-alive' comment after this long without an event, so proxies keep it open"
+    )
+    max_stream_s: float = Field(
+        100.0, gt=0, description="a stream ends after this long and the client resumes it with Last-Event-ID; keep "
+        "it below Serve's http_options.request_timeout_s, which would cut the stream with an error",
+    )
+    retry_ms: int = Field(1000, ge=0, description="the reconnection delay the stream asks of EventSource clients")
+
+
 class DefaultsConfig(_Strict):
     """Per-model defaults, kept apart from the request schema (832x480: the reference's 1024x1024 is a defect)."""
 
@@ -215,6 +232,7 @@ class AppConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     public_base_url: str | None = Field(None, description="prefix for URLs in responses; default: relative")
 

@@ -18,13 +18,13 @@ import uuid
 from typing import Annotated
 
 from fastapi import Body, Header, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from ray import serve
 
 from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
 
-from . import errors, playground, retention, views, webhooks
+from . import errors, events, playground, retention, views, webhooks
 from .config import AppConfig
 from .dispatch import JobRunner
 from .errors import StoreUnavailable
@@ -103,6 +103,7 @@ class Ingress:
         self.metrics = JobMetrics()
         self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica, self.metrics, on_final=self.webhooks.wake)
         self.readiness = ReadinessProbe(replica.app_name, replica.deployment_name)
+        self.streams = events.StreamSlots(self.cfg.limits.max_streams_per_key, self.cfg.limits.retry_after_s)
         self.runner.start()
         self.webhooks.start()
         self._retention = asyncio.get_running_loop().create_task(retention.sweep_forever(
@@ -235,9 +236,35 @@ class Ingress:
     async def status(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         return views.status(await self._job(request_id, authorization))
 
+    @api.get("/v1/requests/{request_id}/events", response_class=events.EventStream, status_code=200, responses={
+        200: {"content": {events.MEDIA_TYPE: {}},
+              "description": "Server-Sent Events: one per status or progress change, each the /status body"},
+        204: {"description": "Last-Event-ID is the job's final event: nothing more will come"},
+        429: {"description": "TOO_MANY_STREAMS: this key has limits.max_streams_per_key streams open"}})
+    async def events_route(self, request_id: str, authorization: Annotated[str | None, Header()] = None,
+                           last_event_id: Annotated[str | None, Header(max_length=64)] = None):
+        """The job's status as it changes (``text/event-stream``); resume with ``Last-Event-ID``."""
+        job = await self._job(request_id, authorization)
+        after = events.last_event_id(last_event_id)
+        if after > job.event_seq:  # no stream sent it: waiting for it would wait for nothing
+            raise events.unknown_event(after, job.event_seq)
+        if job.final and after == job.event_seq:
+            return Response(status_code=204)
+        owner = job.owner
+        self.streams.take(owner)
+        body = events.follow(self.jobs, job.id, after, self.cfg.events,
+                             lambda j, event: views.event_status(j, event).model_dump_json())
+        return events.EventStream(body, release=lambda: self.streams.give_back(owner))
+
     @api.get("/v1/requests/{request_id}/result", response_model=ResultResponse)
     async def result(self, request_id: str, authorization: Annotated[str | None, Header()] = None):
         return views.result(await self._job(request_id, authorization), self.cfg.public_base_url or "")
+
+    @api.head("/v1/requests/{request_id}/outputs/{n}")
+    async def output_head(self, request_id: str, n: int, request: Request,
+                          authorization: Annotated[str | None, Header()] = None):
+        """What ``GET`` answers (status, length, ranges, the redirect), without the body."""
+        return await self.output(request_id, n, request, authorization)
 
     @api.get("/v1/requests/{request_id}/outputs/{n}")
     async def output(self, request_id: str, n: int, request: Request,
@@ -262,6 +289,8 @@ class Ingress:
         headers["Content-Length"] = str(last - first + 1)
         if span is not None:
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        if request.method == "HEAD":
+            return Response(status_code=206 if span else 200, media_type=out["content_type"], headers=headers)
         return StreamingResponse(self.outputs.iter_range(key, first, last), status_code=206 if span else 200,
                                  media_type=out["content_type"], headers=headers)
 

@@ -3,9 +3,10 @@ answer with the same bodies, built here once."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
-from .jobs import Job
+from .jobs import Job, JobEvent
 from .schemas import (
     ErrorBody,
     Outputs,
@@ -36,6 +37,15 @@ def status(job: Job) -> StatusResponse:
         request_id=job.id, status=job.status, progress=ProgressPublic(**job.progress), attempts=job.attempts,
         error=ErrorBody(**job.error) if job.error else None, created_at=iso(job.created_at),
         started_at=iso(job.started_at), finished_at=iso(job.finished_at), webhook=webhook(job))
+
+
+def event_status(job: Job, event: JobEvent) -> StatusResponse:
+    """The status body as ``event`` left the job (its end, error and finish time, only on a final event:
+    a job ends once); the webhook's delivery is the one live part, as read now."""
+    final = event.final
+    return status(replace(job, status=event.status, progress=event.progress, attempts=event.attempts,
+                          started_at=event.started_at, error=job.error if final else None,
+                          finished_at=job.finished_at if final else None))
 
 
 def result(job: Job, base_url: str = "") -> ResultResponse:

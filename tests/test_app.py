@@ -169,9 +169,10 @@ def test_status_shows_every_stage_in_order(app, loras):
                  for u in updates(result["request_id"]) if u["progress"].get("stage")]
     shown = [p for i, p in enumerate(shown) if i == 0 or p != shown[i - 1]]
     assert shown == [("queued", 0, 3), ("loading_loras", 0, 3), ("encoding_text", 0, 3), ("encoding_image", 0, 3), ("vae_encoding", 0, 3),
-                     *[("denoising", step, 3) for step in range(4)], ("vae_decoding", 3, 3), ("encoding_video", 3, 3)]
+                     *[("denoising", step, 3) for step in range(4)], ("vae_decoding", 3, 3), ("encoding_video", 3, 3),
+                     ("done", 3, 3)]
     progress = app.http.get(f"/v1/requests/{result['request_id']}/status").json()["progress"]
-    assert (progress["stage"], progress["step"], progress["total_steps"]) == ("encoding_video", 3, 3)
+    assert (progress["stage"], progress["step"], progress["total_steps"]) == ("done", 3, 3)
 
 
 def test_several_prompts_each_with_its_output(app):
@@ -479,7 +480,7 @@ def test_evicted_lora_sets_are_deleted_from_the_pipeline(serve_env, loras):
         serve.delete("evict")
 
 
-def test_cli_submits_shows_progress_and_downloads(app, tmp_path, capsys):
+def test_cli_submits_shows_every_stage_and_downloads(app, loras, tmp_path, capsys):
     from serve_app.cli import main
     from tests.conftest import make_image
 
@@ -487,10 +488,19 @@ def test_cli_submits_shows_progress_and_downloads(app, tmp_path, capsys):
     make_image(80, 60).save(image)
     out = tmp_path / "video.webp"
     code = main(["submit", "--server", app.base_url, "--image", str(image), "--prompt", "a runner",
+                 "--lora", "my_wan_job/my_wan_job.safetensors:0.5",
                  "--width", "64", "--height", "48", "--frames", "5", "--steps", "2", "--format", "webp",
-                 "--out", str(out), "--poll", "0.1"])
+                 "--out", str(out)])
     assert code == 0
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert str(out) in printed.out
+    # A job of a few seconds: every stage a line, however short (the CLI follows the event stream),
+    # and the denoising bar up to its last step.
+    lines = [line.strip() for line in printed.err.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if "step" not in line and not line.startswith("submitted")] == [
+        "queued", "loading LoRAs", "encoding the prompt", "encoding the first frame", "VAE encoding the first frame",
+        "VAE decoding the frames", "encoding the video", "succeeded"], lines
+    assert any(line.startswith("denoising: 100%") and "2/2" in line for line in lines), lines
     from PIL import Image
 
     with Image.open(out) as video:
@@ -521,6 +531,17 @@ def test_download_honours_range_requests(app):
     beyond = app.http.get(url, headers={"Range": f"bytes={len(data)}-"})
     assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
     assert beyond.json()["detail"]["error"]["code"] == "RANGE_NOT_SATISFIABLE"
+    # HEAD answers as GET would, without the body (download tools probe the size this way).
+    head = app.http.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(data) and head.headers["accept-ranges"] == "bytes"
+    assert head.headers["content-type"] == whole.headers["content-type"]
+    head = app.http.head(url, headers={"Range": "bytes=10-99"})
+    assert head.status_code == 206 and head.content == b"" and head.headers["content-length"] == "90"
+    assert head.headers["content-range"] == f"bytes 10-99/{len(data)}"
+    head = app.http.head(url, headers={"Range": f"bytes={len(data)}-"})
+    assert head.status_code == 416 and head.headers["content-range"] == f"bytes */{len(data)}"
+    assert app.http.head(f"/v1/requests/{result['request_id']}/outputs/1").status_code == 404
 
 
 def test_control_images_are_kept_once_in_the_store_not_in_the_job_row(app):
@@ -558,5 +579,9 @@ def test_presigned_redirect_sends_the_client_to_the_object_store(serve_env):
         video = httpx.get(location)
         assert video.status_code == 200 and video.content[4:8] == b"ftyp"  # an MP4 straight from the store
         assert video.content == _output_store(app).read(f"{result['request_id']}/0.mp4")
+        head = app.http.head(f"/v1/requests/{result['request_id']}/outputs/0")  # the same redirect
+        assert head.status_code == 307 and head.headers["location"].startswith(serve_env.s3.endpoint)
+        part = httpx.get(location, headers={"Range": "bytes=4-7"})  # the store honours Range itself
+        assert part.status_code == 206 and part.content == b"ftyp"
     finally:
         serve.delete("presign")

@@ -268,7 +268,8 @@ def test_progress_bar_counts_denoising_steps_only_and_shows_other_stages_as_line
     stages = [line for line in lines if "step" not in line]
     assert stages == ["loading LoRAs", "encoding the prompt", "encoding the first frame",
                       "VAE encoding the first frame", "VAE decoding the frames", "encoding the video", "succeeded"]
-    assert any(line.startswith("denoising") and "3/4" in line for line in lines), lines
+    # Past the last step seen (3 of 4: a poll missed the last), the bar ends full.
+    assert lines[-4].startswith("denoising: 100%") and "4/4" in lines[-4], lines
 
 
 def test_progress_bar_starts_again_for_each_prompt_and_a_retry():
@@ -289,3 +290,51 @@ def test_progress_bar_starts_again_for_each_prompt_and_a_retry():
     bar.update(_status("in_progress", "denoising", step=0, index=1, count=2))
     assert bar.bar.n == 0
     bar.close()
+
+
+def test_submit_polls_a_server_without_the_event_stream(tmp_path, capsys):
+    """An older server answers 404 on /events: the CLI follows the job by polling /status instead."""
+    from tests.http_server import LocalServer, Route
+
+    rid = "0b5e5c4e-8a53-4a43-9d55-0f6f8c1a2e77"
+    base = f"/v1/requests/{rid}"
+    image = tmp_path / "first.png"
+    image.write_bytes(png_bytes(make_image(64, 48)))
+
+    def status(state: str, stage: str, step: int = 0) -> Route:
+        return Route(body=json.dumps(_status(state, stage, step, total=2)).encode(),
+                     headers={"Content-Type": "application/json"})
+
+    with LocalServer() as server:
+        server.add("/v1/inference", json.dumps({"request_id": rid, "status": "queued"}).encode(),
+                   headers={"Content-Type": "application/json"})
+        server.add_sequence(f"{base}/status", status("in_queue", "queued"), status("in_progress", "denoising", 1),
+                            status("in_progress", "vae_decoding", 2), status("succeeded", "done", 2))
+        server.add(f"{base}/result", json.dumps({"request_id": rid, "status": "succeeded", "outputs": {"videos": [
+            {"format": "mp4", "url": f"{base}/outputs/0"}]}}).encode(), headers={"Content-Type": "application/json"})
+        server.add(f"{base}/outputs/0", b"an mp4")
+        out = tmp_path / "video.mp4"
+        code = main(["submit", "--server", server.url(""), "--image", str(image), "--prompt", "a runner",
+                     "--out", str(out), "--poll", "0.01"])
+        assert code == 0 and out.read_bytes() == b"an mp4"
+        assert server.count(f"{base}/events") == 1 and server.count(f"{base}/status") == 4
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if "step" not in line and not line.startswith("submitted")] == [
+        "queued", "VAE decoding the frames", "succeeded"], lines
+    # The bar ends at 100% although no poll saw the last step.
+    assert any(line.startswith("denoising: 100%") and "2/2" in line for line in lines), lines
+
+
+def test_samples_hint_names_the_readme_section_with_the_request_examples():
+    """``wan-serve samples`` ends pointing at a README section: it exists and holds the examples using its files."""
+    import re
+    from pathlib import Path
+
+    from serve_app.cli import SAMPLES_README_SECTION
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(rf"^## {re.escape(SAMPLES_README_SECTION)}\n(.*?)^## ", readme, flags=re.S | re.M)
+    assert section, SAMPLES_README_SECTION
+    for example in ("small-curl", "small-cli"):
+        assert f"<!-- readme-example: {example} -->" in section.group(1)
+    assert "first_frame.png" in section.group(1) and "sample/sample.safetensors" in section.group(1)

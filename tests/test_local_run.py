@@ -146,6 +146,13 @@ def test_local_run_listens_on_loopback_only(tmp_path):
                 if time.monotonic() > deadline:
                     pytest.fail(f"/health did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(1)
+            # The run says where it serves once, when the app is ready (and not before: /ready is 200).
+            line = f"serving at {base} (ready)"
+            while line not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+                time.sleep(0.5)
+            assert http.get("/ready").status_code == 200
+            assert log_path.read_text(errors="replace").count("serving at ") == 1
             # One job end to end: the GPU replica is up too, so every process of the run exists.
             r = http.post("/v1/inference", json=small_request())
             assert r.status_code == 200, r.text
@@ -171,6 +178,12 @@ def test_local_run_listens_on_loopback_only(tmp_path):
         assert len(per_replica) == len(set(per_replica)), f"more than one exposed port in a replica: {replica_grpc}"
         for _, exposed_port, name in replica_grpc:
             assert _refuses_strangers(exposed_port), f"{name} port {exposed_port} answers without Ray's token"
+
+        # SIGTERM (a server in the background stopped with kill) shuts down as quietly as Ctrl-C.
+        running_log = len(log_path.read_bytes())
+        _stop(proc, pids)
+        stopping = log_path.read_bytes()[running_log:].decode(errors="replace")
+        assert proc.returncode == 0 and "Traceback" not in stopping and "SIGTERM" not in stopping, stopping
     finally:
         pids |= {p.pid for p in _tree(proc.pid)}
         _stop(proc, pids)

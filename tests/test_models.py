@@ -253,3 +253,21 @@ def test_every_completed_load_is_counted(model_cache):
     first, second = load_tiny(model_cache), load_tiny(model_cache)
     assert first.pipe is not second.pipe
     assert pipeline_loads() == loads + 2
+
+
+def test_loading_logs_no_torchvision_fallback_warning_and_other_transformers_warnings_pass(model_cache):
+    """torchvision is left out on purpose: transformers' warning about it is dropped, and only it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from deployments.config import ModelConfig\n"
+        "from deployments.models import load_pipeline\n"
+        f"load_pipeline(ModelConfig(source='tiny', cache_dir={str(model_cache)!r}, device='cpu'))\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('another warning of that logger')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "requires torchvision" not in run.stderr
+    assert "another warning of that logger" in run.stderr

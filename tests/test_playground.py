@@ -122,6 +122,11 @@ def test_generate_watch_play_and_download_with_a_key(keyed, lora, page, tmp_path
                             ("#steps", "2"), ("#seed", "7")):
         page.fill(selector, value)
     page.select_option("#sampler", "flowmatch_euler")
+    # Every stage the page shows, as it shows it: the event stream brings each, however short.
+    page.evaluate("""() => { window.stagesShown = []; const el = document.getElementById('job-stage');
+        new MutationObserver(() => { const t = el.textContent;
+            if (t && window.stagesShown.at(-1) !== t) window.stagesShown.push(t); })
+          .observe(el, {childList: true, characterData: true, subtree: true}); }""")
     page.click("#submit")
 
     expect(page.locator("#job-id")).not_to_be_empty()
@@ -129,6 +134,9 @@ def test_generate_watch_play_and_download_with_a_key(keyed, lora, page, tmp_path
     expect(page.locator("#job-status")).to_have_text("succeeded")
     expect(page.locator("#job-step")).to_have_text("step 2/2")
     assert text(page, "#form-error") == ""
+    assert page.evaluate("() => window.stagesShown") == [
+        "queued", "loading_loras", "encoding_text", "encoding_image", "vae_encoding", "denoising", "vae_decoding",
+        "encoding_video", "done"]
 
     # The job holds what the form said, and the uploaded picture as its first frame.
     (row,) = keyed.db_rows("id=?", (rid,))

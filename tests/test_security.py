@@ -152,6 +152,7 @@ PROTECTED = [
     ("POST", "/v1/inference"),
     ("GET", "/v1/requests/x/status"),
     ("GET", "/v1/requests/x/result"),
+    ("GET", "/v1/requests/x/events"),
     ("GET", "/v1/requests/x/outputs/0"),
     ("POST", "/v1/requests/x/cancel"),
     ("GET", "/v1/webhook-secret"),

@@ -30,7 +30,10 @@ from .records import (
     SUMMARY_COLUMNS,
     WEBHOOK_STATES,
     Job,
+    JobEvent,
+    final_progress,
     initial_progress,
+    row_to_event,
     row_to_job,
     specs_to_json,
 )
@@ -42,6 +45,26 @@ FINAL_SQL = "status IN ('succeeded','failed','canceled')"
 # Advisory lock keys (any constant bigint): migrations, and submits (so queue limits are exact).
 LOCK_MIGRATE = 7_301_000_001
 LOCK_SUBMIT = 7_301_000_002
+
+
+def _logged(update: str) -> str:
+    """``update`` (an ``UPDATE jobs ... RETURNING id`` of one row) that also appends the job's event.
+
+    One statement: the event is numbered from the row's ``event_seq``, which the update bumps while
+    it holds the row's lock, so a job's events commit in the order of their numbers.
+    """
+    head, sep, _ = update.rpartition(" RETURNING id")
+    assert sep and head.startswith("UPDATE jobs SET "), update
+    head = head.replace("UPDATE jobs SET ", "UPDATE jobs SET event_seq = event_seq + 1, ", 1)
+    return (f"WITH u AS ({head} RETURNING id, event_seq, status, progress, attempts, started_at), "
+            "e AS (INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at) "
+            f"SELECT id, event_seq, status, progress, attempts, started_at, {NOW} FROM u) SELECT id FROM u")
+
+
+# records.final_progress in SQL (one parameter: the final status).
+_FINAL_PROGRESS = ("progress || jsonb_build_object('stage', 'done') || CASE WHEN %s::text = 'succeeded' THEN "
+                   "jsonb_build_object('prompt_index', GREATEST(num_prompts - 1, 0), "
+                   "'step', COALESCE(progress->'total_steps', '0'::jsonb)) ELSE '{}'::jsonb END")
 
 MIGRATIONS: list[str] = [
     """
@@ -86,6 +109,25 @@ MIGRATIONS: list[str] = [
     # writes while it builds, moments on a jobs table that retention keeps small.
     """
     CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
+    """,
+    # The per-job event log (see JobEvent); jobs already there get one event of their present state,
+    # and a final job's stage becomes "done".
+    """
+    ALTER TABLE jobs ADD COLUMN event_seq integer NOT NULL DEFAULT 0;
+    CREATE TABLE job_events (
+        job_id text NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        seq integer NOT NULL,
+        status text NOT NULL,
+        progress jsonb NOT NULL,
+        attempts integer NOT NULL,
+        started_at double precision,
+        at double precision NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    UPDATE jobs SET progress = jsonb_set(progress, '{stage}', '"done"') WHERE status IN ('succeeded','failed','canceled');
+    INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at)
+        SELECT id, 1, status, progress, attempts, started_at, COALESCE(finished_at, started_at, created_at) FROM jobs;
+    UPDATE jobs SET event_seq = 1;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -186,10 +228,12 @@ class PostgresJobStore(JobStore):
                     raise QueueFull("per-key", max_per_owner)
             row = conn.execute(
                 "INSERT INTO jobs (id, owner, idempotency_key, status, model, specs, num_prompts, progress, metadata,"
-                f" created_at, webhook_url, webhook_state) VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,%s,{NOW},%s,%s)"
-                f" RETURNING {SUMMARY_COLUMNS}",
+                f" created_at, webhook_url, webhook_state, event_seq) VALUES (%s,%s,%s,'in_queue',%s,%s,%s,%s,%s,{NOW},"
+                f"%s,%s,1) RETURNING {SUMMARY_COLUMNS}",
                 (job_id, owner, idempotency_key, model, specs_to_json(specs), len(specs), Jsonb(initial_progress(specs)),
                  Jsonb(metadata or {}), webhook_url, "pending" if webhook_url else None)).fetchone()
+            conn.execute("INSERT INTO job_events (job_id, seq, status, progress, attempts, at) "
+                         "VALUES (%s, 1, %s, %s, 0, %s)", (job_id, row["status"], Jsonb(row["progress"]), row["created_at"]))
         return row_to_job(row), True
 
     # -- reads ----------------------------------------------------------------------------------
@@ -213,6 +257,14 @@ class PostgresJobStore(JobStore):
                 f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s {after}ORDER BY created_at DESC, id DESC LIMIT %s",
                 (owner, *(before or ()), limit)).fetchall()
         return [row_to_job(r) for r in rows]
+
+    @_unavailable
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT seq, status, progress, attempts, started_at, at FROM job_events "
+                                "WHERE job_id=%s AND seq>%s "
+                                "ORDER BY seq LIMIT %s", (job_id, after, limit)).fetchall()
+        return [row_to_event(r) for r in rows]
 
     @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
@@ -264,9 +316,9 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def set_progress(self, job_id: str, holder: str, progress: dict[str, Any]) -> bool:
-        row = self._one(
+        row = self._one(_logged(
             f"UPDATE jobs SET status='in_progress', progress=%s, started_at=COALESCE(started_at, {NOW}) "
-            f"WHERE id=%s AND lease_owner=%s AND {ACTIVE_SQL} AND NOT cancel_requested RETURNING id",
+            f"WHERE id=%s AND lease_owner=%s AND {ACTIVE_SQL} AND NOT cancel_requested RETURNING id"),
             (Jsonb(progress), job_id, holder))
         return row is not None
 
@@ -291,22 +343,23 @@ class PostgresJobStore(JobStore):
     def finish(self, job_id, status, error=None, holder=None, metadata=None) -> bool:
         assert status in FINAL
         query = (f"UPDATE jobs SET status=%s, error=%s, finished_at={NOW}, lease_owner=NULL, lease_until=0, "
-                 f"metadata = metadata || %s WHERE id=%s AND {ACTIVE_SQL}")
-        params: list[Any] = [status, Jsonb(error) if error else None, Jsonb(metadata or {}), job_id]
+                 f"metadata = metadata || %s, progress = {_FINAL_PROGRESS} WHERE id=%s AND {ACTIVE_SQL}")
+        params: list[Any] = [status, Jsonb(error) if error else None, Jsonb(metadata or {}), status, job_id]
         if holder is not None:
             query += " AND lease_owner=%s"
             params.append(holder)
-        return self._one(query + " RETURNING id", params) is not None
+        return self._one(_logged(query + " RETURNING id"), params) is not None
 
     @_unavailable
     def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute(f"UPDATE jobs SET cancel_requested=true WHERE id=%s AND {ACTIVE_SQL}", (job_id,))
-            cur = conn.execute(f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, "
-                               f"lease_until=0 WHERE id=%s AND status='in_queue' AND lease_until < {NOW}",
-                               (Jsonb(CANCELED), job_id))
+            canceled = conn.execute(_logged(
+                f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, lease_until=0, "
+                f"progress = {_FINAL_PROGRESS} WHERE id=%s AND status='in_queue' AND lease_until < {NOW} RETURNING id"),
+                (Jsonb(CANCELED), "canceled", job_id)).fetchone()
             row = conn.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=%s", (job_id,)).fetchone()
-        return (row_to_job(row) if row else None), cur.rowcount == 1
+        return (row_to_job(row) if row else None), canceled is not None
 
     # -- webhook deliveries ---------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ WEBHOOK_STATES = ("pending", "delivered", "failed")
 SUMMARY_COLUMNS = (
     "id, owner, idempotency_key, status, model, num_prompts, progress, outputs, error, metadata, attempts, "
     "cancel_requested, lease_owner, lease_until, created_at, started_at, finished_at, "
-    "webhook_url, webhook_state, webhook_attempts, webhook_next_at"
+    "webhook_url, webhook_state, webhook_attempts, webhook_next_at, event_seq"
 )
+# A final job's progress stage: it says the job is over, whatever stage it was in when it ended.
+DONE_STAGE = "done"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Job:
     webhook_state: str | None = None  # one of WEBHOOK_STATES; None without a webhook
     webhook_attempts: list[dict[str, Any]] = field(default_factory=list)
     webhook_next_at: float = 0.0  # epoch seconds (the database's clock) before which no attempt starts
+    event_seq: int = 0  # the number of the job's last event (``JobEvent.seq``); 0 for none
 
     @property
     def specs(self) -> list[StoredSpec]:
@@ -122,7 +125,42 @@ def row_to_job(row: Mapping[str, Any]) -> Job:
         webhook_state=row["webhook_state"],
         webhook_attempts=_json(row["webhook_attempts"], []),
         webhook_next_at=float(row["webhook_next_at"]),
+        event_seq=int(row["event_seq"]) if "event_seq" in keys else 0,
     )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's event log: its status, progress, attempts and start as one write left them.
+
+    Every write that changes a job's status or progress appends one, numbered 1, 2, ... per job in
+    the same transaction, so a reader that asks for the events after the last one it saw (the
+    ``/events`` stream, which polls) misses none, however short a stage was.
+    """
+
+    seq: int
+    status: str
+    progress: dict[str, Any]
+    attempts: int
+    started_at: float | None
+    at: float  # epoch seconds
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+def row_to_event(row: Mapping[str, Any]) -> JobEvent:
+    return JobEvent(seq=int(row["seq"]), status=row["status"], progress=_json(row["progress"], {}),
+                    attempts=int(row["attempts"]), started_at=row["started_at"], at=float(row["at"]))
+
+
+def final_progress(progress: dict[str, Any], status: str, num_prompts: int) -> dict[str, Any]:
+    """The progress a job keeps once it is final: stage ``done``; a succeeded job shows every step done."""
+    done = {**progress, "stage": DONE_STAGE}
+    if status == "succeeded":
+        done.update(prompt_index=max(0, num_prompts - 1), step=done.get("total_steps", 0))
+    return done
 
 
 def initial_progress(specs: list[StoredSpec]) -> dict[str, Any]:

@@ -25,7 +25,10 @@ from .records import (
     SUMMARY_COLUMNS,
     WEBHOOK_STATES,
     Job,
+    JobEvent,
+    final_progress,
     initial_progress,
+    row_to_event,
     row_to_job,
     specs_to_json,
 )
@@ -79,6 +82,25 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX IF NOT EXISTS jobs_owner_recent ON jobs(owner, created_at, id);
     """,
+    # The per-job event log (see JobEvent); jobs already there get one event of their present state,
+    # and a final job's stage becomes "done".
+    """
+    ALTER TABLE jobs ADD COLUMN event_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE job_events (
+        job_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        progress TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        started_at REAL,
+        at REAL NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    ) WITHOUT ROWID;
+    UPDATE jobs SET progress = json_set(progress, '$.stage', 'done') WHERE status IN ('succeeded','failed','canceled');
+    INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at)
+        SELECT id, 1, status, progress, attempts, started_at, COALESCE(finished_at, started_at, created_at) FROM jobs;
+    UPDATE jobs SET event_seq = 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -130,6 +152,14 @@ class SqliteJobStore(JobStore):
             db.execute("ROLLBACK")
             raise
 
+    @staticmethod
+    def _append_event(db: sqlite3.Connection, job_id: str, now: float) -> None:
+        """Log the job's status and progress as this transaction leaves them (see ``JobEvent``)."""
+        row = db.execute("UPDATE jobs SET event_seq=event_seq+1 WHERE id=? "
+                         "RETURNING event_seq, status, progress, attempts, started_at", (job_id,)).fetchone()
+        db.execute("INSERT INTO job_events (job_id, seq, status, progress, attempts, started_at, at) "
+                   "VALUES (?,?,?,?,?,?,?)", (job_id, *tuple(row), now))
+
     @_unavailable
     def _migrate(self) -> int:
         with self._tx() as db:
@@ -173,6 +203,7 @@ class SqliteJobStore(JobStore):
                  json.dumps(initial_progress(specs)), json.dumps(metadata or {}), now, webhook_url,
                  "pending" if webhook_url else None),
             )
+            self._append_event(db, job_id, now)
             row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return row_to_job(row), True
 
@@ -197,6 +228,13 @@ class SqliteJobStore(JobStore):
             f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=? {after}ORDER BY created_at DESC, id DESC LIMIT ?",
             (owner, *(before or ()), limit)).fetchall()
         return [row_to_job(r) for r in rows]
+
+    @_unavailable
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
+        rows = self._conn().execute("SELECT seq, status, progress, attempts, started_at, at FROM job_events "
+                                    "WHERE job_id=? AND seq>? "
+                                    "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+        return [row_to_event(r) for r in rows]
 
     @_unavailable
     def count(self, statuses: tuple[str, ...] | None = None) -> int:
@@ -254,12 +292,16 @@ class SqliteJobStore(JobStore):
 
     @_unavailable
     def set_progress(self, job_id: str, holder: str, progress: dict[str, Any]) -> bool:
+        now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET status='in_progress', progress=?, started_at=COALESCE(started_at, ?) "
                 f"WHERE id=? AND lease_owner=? AND status IN {_ACTIVE_SQL} AND cancel_requested=0",
-                (json.dumps(progress), time.time(), job_id, holder))
-            return cur.rowcount == 1
+                (json.dumps(progress), now, job_id, holder))
+            if cur.rowcount != 1:
+                return False
+            self._append_event(db, job_id, now)
+            return True
 
     @_unavailable
     def add_output(self, job_id: str, holder: str, output: dict[str, Any], timings: dict[str, float]) -> bool:
@@ -290,19 +332,28 @@ class SqliteJobStore(JobStore):
     @_unavailable
     def finish(self, job_id, status, error=None, holder=None, metadata=None) -> bool:
         assert status in FINAL
+        now = time.time()
         with self._tx() as db:
             query = ("UPDATE jobs SET status=?, error=?, finished_at=?, lease_owner=NULL, lease_until=0 "
                      f"WHERE id=? AND status IN {_ACTIVE_SQL}")
-            params: list[Any] = [status, json.dumps(error) if error else None, time.time(), job_id]
+            params: list[Any] = [status, json.dumps(error) if error else None, now, job_id]
             if holder is not None:
                 query += " AND lease_owner=?"
                 params.append(holder)
             cur = db.execute(query, params)
-            if cur.rowcount and metadata:
-                row = db.execute("SELECT metadata FROM jobs WHERE id=?", (job_id,)).fetchone()
-                db.execute("UPDATE jobs SET metadata=? WHERE id=?",
-                           (json.dumps({**json.loads(row["metadata"]), **metadata}), job_id))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._settle(db, job_id, status, now, metadata)
+            return True
+
+    def _settle(self, db: sqlite3.Connection, job_id: str, status: str, now: float,
+                metadata: dict[str, Any] | None = None) -> None:
+        """The rest of a job's move to a final state, in the same transaction: stage "done", its event."""
+        row = db.execute("SELECT progress, metadata, num_prompts FROM jobs WHERE id=?", (job_id,)).fetchone()
+        db.execute("UPDATE jobs SET progress=?, metadata=? WHERE id=?",
+                   (json.dumps(final_progress(json.loads(row["progress"]), status, row["num_prompts"])),
+                    json.dumps({**json.loads(row["metadata"]), **(metadata or {})}), job_id))
+        self._append_event(db, job_id, now)
 
     @_unavailable
     def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
@@ -312,6 +363,8 @@ class SqliteJobStore(JobStore):
             cur = db.execute("UPDATE jobs SET status='canceled', finished_at=?, error=?, lease_owner=NULL, "
                              "lease_until=0 WHERE id=? AND status='in_queue' AND lease_until < ?",
                              (now, json.dumps(CANCELED), job_id, now))
+            if cur.rowcount == 1:
+                self._settle(db, job_id, "canceled", now)
             row = db.execute(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return (row_to_job(row) if row else None), cur.rowcount == 1
 
@@ -366,4 +419,5 @@ class SqliteJobStore(JobStore):
     def delete(self, job_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            db.execute("DELETE FROM job_events WHERE job_id=?", (job_id,))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StoreUnavailable
-from .records import Job, StoredSpec
+from .records import Job, JobEvent, StoredSpec
 
 
 class QueueFull(Exception):
@@ -84,6 +84,15 @@ class JobStore(ABC):
         Args:
             before: ``(created_at, id)`` of the last job of the previous page: only jobs after it in
                 this order (keyset paging, so jobs submitted meanwhile never shift a page).
+        """
+
+    @abstractmethod
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
+        """The job's events numbered above ``after``, oldest first, at most ``limit``.
+
+        Each write of a job's status or progress (create, ``set_progress``, ``finish``, a cancel that
+        ends it) appends one event in its own transaction, numbered per job in commit order: asking
+        again with the last number seen never skips one.
         """
 
     @abstractmethod

@@ -10,7 +10,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   model: null,      // /v1/models' first model: defaults, samplers, max_loras, speed_modes
   image: null,      // Promise of the chosen file as a data: URI (read while the user types on)
-  watch: null,      // the request id whose status is polled; a new job or a click replaces it
+  watch: null,      // the request id whose status is followed; a new job or a click replaces it
   mediaUrl: null,   // blob: URL of the shown output (revoked when replaced)
   nextBefore: null, // cursor of the next page of recent jobs
 };
@@ -29,8 +29,8 @@ function authHeaders() {
 }
 
 // fetch with the key; any non-2xx becomes an ApiError carrying the API's stable error code.
-async function api(path, { method = "GET", body } = {}) {
-  const headers = authHeaders();
+async function api(path, { method = "GET", body, headers: extra } = {}) {
+  const headers = { ...authHeaders(), ...extra };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const r = await fetch(path, {
     method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body),
@@ -212,9 +212,82 @@ function renderStatus(s) {
   $("cancel").hidden = FINAL.includes(s.status);
 }
 
-// Poll the job until it is final (or another job is shown), then show its first output.
+// Show one status of the watched job; true once it is final (its first output shown if it succeeded).
+async function show(id, status) {
+  if (state.watch !== id) return true;
+  renderStatus(status);
+  if (!FINAL.includes(status.status)) return false;
+  if (status.status === "succeeded") await showOutput(id);
+  refreshRecent();
+  return true;
+}
+
+// Follow the job's event stream until it is final (or another job is shown): every stage and step as
+// it happens. fetch, not EventSource, which cannot send the key; a connection that ends early is
+// resumed with Last-Event-ID. A server without the stream (404) or refusing another one (429) is polled.
 async function watch(id) {
   showJob(id);
+  let lastId = null;
+  while (state.watch === id) {
+    const headers = { Accept: "text/event-stream" };
+    if (lastId !== null) headers["Last-Event-ID"] = lastId;
+    let r;
+    try {
+      r = await api(jobPath(id, "events"), { headers });
+    } catch (e) {
+      if (state.watch !== id) return;
+      const noStream = e instanceof ApiError && ((e.status === 404 && e.code !== "REQUEST_NOT_FOUND")
+                                                  || e.code === "TOO_MANY_STREAMS");
+      if (noStream) return poll(id);
+      $("job-error").textContent = describe(e);
+      if (e instanceof ApiError && e.status < 500) return; // gone, or not this key's: retrying will not help
+      await sleep(POLL_MS * 4);
+      continue;
+    }
+    if (r.status === 204) return poll(id); // its final event came on an earlier connection
+    try {
+      for await (const [eventId, status] of sseEvents(r.body)) {
+        if (eventId !== null) lastId = eventId;
+        if (await show(id, status)) return;
+      }
+    } catch (e) {
+      if (state.watch === id) await sleep(POLL_MS); // cut mid-stream: resume where it stopped
+    }
+  }
+}
+
+// The (id, parsed data) of each event of a text/event-stream body; comments and retry: skipped.
+async function* sseEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", data = [], eventId = null;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, nl).replace(/\r$/, "");
+        buffer = buffer.slice(nl + 1);
+        if (line === "") {
+          if (data.length) yield [eventId, JSON.parse(data.join("\n"))];
+          data = [];
+        } else if (!line.startsWith(":")) {
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "data") data.push(text);
+          else if (field === "id") eventId = text;
+        }
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+// Poll the job's status until it is final (or another job is shown): servers without /events.
+async function poll(id) {
   while (state.watch === id) {
     let status;
     try {
@@ -226,13 +299,7 @@ async function watch(id) {
       await sleep(POLL_MS * 4);
       continue;
     }
-    if (state.watch !== id) return;
-    renderStatus(status);
-    if (FINAL.includes(status.status)) {
-      if (status.status === "succeeded") await showOutput(id);
-      refreshRecent();
-      return;
-    }
+    if (await show(id, status)) return;
     await sleep(POLL_MS);
   }
 }
