@@ -21,6 +21,7 @@ from .config import FaultInjection, SpeedConfig
 from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
 from .media_out import Mp4Stream
+from .memory import MemoryPlan
 from .models import LoadedModel
 from .modes import SpeedModes, resolve_turbo_lora
 from .spec import GenerationSpec, Progress, adapter_name
@@ -210,6 +211,10 @@ class WanGenerator:
         self.pipe = loaded.pipe
         self.device = loaded.device
         self.speed = speed or SpeedConfig()
+        self.memory = loaded.memory or MemoryPlan()
+        if self.memory.offloader is not None and self.speed.compile_blocks:
+            # Offloaded blocks swap their weights around each call, which a compiled block cannot see.
+            self.speed = self.speed.model_copy(update={"compile_blocks": False})
         self.faults = faults or FaultInjection()
         self._checkpoint_scheduler = self.pipe.scheduler
         self._schedulers = {"unipc": self._checkpoint_scheduler}
@@ -227,11 +232,13 @@ class WanGenerator:
         self._resident: dict = {}  # adapter name -> speed.ResidentAdapter (slot path only)
         # Fast and turbo modes on the same weights; exact mode's path is left as it was.
         self.modes = SpeedModes(self.pipe, self.speed, self.device, self.speed_report.get("attention_backend"),
-                                [n for n in self._shapes if n.startswith("blocks.")], convert)
+                                [n for n in self._shapes if n.startswith("blocks.")], convert,
+                                weights_fp8=self.memory.fp8)
         self.distill_loads = 0
         if "turbo" in self.modes.enabled:
             self._load_distill(resolve_turbo_lora(self.speed.turbo.lora, lora_root))
         self.speed_report["modes"] = self.modes.describe()
+        self.speed_report["memory"] = self.memory.describe()
         if self.speed.warmup:
             self.warmup()
 
@@ -476,6 +483,8 @@ class WanGenerator:
             if video is not None:
                 timings["encode_video"] = round(time.perf_counter() - t_tail, 4)  # what was left after decode
         report.update(steps=spec.steps, guidance_scale=spec.guidance_scale)
+        memory = {"mode": self.memory.mode, "fp8_weights": self.memory.fp8}
+        report["memory"] = {**memory, "note": self.memory.note} if self.memory.note else memory
         report.setdefault("forwards_computed", spec.steps * mode.branches)
         report.setdefault("forwards_skipped", 0)
         return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)
