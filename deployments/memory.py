@@ -28,6 +28,7 @@ peak each mode was measured to need (``NEED_GIB``), never by an out-of-memory ha
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,11 +40,12 @@ log = logging.getLogger(__name__)
 
 MODES = ("full", "fp8", "offload")  # largest to smallest need
 
-# Peak GPU memory of one default request (832x480, 41 frames, 25 steps, CFG, a rank-32 LoRA; compile and
-# warm-up included) on the 480P 14B model, per mode, measured on an H100 with benchmarks/memory_bench.py
-# (benchmarks/RESULTS.md, "Memory modes"), rounded up, plus MARGIN_GIB for the CUDA context, the
-# allocator's fragmentation and the 81-frame warm-up size.
-NEED_GIB = {"full": 47.0, "fp8": 32.0, "offload": 15.0}
+# Peak GPU memory allocated by one default request (832x480, 41 frames, 25 steps, CFG 4, a rank-32 LoRA;
+# above what start-up and warm-up reach) on the 480P 14B model, per mode, measured on an H100 with
+# benchmarks/memory_bench.py (benchmarks/RESULTS.md, "Memory modes": full 48.36, offload 13.91 GiB), plus
+# MARGIN_GIB for the CUDA context and the allocator's slack. fp8 is full's peak less the FP8 saving on the
+# block linears (15.1 GiB of their 30.2), until measured.
+NEED_GIB = {"full": 48.4, "fp8": 33.5, "offload": 14.0}
 MARGIN_GIB = 1.5
 NEED_MODEL = "the Wan 2.1 I2V 14B model at 832x480, 41 frames"
 
@@ -241,6 +243,32 @@ class StageResidency:
     def release(self) -> None:
         for i in self.ids:
             self.offloader.evict(i)
+
+
+@contextmanager
+def plain_lora_layers(active: bool = True):
+    """While active, peft wraps an FP8 (torchao) Linear in its plain ``lora.Linear``, as it wraps a bf16 one.
+
+    Left alone, peft picks ``TorchaoLoraLinear`` for a torchao weight, which refuses a LoRA bias (the
+    compiled LoRA slot has one; LightX2V-style adapters bring one) and differs only in merging, which
+    nothing here does: adapters stay unmerged beside the base layer. The plain layer over an FP8 base
+    layer is what fast mode has always run (its FP8 copies are swapped in under peft's wrappers).
+    """
+    module = None
+    if active:
+        try:
+            import peft.tuners.lora.torchao as module
+        except ImportError:
+            module = None
+    if module is None or not hasattr(module, "is_torchao_available"):
+        yield
+        return
+    saved = module.is_torchao_available
+    module.is_torchao_available = lambda: False
+    try:
+        yield
+    finally:
+        module.is_torchao_available = saved
 
 
 # ---------------------------------------------------------------------------------------------

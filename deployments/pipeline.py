@@ -21,7 +21,7 @@ from .config import FaultInjection, SpeedConfig
 from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
 from .media_out import Mp4Stream
-from .memory import MemoryPlan
+from .memory import MemoryPlan, plain_lora_layers
 from .models import LoadedModel
 from .modes import SpeedModes, resolve_turbo_lora
 from .spec import GenerationSpec, Progress, adapter_name
@@ -227,7 +227,8 @@ class WanGenerator:
         self._hooks = hook_stages(self.pipe, lambda: self._clock)
         # Speed modes (CUDA only; a no-op on CPU). With compiled blocks, adapters go through the
         # fixed LoRA slot (speed.LoraSlots) so that loads, switches and multipliers never recompile.
-        self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
+        with plain_lora_layers(self.memory.fp8):
+            self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
         self._slots = self.speed_report.pop("lora_slots", None)
         self._resident: dict = {}  # adapter name -> speed.ResidentAdapter (slot path only)
         # Fast and turbo modes on the same weights; exact mode's path is left as it was.
@@ -236,7 +237,8 @@ class WanGenerator:
                                 weights_fp8=self.memory.fp8)
         self.distill_loads = 0
         if "turbo" in self.modes.enabled:
-            self._load_distill(resolve_turbo_lora(self.speed.turbo.lora, lora_root))
+            with plain_lora_layers(self.memory.fp8):
+                self._load_distill(resolve_turbo_lora(self.speed.turbo.lora, lora_root))
         self.speed_report["modes"] = self.modes.describe()
         self.speed_report["memory"] = self.memory.describe()
         if self.speed.warmup:
@@ -304,15 +306,16 @@ class WanGenerator:
 
         pipe = self.pipe
         state_dict = pipe._maybe_expand_t2v_lora_for_i2v(transformer=pipe.transformer, state_dict=dict(lora.state_dict))
-        pipe.load_lora_into_transformer(
-            state_dict,
-            transformer=pipe.transformer,
-            adapter_name=name,
-            metadata=lora.metadata,
-            _pipeline=pipe,
-            low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
-            hotswap=False,
-        )
+        with plain_lora_layers(self.memory.fp8):
+            pipe.load_lora_into_transformer(
+                state_dict,
+                transformer=pipe.transformer,
+                adapter_name=name,
+                metadata=lora.metadata,
+                _pipeline=pipe,
+                low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+                hotswap=False,
+            )
         # peft makes a file's lora_dropout (p > 0 in some training metadata) in training mode, so
         # stock would drop random activations at inference; the one place we do not follow it.
         pipe.transformer.eval()
