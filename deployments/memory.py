@@ -11,8 +11,9 @@
   weights are copied to the GPU on a side CUDA stream while the block before it runs, and dropped after
   its forward (:class:`BlockPrefetch`: at most two blocks on the GPU). The text encoder (UMT5-XXL, ~11 GB
   bf16) and the image encoder also live on the host and are on the GPU only from their first call in a
-  request until the VAE encode starts. Adapter weights (peft's ``lora_*`` parameters) are never moved:
-  they stay on the GPU, so loading and switching LoRAs is what it is in the other modes. The blocks run
+  request until the VAE encode starts. Adapter weights are never moved (the moved weights are listed at
+  load, before any adapter exists): they stay on the GPU, so loading and switching LoRAs is what it is in
+  the other modes. The blocks run
   eagerly (a compiled block cannot swap its weights around the call): ``compile_blocks`` must be off.
 
 How weights move: a module's parameters keep their identity (peft, the LoRA slot and the optimizer-free
@@ -92,12 +93,13 @@ def check_replica(mode: str, source: str, device: torch.device) -> None:
 
 
 def _leaves(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The plain tensors holding ``module``'s base weights: parameters and buffers, the inner tensors of
-    tensor subclasses (torchao's FP8 weights), never an adapter's (``lora_*``) or an empty one."""
+    """The plain tensors holding ``module``'s weights: parameters and buffers, and the inner tensors of
+    tensor subclasses (torchao's FP8 weights). Taken at load, before any adapter exists, so adapters
+    added later are never moved."""
     out = []
     seen = set()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if "lora_" in name or id(t) in seen:
+    for _, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(t) in seen:
             continue
         seen.add(id(t))
         flatten = getattr(t, "__tensor_flatten__", None)

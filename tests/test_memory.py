@@ -98,6 +98,9 @@ def test_offload_gives_full_modes_frames_and_keeps_two_blocks_resident(model_cac
     # every block fetched once per forward (block 0's fetch for the next forward done ahead), each encoder
     # once per request
     assert report["loads"] >= forwards * n and report["loads"] <= forwards * n + 2 * 3 + 1
+    # the encoders went back to the host once the VAE encode began: nothing of them is left on the device
+    assert all(p.numel() == 0 for p in loaded.pipe.text_encoder.parameters())
+    assert all(p.numel() == 0 for p in loaded.pipe.image_encoder.parameters())
     # the adapter's weights were never moved: they stay on the device while the base weights are away
     layer = blocks[1].attn1.to_q  # (block 0 is already back: fetched ahead for the next forward)
     assert all(a.weight.numel() > 0 for a in layer.lora_A.values()) and layer.base_layer.weight.numel() == 0
