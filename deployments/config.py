@@ -337,15 +337,37 @@ class ReplicaConfig(_Strict):
     faults: FaultInjection = Field(default_factory=FaultInjection)
 
 
+MemoryMode = Literal["full", "fp8", "offload"]
+
+
 class GpuConfig(_Strict):
     """Everything a replica needs, in one object."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    memory: MemoryMode = Field(
+        "full",
+        description="where the weights live (deployments/memory.py): full (bf16 on the GPU, an 80 GB card), fp8 "
+        "(the transformer's block linears stored in FP8: a 48 GB card), offload (fp8, and the blocks and encoders in "
+        "pinned host memory, copied to the GPU just ahead of use: a 24 GB card; runs the transformer eagerly). A "
+        "replica whose card is too small for its mode refuses to start and names the mode that fits",
+    )
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     lora: LoraCacheConfig = Field(default_factory=LoraCacheConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     compile_cache: CompileCacheConfig = Field(default_factory=CompileCacheConfig)
+
+    @model_validator(mode="after")
+    def _memory_mode_fits(self):
+        if self.memory == "offload" and self.model.speed.compile_blocks:
+            raise ValueError(
+                "gpu.memory: offload moves each transformer block onto the GPU around its forward, which compiled "
+                "blocks cannot do: set gpu.model.speed.compile_blocks: false (configs/wan21-i2v-480p-24gb.yaml)"
+            )
+        if self.memory != "full" and self.parallel.degree > 1:
+            raise ValueError(f"gpu.memory: {self.memory} is for one-GPU replicas; parallel.degree is "
+                             f"{self.parallel.degree}")
+        return self
 
     @model_validator(mode="after")
     def _parallel_fits(self):

@@ -62,6 +62,14 @@ class SpeedModeUnavailable(ServiceError):
     status = 503
 
 
+class GpuTooSmall(ServiceError):
+    """The card has less memory than the configured ``gpu.memory`` mode needs: a startup error, never a
+    job's out-of-memory half-way; its message names the mode that fits."""
+
+    code = "GPU_TOO_SMALL"
+    status = 503
+
+
 class LoraNotFound(ServiceError):
     code = "LORA_NOT_FOUND"
     status = 400

@@ -142,6 +142,7 @@ class LoadedModel:
     dtype: torch.dtype
     source: str
     load_seconds: float
+    memory: "object | None" = None  # memory.MemoryPlan: how the weights are kept (None: all on the device)
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -394,11 +395,15 @@ def build_random_full(device: torch.device, dtype: torch.dtype, tokenizer_dir: s
 # ---------------------------------------------------------------------------------------------
 
 
-def load_pipeline(cfg: ModelConfig) -> LoadedModel:
+def load_pipeline(cfg: ModelConfig, memory: str = "full", convert=None) -> LoadedModel:
     """Load the configured source onto its device.
 
     Args:
         cfg: the model section of the config.
+        memory: ``gpu.memory`` (``memory.apply_memory_mode``). Other than ``full``, a checkpoint is read into
+            host memory and the mode puts it on the device block by block, so the card never holds the
+            whole model in bf16.
+        convert: tests only: the FP8 conversion of the memory mode (default: torchao on CUDA).
     Returns:
         The loaded pipeline with its device and dtype.
     """
@@ -417,7 +422,7 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
         secret = cfg.token()
         token = secret.get_secret_value() if secret is not None else None
         kwargs = {"cache_dir": str(Path(cfg.cache_dir).expanduser() / "hub")} if not Path(location).is_dir() else {}
-        if cfg.load_direct:
+        if cfg.load_direct and memory == "full":
             # Each component's safetensors are read straight into the device's memory (on CUDA, the
             # current GPU), not into host memory and then copied: half the copying, no host RAM.
             kwargs["device_map"] = device.type
@@ -429,11 +434,13 @@ def load_pipeline(cfg: ModelConfig) -> LoadedModel:
             log.warning("loading straight to %s failed (%s); loading through host memory", device, e)
             kwargs.pop("device_map")
             pipe = WanImageToVideoPipeline.from_pretrained(location, dtype=dtype, token=token, **kwargs)
-        pipe.to(device)
+    from .memory import apply_memory_mode
+
+    plan = apply_memory_mode(pipe, memory, device, convert)  # full: pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     seconds = time.perf_counter() - t0
     global _loads
     with _loads_lock:
         _loads += 1
-    log.info("loaded %s on %s (%s) in %.1fs", cfg.source, device, dtype, seconds)
-    return LoadedModel(pipe=pipe, device=device, dtype=dtype, source=cfg.source, load_seconds=seconds)
+    log.info("loaded %s on %s (%s, memory %s) in %.1fs", cfg.source, device, dtype, memory, seconds)
+    return LoadedModel(pipe=pipe, device=device, dtype=dtype, source=cfg.source, load_seconds=seconds, memory=plan)

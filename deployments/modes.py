@@ -37,30 +37,46 @@ log = logging.getLogger(__name__)
 FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada and Hopper and later
 
 
-def torchao_fp8_converter(device: torch.device):
+FP8_SETTINGS = "gpu.model.speed.fast.fp8 and gpu.model.speed.turbo.fp8"
+
+
+def torchao_fp8_converter(device: torch.device, setting: str = FP8_SETTINGS, weight_only_fallback: bool = False):
     """A function turning a bf16 ``nn.Linear`` into an FP8 copy (torchao float8, dynamic per-row scales).
 
+    Args:
+        device: the CUDA device the copies run on.
+        setting: the config setting that asked for FP8, named in the errors.
+        weight_only_fallback: below compute capability 8.9 (no float8 matmuls), FP8 weights with bf16
+            matmuls (torchao float8 weight-only: the memory saving without the speed) instead of an error.
     Raises:
         SpeedModeUnavailable: torchao is not installed, or the card cannot run float8 matmuls.
     """
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
     except ImportError as e:
         raise SpeedModeUnavailable(
-            "speed.fast.fp8 / speed.turbo.fp8 is on but torchao is not installed: pip install 'wan-i2v-serve[cuda]' "
-            "(torchao>=0.18), or set gpu.model.speed.fast.fp8 and gpu.model.speed.turbo.fp8 to false",
-            {"missing": "torchao"},
+            f"{setting} asks for FP8 linears but torchao is not installed: pip install 'wan-i2v-serve[cuda]' "
+            "(torchao>=0.18), or turn it off",
+            {"missing": "torchao", "setting": setting},
         ) from e
     capability = torch.cuda.get_device_capability(device)
-    if capability < FP8_MIN_CAPABILITY:
+    if capability < FP8_MIN_CAPABILITY and not weight_only_fallback:
         raise SpeedModeUnavailable(
             f"FP8 linears need compute capability >= 8.9 (Ada/Hopper); this card has {capability[0]}.{capability[1]}: "
-            "set gpu.model.speed.fast.fp8 and gpu.model.speed.turbo.fp8 to false",
-            {"capability": list(capability)},
+            f"turn off {setting}",
+            {"capability": list(capability), "setting": setting},
         )
-    # set_inductor_config=False: torchao would otherwise change process-wide inductor settings, and
-    # with them exact mode's compiled kernels.
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    if capability < FP8_MIN_CAPABILITY:
+        config = Float8WeightOnlyConfig()
+    else:
+        # set_inductor_config=False: torchao would otherwise change process-wide inductor settings, and
+        # with them exact mode's compiled kernels.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
     def convert(linear: torch.nn.Linear) -> torch.nn.Module:
         holder = torch.nn.Sequential(copy.deepcopy(linear))  # quantize_ replaces children, so give it a parent
@@ -169,7 +185,7 @@ class SpeedModes:
     """The fast and turbo modes of one pipeline, installed once; ``begin``/``end`` around each request."""
 
     def __init__(self, pipe, speed: SpeedConfig, device: torch.device, exact_backend: str | None,
-                 linear_names: list[str], convert=None):
+                 linear_names: list[str], convert=None, weights_fp8: bool = False):
         """Install what the enabled modes need.
 
         Args:
@@ -180,6 +196,8 @@ class SpeedModes:
             linear_names: the Linears to give FP8 copies (the block linears, named as in the base model).
             convert: Linear -> converted copy; default: torchao FP8 on CUDA when a mode asks for it,
                 nothing elsewhere. Tests pass their own to exercise the swap on CPU.
+            weights_fp8: the block linears already are FP8 (``gpu.memory`` fp8 or offload): every mode runs
+                them, and no copies are made.
         Raises:
             SpeedModeUnavailable: FP8 asked for on CUDA without torchao or a capable card.
         """
@@ -191,7 +209,8 @@ class SpeedModes:
         wants_fp8 = any(getattr(speed, m).fp8 for m in ("fast", "turbo") if m in self.enabled)
         self.fp8_note: str | None = None
         self.kernels: KernelSwap | None = None
-        if wants_fp8:
+        self.weights_fp8 = weights_fp8
+        if wants_fp8 and not weights_fp8:
             if convert is None and device.type == "cuda":
                 convert = torchao_fp8_converter(device)
             if convert is None:
@@ -229,7 +248,7 @@ class SpeedModes:
         self.check(spec)
         mode = spec.speed
         cfg = getattr(self.speed, mode) if mode != "exact" else None
-        fp8 = cfg is not None and cfg.fp8 and self.kernels is not None
+        fp8 = self.weights_fp8 or (cfg is not None and cfg.fp8 and self.kernels is not None)
         if self.kernels is not None:
             self.kernels.use(fp8)
         backend = self.backends.get(mode)
@@ -288,6 +307,7 @@ class SpeedModes:
         return {
             "enabled": list(self.enabled),
             "fp8_linears": len(self.kernels.names) if self.kernels is not None else 0,
+            "fp8_weights": self.weights_fp8,
             "fp8_bytes": self.kernels.nbytes if self.kernels is not None else 0,
             "fp8_note": self.fp8_note,
             "step_cache": self.cache is not None,

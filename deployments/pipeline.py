@@ -21,6 +21,7 @@ from .config import FaultInjection, SpeedConfig
 from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .lora_files import linear_shapes, read_lora
 from .media_out import Mp4Stream
+from .memory import MemoryPlan, plain_lora_layers
 from .models import LoadedModel
 from .modes import SpeedModes
 from .spec import GenerationSpec, Progress, adapter_name
@@ -211,6 +212,10 @@ class WanGenerator:
         self.pipe = loaded.pipe
         self.device = loaded.device
         self.speed = speed or SpeedConfig()
+        self.memory = loaded.memory or MemoryPlan()
+        if self.memory.offloader is not None and self.speed.compile_blocks:
+            # Offloaded blocks swap their weights around each call, which a compiled block cannot see.
+            self.speed = self.speed.model_copy(update={"compile_blocks": False})
         self.faults = faults or FaultInjection()
         self._checkpoint_scheduler = self.pipe.scheduler
         self._schedulers = {"unipc": self._checkpoint_scheduler}
@@ -223,16 +228,20 @@ class WanGenerator:
         self._hooks = hook_stages(self.pipe, lambda: self._clock)
         # Speed modes (CUDA only; a no-op on CPU). With compiled blocks, adapters go through the
         # fixed LoRA slot (speed.LoraSlots) so that loads, switches and multipliers never recompile.
-        self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
+        with plain_lora_layers(self.memory.fp8):
+            self.speed_report = apply_speed_modes(self.pipe, self.speed, self.device)
         self._slots = self.speed_report.pop("lora_slots", None)
         self._resident: dict = {}  # adapter name -> speed.ResidentAdapter (slot path only)
         # Fast and turbo modes on the same weights; exact mode's path is left as it was.
         self.modes = SpeedModes(self.pipe, self.speed, self.device, self.speed_report.get("attention_backend"),
-                                [n for n in self._shapes if n.startswith("blocks.")], convert)
+                                [n for n in self._shapes if n.startswith("blocks.")], convert,
+                                weights_fp8=self.memory.fp8)
         self.distill_loads = 0
         if "turbo" in self.modes.enabled:
-            self._load_distill(turbo_lora or self.speed.turbo.lora)
+            with plain_lora_layers(self.memory.fp8):
+                self._load_distill(turbo_lora or self.speed.turbo.lora)
         self.speed_report["modes"] = self.modes.describe()
+        self.speed_report["memory"] = self.memory.describe()
         if self.speed.warmup:
             self.warmup()
 
@@ -298,15 +307,16 @@ class WanGenerator:
 
         pipe = self.pipe
         state_dict = pipe._maybe_expand_t2v_lora_for_i2v(transformer=pipe.transformer, state_dict=dict(lora.state_dict))
-        pipe.load_lora_into_transformer(
-            state_dict,
-            transformer=pipe.transformer,
-            adapter_name=name,
-            metadata=lora.metadata,
-            _pipeline=pipe,
-            low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
-            hotswap=False,
-        )
+        with plain_lora_layers(self.memory.fp8):
+            pipe.load_lora_into_transformer(
+                state_dict,
+                transformer=pipe.transformer,
+                adapter_name=name,
+                metadata=lora.metadata,
+                _pipeline=pipe,
+                low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+                hotswap=False,
+            )
         # peft makes a file's lora_dropout (p > 0 in some training metadata) in training mode, so
         # stock would drop random activations at inference; the one place we do not follow it.
         pipe.transformer.eval()
@@ -477,6 +487,8 @@ class WanGenerator:
             if video is not None:
                 timings["encode_video"] = round(time.perf_counter() - t_tail, 4)  # what was left after decode
         report.update(steps=spec.steps, guidance_scale=spec.guidance_scale)
+        memory = {"mode": self.memory.mode, "fp8_weights": self.memory.fp8}
+        report["memory"] = {**memory, "note": self.memory.note} if self.memory.note else memory
         report.setdefault("forwards_computed", spec.steps * mode.branches)
         report.setdefault("forwards_skipped", 0)
         return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)

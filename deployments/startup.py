@@ -77,7 +77,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     if not sequence_parallel:  # those ranks never run FA4: no import for them
         attention.preload(cfg.model.speed.attention_backend, cfg.model.device)
     with clock.part("load_s"):
-        loaded = load_pipeline(cfg.model)
+        loaded = load_pipeline(cfg.model, memory=cfg.memory)
     speed = cfg.model.speed
     if sequence_parallel:  # FA4 has no context-parallel path: cuDNN (flash4 asked for: a startup error)
         speed = attention.for_sequence_parallel(speed, loaded.device)
@@ -100,7 +100,8 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     with clock.part("compile_cache_save_s"):
         cache.save()
     report = {**clock.report(), "compile_cache": cache.report, "warmup": generator.speed_report.get("warmup"),
-              "attention_backend": generator.speed_report.get("attention_backend")}
+              "attention_backend": generator.speed_report.get("attention_backend"),
+              "memory": generator.speed_report.get("memory")}
     if generator.speed_report.get("attention_fallback"):
         report["attention_fallback"] = generator.speed_report["attention_fallback"]
     if split_report is not None:

@@ -113,9 +113,17 @@ class WanI2VReplica:
         self.metrics.memory(self.loaded.device)
 
     def _make_generator(self, cfg: GpuConfig):
-        """(loaded model, generator, startup account) on this replica's GPU; ``rank_group`` uses several."""
+        """(loaded model, generator, startup account) on this replica's GPU; ``rank_group`` uses several.
+
+        Raises:
+            GpuTooSmall: the card's free memory is under what ``gpu.memory``'s mode needs (checked before
+                anything loads, so a too-small card fails here and never in a job).
+        """
+        from .memory import check_replica
+        from .models import resolve_device
         from .startup import build_generator
 
+        check_replica(cfg.memory, cfg.model.source, resolve_device(cfg.model))
         return build_generator(cfg)
 
     def _warmup(self):

@@ -216,3 +216,26 @@ def test_gpu_multi_smoke(serve_env, model_cache, tmp_path):
     load = r["load"]
     assert load["via_host_s"] > 0 and load["direct_s"] > 0
     assert set(r["summary"]) >= {"latency_ratio", "throughput_ratio", "warm_cold_start_s", "meets"}
+
+
+def test_memory_bench_smoke_runs_every_mode(model_cache, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_bench.py"), "--cpu-smoke", "--out",
+                           str(out), "--cache-dir", str(model_cache)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    results_file = out / "memory_bench.json"
+    assert results_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(results_file.read_text())
+    assert r["sections_failed"] == [] and _errors(r) == [], r
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for mode in ("full", "fp8", "offload"):
+        m = r[mode]
+        assert m["request"]["memory"]["mode"] == mode and set(m["request"]["timings"]) == STAGES, mode
+        # the LoRA switch reloaded nothing and compiled nothing
+        assert (m["switch"]["graphs_compiled"], m["switch"]["pipeline_loads"]) == (0, 0), mode
+    # CPU: no FP8, said so; the offloaded blocks moved through the hooks, two at most on the "device"
+    for mode in ("fp8", "offload"):
+        assert "FP8 weights need CUDA" in r[mode]["request"]["memory"]["note"]
+        assert r[mode]["latents_rel_l2_vs_full"] == 0.0 and r[mode]["psnr_db_vs_full"] == "inf"
+    moved = r["offload"]["memory_after"]
+    assert moved["max_blocks_resident"] == 2 and moved["loads"] > 0 and moved["host_gib"] >= 0

@@ -128,3 +128,33 @@ def test_a_multi_gpu_config_with_a_bad_split_does_not_start(monkeypatch):
         args = {**app["args"], "gpu": {**app["args"]["gpu"], "parallel": {**app["args"]["gpu"]["parallel"], **bad}}}
         with pytest.raises(ValidationError, match=message):
             build_app(args)
+
+
+# -- smaller cards ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("card, memory, speed_changes", [
+    ("48gb", "fp8", {}),
+    ("24gb", "offload", {"compile_blocks": False}),  # offloaded blocks run eagerly
+])
+def test_memory_configs_are_production_plus_a_memory_mode(card, memory, speed_changes, monkeypatch):
+    production = yaml.safe_load((ROOT / "configs" / "wan21-i2v-480p.yaml").read_text())
+    config, app = app_section(f"wan21-i2v-480p-{card}.yaml")
+    gpu = app["args"]["gpu"]
+    assert gpu.pop("memory") == memory
+    speed = gpu["model"]["speed"]
+    assert {k: speed[k] for k in speed_changes} == speed_changes
+    speed.update({k: production["applications"][0]["args"]["gpu"]["model"]["speed"][k] for k in speed_changes})
+    assert config == production  # everything else in step with the 80 GB production config
+
+    _, app = app_section(f"wan21-i2v-480p-{card}.yaml")
+    monkeypatch.setenv(app["args"]["auth"]["api_keys_env"], "k1")
+    cfg = AppConfig.model_validate(app["args"])
+    assert cfg.gpu.memory == memory and cfg.gpu.replica.num_gpus == 1
+    build_app(app["args"])
+
+
+def test_production_config_keeps_full_memory():
+    _, app = app_section("wan21-i2v-480p.yaml")
+    cfg = AppConfig.model_validate({**app["args"], "auth": {"public_by_choice": True}})
+    assert cfg.gpu.memory == "full" and cfg.gpu.model.speed.compile_blocks
