@@ -543,6 +543,8 @@ def test_control_images_are_kept_once_in_the_store_not_in_the_job_row(app):
             assert image.size == (64, 48)  # stored already resized, as the replica runs it
 
 
+@pytest.mark.full
+@pytest.mark.postgres
 def test_presigned_redirect_sends_the_client_to_the_object_store(serve_env):
     from ray import serve
 
