@@ -416,6 +416,8 @@ def test_playground_page_and_files_are_served_under_the_apps_prefix(app):
     assert "/" not in app.http.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.full
+@pytest.mark.kills  # the whole app, mid-job
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     from ray import serve
@@ -439,6 +441,7 @@ def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     serve.delete("restart")
 
 
+@pytest.mark.full  # a full-size generation on CPU: about 4 minutes
 @pytest.mark.parametrize("app", ["sqlite"], indirect=True)  # about generation, not state: one backend
 def test_seed_page_example_works_as_written(app, loras):
     """The model page's request, verbatim but for a reachable image (832x480, 41 frames, 25 steps)."""
