@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from tests.services import free_port
+
 # Ray 2.60 turns token auth on for new local clusters and writes ~/.ray; tests need neither.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -165,15 +167,10 @@ METRICS_PUSH_MS = 1000
 SLOW_PROMPT = "SLOWLY"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-BACKENDS = ("sqlite", "postgres")  # state backends: SQLite + a local directory, PostgreSQL + S3 (moto)
+# State backends: SQLite + a local directory, PostgreSQL + S3 (moto). Over HTTP (an app per backend)
+# PostgreSQL is in the full tier only; at store level (the job store itself) both are in the fast one.
+BACKENDS = ("sqlite", pytest.param("postgres", marks=[pytest.mark.full, pytest.mark.postgres]))
+STORE_BACKENDS = ("sqlite", pytest.param("postgres", marks=pytest.mark.postgres))
 
 
 class AppUnderTest:
@@ -318,12 +315,13 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
+def serve_env(request, tmp_path_factory, model_cache):
     """A local Ray cluster with Serve on a free loopback port, and a function that deploys app variants.
 
     ``args_for(name, backend=...)``: ``sqlite`` keeps jobs in a SQLite file and videos in a local
     directory (the embedded default); ``postgres`` keeps jobs in a database of its own on the
     session's PostgreSQL server and videos under a prefix of the session's S3 bucket (a cluster).
+    ``env.pg`` and ``env.s3`` start those servers on first use only: a SQLite-only run starts neither.
     """
     import ray
     from ray import serve
@@ -333,7 +331,7 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
     root = tmp_path_factory.mktemp("serve")
     lora_root = root / "loras"
     lora_root.mkdir()
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     # The metrics agent (started with every node, dashboard or not) serves Prometheus text on
     # metrics_port; processes push to it every second here (Ray's default: 10 s).
     ctx = ray.init(num_cpus=8, include_dashboard=False, namespace="wan-tests", log_to_driver=False,
@@ -344,8 +342,8 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
         if backend == "sqlite":
             return {"outputs_dir": str(root / name / "videos"), "jobs_db": str(root / name / "jobs.sqlite3")}
         assert backend == "postgres", backend
-        return {"outputs_dir": f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}/videos",
-                "outputs_options": s3_server.options(), "jobs_db": pg_server.create_db()}
+        return {"outputs_dir": f"s3://{env.s3.bucket}/{name}-{uuid.uuid4().hex[:6]}/videos",
+                "outputs_options": env.s3.options(), "jobs_db": env.pg.create_db()}
 
     def args_for(name: str, backend: str = "sqlite", **overrides) -> dict:
         base = {
@@ -371,11 +369,11 @@ def serve_env(tmp_path_factory, model_cache, pg_server, s3_server):
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
         return AppUnderTest(name, f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}", args)
 
-    env = type("ServeEnv", (), {})()
+    env = type("ServeEnv", (), {"pg": property(lambda _: request.getfixturevalue("pg_server")),
+                                "s3": property(lambda _: request.getfixturevalue("s3_server"))})()
     env.port, env.root, env.lora_root = port, root, lora_root
     env.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     env.logs_dir = os.path.join(ctx.address_info["session_dir"], "logs")
-    env.pg, env.s3 = pg_server, s3_server
     env.args_for, env.deploy = args_for, deploy
     yield env
     serve.shutdown()

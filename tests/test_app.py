@@ -417,6 +417,8 @@ def test_playground_page_and_files_are_served_under_the_apps_prefix(app):
     assert "/" not in app.http.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.full
+@pytest.mark.kills  # the whole app, mid-job
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     from ray import serve
@@ -440,6 +442,7 @@ def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     serve.delete("restart")
 
 
+@pytest.mark.full  # a full-size generation on CPU: about 4 minutes
 @pytest.mark.parametrize("app", ["sqlite"], indirect=True)  # about generation, not state: one backend
 def test_seed_page_example_works_as_written(app, loras):
     """The model page's request, verbatim but for a reachable image (832x480, 41 frames, 25 steps)."""
@@ -564,6 +567,8 @@ def test_control_images_are_kept_once_in_the_store_not_in_the_job_row(app):
             assert image.size == (64, 48)  # stored already resized, as the replica runs it
 
 
+@pytest.mark.full
+@pytest.mark.postgres
 def test_presigned_redirect_sends_the_client_to_the_object_store(serve_env):
     from ray import serve
 

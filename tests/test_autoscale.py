@@ -6,7 +6,11 @@ cluster in this process.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.scenarios import run_scenario
+
+pytestmark = [pytest.mark.full, pytest.mark.cluster]
 
 
 def test_scale_out_across_nodes_sticky_loras_and_scale_in(model_cache, tmp_path):

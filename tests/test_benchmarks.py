@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.full, pytest.mark.bench]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every section gpu_bench.py runs on a GPU; the smoke forces the optional ones on.

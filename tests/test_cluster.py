@@ -4,7 +4,11 @@ through either replica. The scenario builds its own multi-node Ray cluster, so i
 
 from __future__ import annotations
 
+import pytest
+
 from tests.scenarios import run_scenario
+
+pytestmark = [pytest.mark.full, pytest.mark.cluster, pytest.mark.postgres]
 
 
 def test_fifty_jobs_exactly_once_across_nodes_that_share_no_disk(pg_server, s3_server, tmp_path):

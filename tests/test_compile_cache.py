@@ -39,7 +39,8 @@ def test_cache_key_covers_what_compiled_code_depends_on():
     assert cache_key(**base, rank=1) != key
 
 
-@pytest.mark.skipif(not os.environ.get("WAN_SLOW_TESTS"), reason="compiles on CPU twice (minutes): WAN_SLOW_TESTS=1")
+@pytest.mark.full
+@pytest.mark.compile
 def test_a_fresh_process_compiles_from_the_saved_artifacts(model_cache, tmp_path):
     location = tmp_path / "compile-cache"
     first = _start(model_cache, location, tmp_path / "inductor-1")

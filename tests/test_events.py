@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from serve_app.jobs import StoredSpec, open_job_store
-from tests.conftest import BACKENDS, SLOW_PROMPT, small_request, tiny_spec, wait_for
+from tests.conftest import STORE_BACKENDS, SLOW_PROMPT, small_request, tiny_spec, wait_for
 
 # Every stage a one-prompt job with a LoRA shows, in order, on the tiny model with 2 steps.
 STAGES = ["queued", "loading_loras", "encoding_text", "encoding_image", "vae_encoding", "denoising",
@@ -22,11 +22,11 @@ STAGES = ["queued", "loading_loras", "encoding_text", "encoding_image", "vae_enc
 
 # -- the store's event log ------------------------------------------------------------------------
 
-@pytest.fixture(params=BACKENDS)
-def store_url(request, tmp_path, pg_server):
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "jobs.sqlite3")
-    return pg_server.create_db()
+    return request.getfixturevalue("pg_server").create_db()
 
 
 @pytest.fixture
@@ -224,7 +224,9 @@ STREAM_LIMIT = 3
 def eapp(serve_env):
     from ray import serve
 
-    args = serve_env.args_for("events", "postgres", ingress={"num_replicas": 2, "replica_header": True},
+    # SQLite: both ingress replicas read the one store file, as on one machine; the store-level tests
+    # above check the event log on PostgreSQL too.
+    args = serve_env.args_for("events", "sqlite", ingress={"num_replicas": 2, "replica_header": True},
                               auth={"api_keys": [KEY_A, KEY_B]}, limits={"max_streams_per_key": STREAM_LIMIT},
                               events={"heartbeat_s": 0.3, "max_stream_s": 3.0, "poll_s": 0.1})
     app = serve_env.deploy("events", "/events", args)

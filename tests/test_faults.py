@@ -295,6 +295,8 @@ def test_cancel_frees_the_replica_within_a_step(fapp):
 # process deaths
 
 
+@pytest.mark.full
+@pytest.mark.kills
 def test_gpu_replica_killed_mid_job_is_retried_elsewhere_and_replaced(fapp):
     jobs = [fapp.submit(_slow(12, f"kill-{i}")).json()["request_id"] for i in range(2)]
     for rid in jobs:
@@ -315,6 +317,8 @@ def test_gpu_replica_killed_mid_job_is_retried_elsewhere_and_replaced(fapp):
     _wait_running(fapp, 2, exclude_pids={victim_pid})  # Serve replaced it
 
 
+@pytest.mark.full
+@pytest.mark.kills
 def test_job_whose_replica_dies_every_time_fails_with_replica_died(fapp):
     rid = fapp.submit(_slow(40, "dies-twice")).json()["request_id"]
     killed: set[int] = set()
@@ -343,6 +347,8 @@ RETRY_START = [("encoding_text", 0), ("encoding_image", 0), ("vae_encoding", 0),
                ("denoising", 0), ("denoising", 1), ("denoising", 2), ("denoising", 3)]
 
 
+@pytest.mark.full
+@pytest.mark.kills
 def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop(fapp):
     lease_s = fapp.args["jobs"]["lease_s"]
     done = fapp.run(small_request(seed=21))
@@ -410,6 +416,8 @@ def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop
         assert stats["caller_died_stops"] == stats_before[pid]["caller_died_stops"] + 1, (pid, stats)
 
 
+@pytest.mark.full
+@pytest.mark.kills
 def test_webhook_of_a_finished_job_arrives_although_its_ingress_was_killed_while_delivering(fapp):
     """The receiver holds the first attempt open; the ingress sending it is SIGKILLed. The delivery
     is a row state, not a task: its lease expires and the restarted ingress delivers it."""
@@ -437,6 +445,8 @@ def test_webhook_of_a_finished_job_arrives_although_its_ingress_was_killed_while
         assert verify_webhook(second["body"], second["wan-signature"], secret)["request_id"] == rid
 
 
+@pytest.mark.full
+@pytest.mark.kills
 def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fapp, tiny_dir, tmp_path):
     import ray
     from diffusers import WanTransformer3DModel
@@ -511,6 +521,9 @@ def test_database_unreachable_at_start_refuses_to_start_with_a_clear_message(ser
         serve.delete("nodb")
 
 
+@pytest.mark.full
+@pytest.mark.kills
+@pytest.mark.postgres
 def test_database_lost_while_running_answers_503_and_loses_nothing(serve_env):
     from ray import serve
 
@@ -551,6 +564,9 @@ def test_database_lost_while_running_answers_503_and_loses_nothing(serve_env):
         server.close()
 
 
+@pytest.mark.full
+@pytest.mark.kills
+@pytest.mark.postgres
 def test_object_store_failing_during_a_write_fails_the_job_with_a_code_and_no_half_file(serve_env):
     from ray import serve
 

@@ -16,15 +16,15 @@ from serve_app.errors import StoreUnavailable
 from serve_app.jobs import AsyncJobStore, QueueFull, SchemaTooNew, StoredSpec, open_job_store
 from serve_app.jobs.postgres import MIGRATIONS as pg_migrations
 from serve_app.jobs.sqlite import MIGRATIONS as sqlite_migrations
-from tests.conftest import BACKENDS, tiny_spec
+from tests.conftest import STORE_BACKENDS, tiny_spec
 
 
-@pytest.fixture(params=BACKENDS)
-def store_url(request, tmp_path, pg_server):
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request, tmp_path):
     """A fresh, empty database of each backend."""
     if request.param == "sqlite":
         return str(tmp_path / "jobs.sqlite3")
-    return pg_server.create_db()
+    return request.getfixturevalue("pg_server").create_db()
 
 
 @pytest.fixture
@@ -487,6 +487,7 @@ def test_a_database_from_a_newer_release_is_refused(store_url):
         open_job_store(store_url)
 
 
+@pytest.mark.postgres
 def test_postgres_credentials_can_come_from_the_environment(pg_server, monkeypatch):
     no_password = pg_server.url(pg_server.create_db().rsplit("/", 1)[1], password=False)
     monkeypatch.delenv("PGPASSWORD", raising=False)
@@ -500,6 +501,7 @@ def test_postgres_credentials_can_come_from_the_environment(pg_server, monkeypat
 
 # -- unavailability ----------------------------------------------------------------------------
 
+@pytest.mark.postgres
 def test_postgres_lost_and_back_calls_fail_fast_then_work_again():
     from tests.services import PgServer
 

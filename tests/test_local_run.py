@@ -30,7 +30,10 @@ import psutil
 import pytest
 import yaml
 
-from .conftest import _free_port, small_request
+from tests.conftest import small_request
+from tests.services import free_port
+
+pytestmark = [pytest.mark.full, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_COMMAND = "wan-serve run configs/local.yaml"
@@ -114,7 +117,7 @@ def test_local_run_listens_on_loopback_only(tmp_path):
     work = tmp_path / "work"
     (work / "configs").mkdir(parents=True)
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port  # 8000 may be taken on a shared machine; nothing else changes
     (work / "configs" / "local.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "home").mkdir()

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.metrics import STAGE_NAMES, gpu_memory
-from tests.conftest import FAIL_PROMPT, METRICS_PUSH_MS, SLOW_PROMPT, small_request
+from tests.conftest import FAIL_PROMPT, METRICS_PUSH_MS, SLOW_PROMPT, small_request, wait_for
 from tests.http_server import LocalServer
 
 
@@ -80,16 +80,8 @@ def active_series(serve_env, app, state: str) -> set[float]:
             and s.labels.get("state") == state}
 
 
-def wait_for(condition, what: str, timeout: float = 60):
-    deadline = time.time() + timeout
-    while not (value := condition()):
-        assert time.time() < deadline, f"{what} never happened"
-        time.sleep(0.2)
-    return value
-
-
 def test_counters_gauges_and_histograms_count_what_happened(app, serve_env, loras):
-    wait_for(lambda: not app.db_rows("status IN ('in_queue','in_progress')"), "the app going idle")
+    wait_for(lambda: not app.db_rows("status IN ('in_queue','in_progress')"), 60, "the app going idle", 0.2)
     files = list(loras.values())
     with LocalServer() as srv:
         url_a = srv.add("/metrics/a.safetensors", files[0].read_bytes())
@@ -103,7 +95,8 @@ def test_counters_gauges_and_histograms_count_what_happened(app, serve_env, lora
                 for i in range(4)]
         wait_for(lambda: 2 in active_series(serve_env, app, "waiting")
                  and 1 in active_series(serve_env, app, "dispatched")
-                 and 1 in active_series(serve_env, app, "running"), "the gauge showing 2 waiting, 1 dispatched, 1 running")
+                 and 1 in active_series(serve_env, app, "running"),
+                 60, "the gauge showing 2 waiting, 1 dispatched, 1 running", 0.2)
         for rid in reversed(slow):
             assert app.http.post(f"/v1/requests/{rid}/cancel").status_code == 200
         assert [app.wait(rid)["status"] for rid in slow] == ["canceled"] * 4
@@ -132,7 +125,7 @@ def test_counters_gauges_and_histograms_count_what_happened(app, serve_env, lora
         time.sleep(0.2)
     after = settled(lambda: readings(serve_env, app))
     assert {k: after[k] - before[k] for k in expected} == expected
-    wait_for(lambda: active_series(serve_env, app, "waiting") == {0.0}, "the gauge showing no job waiting")
+    wait_for(lambda: active_series(serve_env, app, "waiting") == {0.0}, 60, "the gauge showing no job waiting", 0.2)
 
 
 def _log_lines(logs_dir: str, pattern: str, needle: str) -> list[str]:
@@ -149,9 +142,9 @@ def test_logs_name_the_job_from_the_ingress_to_the_gpu_replica(app, serve_env):
     assert app.wait(rid)["status"] == "failed"
     tag = f"job {rid}:"
     ingress = wait_for(lambda: _log_lines(serve_env.logs_dir, f"replica_{app.name}_Ingress_*.log", tag),
-                       "the ingress logging the job")
+                       60, "the ingress logging the job", 0.2)
     replica = wait_for(lambda: _log_lines(serve_env.logs_dir, f"replica_{app.name}_WanI2V_*.log", tag),
-                       "the GPU replica logging the job")
+                       60, "the GPU replica logging the job", 0.2)
     text = "".join(ingress)
     assert "queued" in text and "claimed" in text and "sent to a GPU replica" in text and "OUT_OF_MEMORY" in text
     text = "".join(replica)

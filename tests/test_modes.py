@@ -11,7 +11,6 @@ adapters active.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import pytest
@@ -271,7 +270,8 @@ def test_a_mode_attention_backend_is_undone_exactly(model_cache, small_spec, inp
     assert torch.equal(forward(gen.pipe.transformer, inputs), before)
 
 
-@pytest.mark.skipif(os.environ.get("WAN_SLOW_TESTS") != "1", reason="compiles on CPU (minutes); WAN_SLOW_TESTS=1")
+@pytest.mark.full
+@pytest.mark.compile
 def test_compiled_modes_never_recompile_after_warmup(model_cache, small_spec, distill, user_loras):
     """The warm-up compiles every mode's graphs (kernels x distill LoRA x slot); alternating modes, with
     and without user LoRAs, then compiles nothing."""

@@ -24,6 +24,8 @@ from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import make_image, png_bytes
 
+pytestmark = [pytest.mark.full, pytest.mark.browser]
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

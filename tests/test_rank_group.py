@@ -97,6 +97,8 @@ def _until_denoising(papp, rid: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.full
+@pytest.mark.kills
 def test_a_lost_rank_takes_its_replica_down_and_the_job_is_retried_on_a_new_one(papp):
     before = papp.replica_stats()
     slow = papp.submit(small_request(prompt=f"{SLOW_PROMPT} beach", sample_steps=8)).json()["request_id"]

@@ -11,8 +11,6 @@ relative (fp32 rounding is ~1e-7 per operation).
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +19,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_spec
+from tests.services import free_port
 
 SCENARIO = Path(__file__).with_name("rank_scenario.py")
 LAYOUTS = [{"degree": 2, "cfg_degree": 2}, {"degree": 2, "ulysses_degree": 2}, {"degree": 2, "ring_degree": 2}]
 MULTIPLIER = 0.7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +43,7 @@ def ranks_out(tmp_path_factory, model_cache, lora_file):
 def _run_ranks(out, model_cache, lora_file, layouts, *extra) -> list:
     import json
 
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     procs = [subprocess.Popen(
         [sys.executable, str(SCENARIO), "--rank", str(r), "--world", "2", "--init", init, "--model-cache",
          str(model_cache), "--out", str(out), "--layouts", json.dumps(layouts), "--lora", str(lora_file),
@@ -151,13 +144,14 @@ def test_ring_is_within_fp32_rounding_and_each_rank_sees_half_the_tokens(ranks_o
         assert (got["frames"].int() - one_rank["frames"].int()).abs().max() <= 1
 
 
-@pytest.mark.skipif(not os.environ.get("WAN_SLOW_TESTS"), reason="compiles on CPU (minutes): WAN_SLOW_TESTS=1")
+@pytest.mark.full
+@pytest.mark.compile
 def test_compiled_blocks_with_the_lora_slot_split_over_ranks(tmp_path, model_cache, lora_file, one_rank):
     """The GPU path (compiled blocks, fullgraph, the LoRA slot, warm-up after the split) over Ulysses:
     compiles, never recompiles for the LoRA request, and stays within compile noise of eager."""
     import json
 
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     procs = [subprocess.Popen(
         [sys.executable, str(SCENARIO), "--rank", str(r), "--world", "2", "--init", init, "--model-cache",
          str(model_cache), "--out", str(tmp_path), "--layouts", json.dumps([LAYOUTS[1]]), "--lora", str(lora_file),

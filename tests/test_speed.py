@@ -3,12 +3,11 @@
 The slot path normally runs only with compiled blocks on CUDA; here it is installed on the tiny
 CPU pipeline without compiling, so its arithmetic is checked against the same hand merges as the
 peft path (tests/test_lora.py). The compile test (zero recompiles across loads, switches and
-multiplier changes) takes minutes on a small CPU: set WAN_SLOW_TESTS=1 to run it.
+multiplier changes) takes minutes on a small CPU: it runs in the full tier (``-m ""``).
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -190,7 +189,8 @@ def test_slot_keeps_generation_api(sgen, shapes, small_spec, tmp_path):
     assert with_lora.shape == without.shape and (with_lora != without).any()
 
 
-@pytest.mark.skipif(os.environ.get("WAN_SLOW_TESTS") != "1", reason="compiles on CPU (minutes); WAN_SLOW_TESTS=1")
+@pytest.mark.full
+@pytest.mark.compile
 def test_compiled_slot_never_recompiles(model_cache, base, shapes, inputs, small_spec, tmp_path):
     """Loads, switches and multipliers never recompile, for every kind of file the slot takes
     (bias deltas, metadata scales included), and the compiled slot still computes W + sum(m * dW)."""

@@ -44,9 +44,10 @@ def test_unsatisfiable_range_is_416_with_the_size(header, size):
 
 
 @pytest.fixture(params=["local", "s3"])
-def outputs(request, tmp_path, s3_server):
+def outputs(request, tmp_path):
     if request.param == "local":
         return OutputStore(StorageConfig(outputs_dir=str(tmp_path / "videos")))
+    s3_server = request.getfixturevalue("s3_server")  # started only for the S3 case
     return OutputStore(StorageConfig(outputs_dir=f"s3://{s3_server.bucket}/{tmp_path.name}/videos",
                                      outputs_options=s3_server.options()))
 
