@@ -17,6 +17,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The bit-equality tests (ours vs stock diffusers, fp32 CPU) need the same GEMM kernels for the same math:
+# on AVX-512 machines (seen on an AMD EPYC) MKL's default dispatch picked kernels whose sums differ
+# by ~3e-6 between the two paths' calls. MKL's reproducibility mode fixes its code path; it must be
+# set before torch loads MKL, and Ray's worker processes inherit it.
+os.environ.setdefault("MKL_CBWR", "AVX2")
 
 
 def pytest_configure(config):
