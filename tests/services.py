@@ -5,8 +5,10 @@
   authentication (scram) on 127.0.0.1 only, a free port, data in a fresh temp directory.
 - ``S3Server``: moto in server mode (``python -m moto.server``) in its own process, on 127.0.0.1.
 
-Both can be stopped and started again (the fault tests do). Neither ever skips: a missing binary is
-an error that says what to install.
+Both can be stopped and started again (the fault tests do): PostgreSQL keeps its data; moto keeps
+its objects only in memory, so an S3 outage that must not lose them is ``S3Server.down()``/``up()``
+(its endpoint refuses connections, as a store that is down does, while moto keeps running behind).
+Neither ever skips: a missing binary is an error that says what to install.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -125,22 +128,106 @@ class PgServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Forwarder:
+    """TCP from ``port`` to ``target`` on 127.0.0.1; closed, the port refuses connections and every open
+    one is cut, as when the server behind it went down."""
+
+    def __init__(self, port: int, target: int):
+        self.port, self.target = port, target
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in its thread
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class S3Server:
-    """moto's S3 in server mode, in its own process (so the tests can stop it like a real outage)."""
+    """moto's S3 in server mode, in its own process (so the tests can stop it like a real outage).
+
+    Clients reach it through ``endpoint``, a port of its own in front of moto's, so ``down()`` can make
+    the store unreachable while moto keeps its buckets and objects for ``up()``.
+    """
 
     def __init__(self):
         self.port = free_port()
+        self._moto_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._front = _Forwarder(self.port, self._moto_port)
 
     def start(self) -> "S3Server":
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        _wait_port(self.port, 60, "moto S3 server", self.proc)
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      str(self._moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env)
+        _wait_port(self._moto_port, 60, "moto S3 server", self.proc)
+        self._front.open()
         return self
 
+    def down(self) -> None:
+        """The store becomes unreachable (connections refused, open ones cut); its data stays."""
+        self._front.close()
+
+    def up(self) -> None:
+        """Reachable again, with everything it held."""
+        self._front.open()
+
     def stop(self) -> None:
+        """Stop moto itself (its data is lost)."""
+        self._front.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
