@@ -7,7 +7,7 @@
 
 Both can be stopped and started again (the fault tests do): PostgreSQL keeps its data; moto keeps
 its objects only in memory, so an S3 outage that must not lose them is ``S3Server.down()``/``up()``
-(its endpoint refuses connections, as a store that is down does, while moto keeps running behind).
+(its endpoint hangs up on every connection, as a store that is down does, while moto keeps running behind).
 Neither ever skips: a missing binary is an error that says what to install.
 """
 
@@ -129,11 +129,13 @@ class PgServer:
 
 
 class _Forwarder:
-    """TCP from ``port`` to ``target`` on 127.0.0.1; closed, the port refuses connections and every open
-    one is cut, as when the server behind it went down."""
+    """TCP from ``port`` to ``target`` on 127.0.0.1. While ``refusing``, every connection is closed as soon
+    as it is made (and counted in ``rejected``), as a load balancer with no server behind it does."""
 
     def __init__(self, port: int, target: int):
         self.port, self.target = port, target
+        self.refusing = False
+        self.rejected = 0
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -146,22 +148,19 @@ class _Forwarder:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
-    def close(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in its thread
-            except OSError:
-                pass
-            self._listener.close()
-            self._listener = None
+    def refuse(self) -> None:
+        """Close every open connection and every new one."""
+        self.refusing = True
         with self._lock:
             conns, self._conns = self._conns, set()
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+            _hang_up(conn)
+
+    def close(self) -> None:
+        self.refuse()
+        if self._listener is not None:
+            _hang_up(self._listener)  # shutdown wakes the accept() blocked in its thread
+            self._listener = None
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -169,10 +168,14 @@ class _Forwarder:
                 client, _ = listener.accept()
             except OSError:  # closed
                 return
+            if self.refusing:
+                self.rejected += 1
+                _hang_up(client)
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target), timeout=10)
             except OSError:
-                client.close()
+                _hang_up(client)
                 continue
             server.settimeout(None)
             with self._lock:
@@ -180,7 +183,8 @@ class _Forwarder:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
@@ -192,6 +196,14 @@ class _Forwarder:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def _hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 class S3Server:
@@ -218,12 +230,17 @@ class S3Server:
         return self
 
     def down(self) -> None:
-        """The store becomes unreachable (connections refused, open ones cut); its data stays."""
-        self._front.close()
+        """The store becomes unreachable (every connection closed at once); its data stays."""
+        self._front.refuse()
 
     def up(self) -> None:
         """Reachable again, with everything it held."""
-        self._front.open()
+        self._front.refusing = False
+
+    @property
+    def rejected(self) -> int:
+        """Connections closed unanswered while down: how often clients tried."""
+        return self._front.rejected
 
     def stop(self) -> None:
         """Stop moto itself (its data is lost)."""

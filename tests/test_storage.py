@@ -120,7 +120,7 @@ def test_object_store_down_fails_writes_with_a_code_and_reads_as_unavailable(tmp
         outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{bucket}/v", outputs_options=server.options(),
                                             write_attempts=2))
         outputs.put("j/0.mp4", b"before")
-        server.stop()
+        server.down()
         t0 = time.time()
         with pytest.raises(OutputWriteFailed):
             outputs.put("j/1.mp4", b"during")

@@ -172,7 +172,7 @@ class PostgresJobStore(JobStore):
         except psycopg.OperationalError as e:
             text = str(e)
             message = text.split("FATAL:", 1)[-1].strip().splitlines()[0] if "FATAL:" in text else first_line(e)
-            if "FATAL:" in text and not any(t in text for t in _TRANSIENT_REFUSALS):
+            if ("FATAL:" in text or "no password supplied" in text) and not any(t in text for t in _TRANSIENT_REFUSALS):
                 raise StoreRefused(f"the job database {self.url} refuses this replica: {message}") from e
             raise StoreUnavailable(f"cannot connect to the job database {self.url}: {message}",
                                    {"store": "jobs", "backend": "postgresql"}) from e
