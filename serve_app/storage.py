@@ -135,8 +135,13 @@ class OutputStore:
 
     def _put(self, key: str, data: bytes, retry: dict) -> None:
         tries = 0
+
+        def failed(state) -> None:  # each failed try, for operators watching an outage
+            log.warning("output write of %s failed (try %d): %s; retrying in %.1f s", key, state.attempt_number,
+                        first_line(state.outcome.exception()), state.next_action.sleep)
+
         try:
-            for attempt in Retrying(**retry):
+            for attempt in Retrying(**retry, before_sleep=failed):
                 with attempt:
                     tries += 1
                     self._put_once(key, data)

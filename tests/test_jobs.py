@@ -535,7 +535,7 @@ def test_postgres_back_after_a_long_outage_works_again_within_seconds():
         job = new(store)
         server.stop()
         down = time.monotonic()
-        # 16 s: past psycopg_pool's 4th reconnection try (at 15 s; its next would come 16 s later)
+        # 16 s: past psycopg_pool's first reconnection tries, which it spaces out more and more
         while time.monotonic() - down < 16:  # calls keep failing fast meanwhile, as the runner's would
             with pytest.raises(StoreUnavailable):
                 store.get(job.id)
