@@ -118,7 +118,8 @@ class Ingress:
         while True:
             await self.jobs.opened.wait()
             try:
-                self.webhook_secret = await asyncio.to_thread(webhooks.server_secret, self.cfg.webhooks, self.jobs.store)
+                self.webhook_secret = await asyncio.to_thread(webhooks.server_secret, self.cfg.webhooks,
+                                                              self.jobs.store)
                 break
             except StoreUnavailable:
                 await asyncio.sleep(1.0)

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Iterator
 
 import fsspec
-from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from deployments.errors import first_line
 
@@ -172,7 +178,8 @@ class OutputStore:
         """``put`` at submit time: two quick tries, as a client waits on them; a store that is down is a 503
         the client can retry, not a failed job."""
         try:
-            self._put(key, data, {**self._retry, "stop": stop_after_attempt(2), "wait": wait_exponential_jitter(0.2, 0.5)})
+            quick = {**self._retry, "stop": stop_after_attempt(2), "wait": wait_exponential_jitter(0.2, 0.5)}
+            self._put(key, data, quick)
         except OutputWriteFailed as e:
             raise StoreUnavailable(f"the output store is unavailable: {e.message}", {"store": "outputs"}) from e
 
@@ -197,7 +204,7 @@ class OutputStore:
         except FileNotFoundError:
             raise
         except Exception as e:
-            raise OutputStoreUnavailable(f"the output store is unavailable: {first_line(e)}", {"store": "outputs"}) from e
+            raise _unreachable(e) from e
 
     def size(self, key: str) -> int | None:
         """The object's size, or None if it is not there."""
@@ -206,7 +213,7 @@ class OutputStore:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise OutputStoreUnavailable(f"the output store is unavailable: {first_line(e)}", {"store": "outputs"}) from e
+            raise _unreachable(e) from e
 
     def iter_range(self, key: str, first: int, last: int) -> Iterator[bytes]:
         """Bytes ``first..last`` (inclusive) of an object, in chunks (a sync iterator: Starlette runs it in a thread)."""
@@ -222,6 +229,10 @@ class OutputStore:
 
     def presign(self, key: str, expires_s: int) -> str:
         return self.fs.sign(self.path(key), expiration=expires_s)
+
+
+def _unreachable(e: Exception) -> OutputStoreUnavailable:
+    return OutputStoreUnavailable(f"the output store is unavailable: {first_line(e)}", {"store": "outputs"})
 
 
 def _protocols(fs) -> tuple[str, ...]:
