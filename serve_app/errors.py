@@ -65,10 +65,6 @@ def not_found(request_id: str) -> ApiError:
     return ApiError(404, "REQUEST_NOT_FOUND", f"Request not found: {request_id}", {"request_id": request_id})
 
 
-def limit(code: str, message: str, **details) -> ApiError:
-    return ApiError(400, code, message, details)
-
-
 def body(code: str, message: str, details: dict[str, Any] | None = None) -> dict:
     return {"detail": {"error": {"code": code, "message": message, "details": details or {}}}}
 
