@@ -34,6 +34,24 @@ def _rebuild(cls, message, details, code):
     return cls(message, details, code)
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line of text (its type's name when it has none): for messages and logs."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every dict key a string and every leaf a plain JSON scalar (anything else, numpy
+    scalars and str/int subclasses included, becomes its text), so unpickling it never imports a library."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return str(value)
+
+
 def is_client_error(exc: BaseException | None) -> bool:
     """A typed error that the request itself caused (a 4xx: a missing or unusable LoRA, a cancel).
 

@@ -107,7 +107,11 @@ class StorageConfig(_Strict):
         False, description="answer GET /outputs/{n} with a 307 to a presigned URL (object stores only)"
     )
     presign_expiry_s: int = Field(900, ge=1, le=7 * 86400, description="lifetime of a presigned URL")
-    write_attempts: int = Field(4, ge=1, description="tries per output write before the job fails")
+    write_attempts: int = Field(10, ge=1, description="tries per output write before the job fails")
+    write_retry_s: float = Field(
+        60.0, gt=0, description="a failing output write is retried (backoff 0.5 s doubling, at most 5 s apart) for "
+        "this long; a store back within it loses no job, after it the job fails OUTPUT_WRITE_FAILED",
+    )
     jobs_db: str = Field(
         "./outputs/jobs.sqlite3",
         description="the job database: a SQLite file (one node) or a postgresql:// URL (clusters)",
@@ -117,7 +121,12 @@ class StorageConfig(_Strict):
     )
     db_pool_size: int = Field(8, ge=1, description="PostgreSQL connections per ingress replica")
     db_timeout_s: float = Field(
-        5.0, gt=0, description="a database call not answered within this is STORE_UNAVAILABLE (503)"
+        3.0, gt=0, description="a database call not answered within this is STORE_UNAVAILABLE (503); also how long "
+        "a call waits for a pooled connection, and the server-side statement_timeout",
+    )
+    db_connect_timeout_s: int = Field(
+        2, ge=2, description="PostgreSQL connect_timeout (libpq's minimum is 2); while the database is known to be "
+        "down, a call waits at most this for a connection before answering STORE_UNAVAILABLE",
     )
     retention_s: float = Field(
         7 * 86400, ge=0, description="delete finished jobs, their videos and control images after this; 0 keeps all"

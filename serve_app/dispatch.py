@@ -32,17 +32,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from deployments.errors import ServiceError, is_client_error
+from deployments.errors import ServiceError, first_line, is_client_error, jsonable
 from deployments.joblog import JOB_ID, job_logger
 from deployments.spec import GenerationResult, GenerationSpec
 
-from . import errors
 from .config import AppConfig
-from .errors import StoreUnavailable
 from .jobs import AsyncJobStore, Job, StoredSpec
 from .jobs.records import CANCELED
 from .metrics import JobMetrics
-from .storage import OutputStore, OutputWriteFailed
+from .state_errors import OutputWriteFailed, StoreUnavailable
+from .storage import OutputStore
 
 # Each job runs in a task of its own that sets JOB_ID: every line logged for it names the job.
 log = job_logger("ray.serve")
@@ -118,8 +117,7 @@ def _short(exc: BaseException) -> str:
     from ray.exceptions import RayTaskError
 
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+    return f"{type(cause).__name__}: {first_line(cause, 500) if str(cause).strip() else ''}"[:500]
 
 
 def _current_actor():
@@ -428,7 +426,7 @@ class JobRunner:
                     await self._finish(run, "canceled", dict(CANCELED))
                     return
                 await self._finish(run, "failed", {**typed.to_dict(), "details": {
-                    **errors._jsonable(typed.details), "prompt_index": index}}, client_error=is_client_error(typed))
+                    **jsonable(typed.details), "prompt_index": index}}, client_error=is_client_error(typed))
                 return
             finally:
                 run.response = None

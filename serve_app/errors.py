@@ -12,7 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import InvalidRequest, ServiceError
+from deployments.errors import InvalidRequest, ServiceError, jsonable
+
+from .state_errors import OutputWriteFailed, RangeNotSatisfiable, StoreUnavailable
 
 
 class ApiError(ServiceError):
@@ -28,23 +30,39 @@ class ApiError(ServiceError):
         return (ApiError, (self.status, self.code, self.message, self.details, self.headers))
 
 
-class StoreUnavailable(ApiError):
-    """The job database or the output store cannot be reached now: retry later, nothing accepted is lost."""
+# Errors raised below the routes carry a code and no HTTP: their statuses are set here, the first
+# class of an error's MRO found wins. Others (the replica's) keep the status their contract names.
+_DOMAIN_STATUS: dict[type, int] = {
+    StoreUnavailable: 503,  # and OutputStoreUnavailable
+    OutputWriteFailed: 503,
+    RangeNotSatisfiable: 416,
+    InvalidRequest: 400,
+}
 
-    def __init__(self, message: str, details: dict[str, Any] | None = None, retry_after_s: int = 5):
-        super().__init__(503, "STORE_UNAVAILABLE", message, details, headers={"Retry-After": str(retry_after_s)})
-        self.retry_after_s = retry_after_s
 
-    def __reduce__(self):
-        return (StoreUnavailable, (self.message, self.details, self.retry_after_s))
+def http_status(err: ServiceError) -> int:
+    """The HTTP status of a typed error."""
+    if isinstance(err, ApiError):
+        return err.status
+    for cls in type(err).__mro__:
+        if cls in _DOMAIN_STATUS:
+            return _DOMAIN_STATUS[cls]
+    return getattr(err, "status", 500)
+
+
+def http_headers(err: ServiceError) -> dict[str, str]:
+    """The headers an error's answer carries (when to retry, the size a range missed)."""
+    if isinstance(err, ApiError):
+        return err.headers
+    if isinstance(err, StoreUnavailable):
+        return {"Retry-After": str(err.retry_after_s)}
+    if isinstance(err, RangeNotSatisfiable):
+        return {"Content-Range": f"bytes */{err.details.get('size', '*')}"}
+    return {}
 
 
 def not_found(request_id: str) -> ApiError:
     return ApiError(404, "REQUEST_NOT_FOUND", f"Request not found: {request_id}", {"request_id": request_id})
-
-
-def limit(code: str, message: str, **details) -> ApiError:
-    return ApiError(400, code, message, details)
 
 
 def body(code: str, message: str, details: dict[str, Any] | None = None) -> dict:
@@ -52,21 +70,8 @@ def body(code: str, message: str, details: dict[str, Any] | None = None) -> dict
 
 
 def error_response(err: ServiceError) -> JSONResponse:
-    status = getattr(err, "status", 500)
-    if isinstance(err, InvalidRequest):
-        status = 400
-    headers = getattr(err, "headers", None) or {}
-    return JSONResponse(status_code=status, content=body(err.code, err.message, _jsonable(err.details)), headers=headers)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    return JSONResponse(status_code=http_status(err), content=body(err.code, err.message, jsonable(err.details)),
+                        headers=http_headers(err))
 
 
 _STATUS_CODES = {

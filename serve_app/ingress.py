@@ -27,8 +27,7 @@ from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
 from . import errors, events, playground, retention, views, webhooks
 from .config import AppConfig
 from .dispatch import JobRunner
-from .errors import StoreUnavailable
-from .jobs import AsyncJobStore, Job, QueueFull, StoredSpec, open_job_store
+from .jobs import AsyncJobStore, Job, QueueFull, StoredSpec, StoreRefused
 from .metrics import JobMetrics
 from .middleware import ApiKeyAuth, BodyLimit, ReplicaHeader, bearer_key, unauthorized
 from .normalize import to_specs
@@ -45,6 +44,7 @@ from .schemas import (
     SubmitResponse,
     WebhookSecretResponse,
 )
+from .state_errors import StoreUnavailable
 from .storage import OutputStore, parse_range
 
 log = logging.getLogger("ray.serve")
@@ -89,23 +89,23 @@ class Ingress:
         storage = self.cfg.storage
         self.outputs = OutputStore(storage)
         try:
-            store = await asyncio.to_thread(open_job_store, storage.jobs_db_url(), storage.db_pool_size,
-                                            storage.db_timeout_s)
-        except StoreUnavailable as e:
-            # A replica that cannot reach its database must not serve: Serve reports this message.
-            raise RuntimeError(f"refusing to start: {e.message}") from e
-        self.jobs = AsyncJobStore(store, storage.db_timeout_s, max_workers=storage.db_pool_size)
-        try:
-            self.webhook_secret = await asyncio.to_thread(webhooks.server_secret, self.cfg.webhooks, store)
-        except StoreUnavailable as e:
-            raise RuntimeError(f"refusing to start: {e.message}") from e
-        self.webhooks = webhooks.WebhookSender(self.cfg, self.jobs, self.webhook_secret)
+            # A database that is down now does not stop the start (routes answer 503 STORE_UNAVAILABLE
+            # until it is back): a replica that could not start would leave requests unanswered.
+            self.jobs = await AsyncJobStore.open(storage.jobs_db_url(), storage.db_pool_size, storage.db_timeout_s,
+                                                 storage.db_connect_timeout_s)
+        except StoreRefused as e:
+            # One that refuses us (credentials, schema) never will: Serve reports this message.
+            raise RuntimeError(f"refusing to start: {e}") from e
+        self.webhook_secret: bytes | None = None  # may be kept in the job database: read once it answers
+        self.webhooks: webhooks.WebhookSender | None = None
         self.metrics = JobMetrics()
-        self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica, self.metrics, on_final=self.webhooks.wake)
+        self.runner = JobRunner(self.cfg, self.jobs, self.outputs, replica, self.metrics, on_final=self._wake_webhooks)
         self.readiness = ReadinessProbe(replica.app_name, replica.deployment_name)
         self.streams = events.StreamSlots(self.cfg.limits.max_streams_per_key, self.cfg.limits.retry_after_s)
         self.runner.start()
-        self.webhooks.start()
+        starting = asyncio.get_running_loop().create_task(self._start_webhooks())
+        if self.jobs.ready:
+            await asyncio.wait({starting}, timeout=storage.db_timeout_s)
         self._retention = asyncio.get_running_loop().create_task(retention.sweep_forever(
             self.jobs, self.outputs, storage.retention_s, storage.retention_sweep_s))
 
@@ -114,6 +114,22 @@ class Ingress:
         for part in (getattr(self, "runner", None), getattr(self, "webhooks", None)):
             if part is not None:
                 part.stop()
+
+    async def _start_webhooks(self) -> None:
+        while True:
+            await self.jobs.opened.wait()
+            try:
+                self.webhook_secret = await asyncio.to_thread(webhooks.server_secret, self.cfg.webhooks,
+                                                              self.jobs.store)
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(1.0)
+        self.webhooks = webhooks.WebhookSender(self.cfg, self.jobs, self.webhook_secret)
+        self.webhooks.start()
+
+    def _wake_webhooks(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.wake()
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -198,7 +214,10 @@ class Ingress:
                                       {"scope": e.scope, "limit": e.limit},
                                       headers={"Retry-After": str(self.cfg.limits.retry_after_s)})
             except StoreUnavailable:
-                await asyncio.to_thread(self.outputs.delete_job, job_id)
+                try:
+                    await asyncio.to_thread(self.outputs.delete_job, job_id)
+                except Exception as e:  # the output store may be down too: the 503 still answers
+                    log.warning("job %s: control images not removed: %s", job_id, e)
                 raise
             if created:
                 self.metrics.submitted.inc()
@@ -305,13 +324,17 @@ class Ingress:
             log.info("job %s: cancel requested (%s)", request_id, "canceled" if canceled_now else "flagged")
             self.runner.cancel(request_id)
             if job.final:  # a queued job ends at once: its webhook is due now
-                self.webhooks.wake()
+                self._wake_webhooks()
         return views.status(job)
 
     @api.get("/v1/webhook-secret", response_model=WebhookSecretResponse)
     async def webhook_secret_route(self, authorization: Annotated[str | None, Header()] = None):
         """The caller's webhook signing secret: verify deliveries with it (``client.verify_webhook``)."""
-        return WebhookSecretResponse(secret=webhooks.key_secret(self.webhook_secret, self._owner(authorization)))
+        owner = self._owner(authorization)
+        if self.webhook_secret is None:
+            raise StoreUnavailable("the webhook signing secret is kept in the job database, which is unavailable",
+                                   {"store": "jobs"})
+        return WebhookSecretResponse(secret=webhooks.key_secret(self.webhook_secret, owner))
 
     @api.get("/", include_in_schema=False)
     async def playground_page(self, request: Request) -> HTMLResponse:

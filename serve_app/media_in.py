@@ -16,9 +16,9 @@ import warnings
 from PIL import Image
 
 from deployments.config import FetchConfig
+from deployments.errors import InvalidRequest
 
 from .config import LimitsConfig
-from .errors import ApiError
 
 _DATA_URI = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL | re.IGNORECASE)  # RFC 2397: case-insensitive
 
@@ -30,8 +30,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _CLIENT_FAULT_STATUSES = (400, 401, 403, 404, 410)
 
 
-def _bad(code: str, message: str, index: int, **details) -> ApiError:
-    return ApiError(400, code, message, {"prompt_index": index, **details})
+def _bad(code: str, message: str, index: int, **details) -> InvalidRequest:
+    return InvalidRequest(message, {"prompt_index": index, **details}, code)
 
 
 def fetch_image(url: str, index: int, limits: LimitsConfig, fetch: FetchConfig) -> bytes:
@@ -101,7 +101,7 @@ def decode_image(raw: bytes, index: int, limits: LimitsConfig) -> Image.Image:
                            limit=limits.max_image_pixels)
             img.seek(0)  # animated: the first frame
             img.load()
-    except ApiError:
+    except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _bad("IMAGE_TOO_LARGE", "ctrl_img is a decompression bomb", index)

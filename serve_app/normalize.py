@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 
 from deployments.config import FetchConfig
+from deployments.errors import InvalidRequest
 from deployments.parallel import check_splittable
 from deployments.spec import (
     OUTPUT_FORMATS,
@@ -21,16 +22,25 @@ from deployments.spec import (
 )
 
 from .config import AppConfig
-from .errors import ApiError, limit
 from .media_in import prepare_ctrl_image
 from .schemas import InferenceRequest, PromptIn
 
 TRIGGER = "[trigger]"
 
 
+def _invalid(code: str, message: str, details: dict | None = None) -> InvalidRequest:
+    """A request this server will not run: 400 with ``code`` (mapped in ``errors.py``)."""
+    return InvalidRequest(message, details, code)
+
+
+def _limit(code: str, message: str, **details) -> InvalidRequest:
+    """A request over one of ``cfg.limits`` (the limit and the value in its details)."""
+    return InvalidRequest(message, details, code)
+
+
 def check_model(req: InferenceRequest, cfg: AppConfig) -> None:
     if req.model != cfg.gpu.model.model_id:
-        raise ApiError(400, "MODEL_NOT_FOUND", f"Model '{req.model}' is not supported",
+        raise _invalid("MODEL_NOT_FOUND", f"Model '{req.model}' is not supported",
                        {"supported_models": [cfg.gpu.model.model_id]})
 
 
@@ -39,17 +49,17 @@ def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
     from deployments.lora_cache import check_in_root, is_root_relative, validate_ref
 
     if len(req.loras) > cfg.limits.max_loras:
-        raise limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",
-                    limit=cfg.limits.max_loras, value=len(req.loras))
+        raise _limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",
+                     limit=cfg.limits.max_loras, value=len(req.loras))
     if any(lora.transformer is not None for lora in req.loras):
-        raise ApiError(400, "MOE_FORMAT_NOT_SUPPORTED",
+        raise _invalid("MOE_FORMAT_NOT_SUPPORTED",
                        f"Model '{req.model}' does not support MoE LoRA format (transformer must be null)")
     seen: set[str] = set()
     refs = []
     for i, lora in enumerate(req.loras):
         path = lora.path.strip()
         if path in seen:
-            raise ApiError(400, "DUPLICATE_LORA", f"LoRA {path!r} is listed twice", {"index": i})
+            raise _invalid("DUPLICATE_LORA", f"LoRA {path!r} is listed twice", {"index": i})
         seen.add(path)
         validate_ref(path, cfg.gpu.fetch)
         refs.append(LoraRef(ref=path, multiplier=lora.network_multiplier))
@@ -64,7 +74,7 @@ def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
 def _choice(value: str | None, default: str, allowed: tuple[str, ...], code: str, what: str, index: int) -> str:
     chosen = (value or default).strip().lower()
     if chosen not in allowed:
-        raise ApiError(400, code, f"unknown {what} {value!r}; use one of {list(allowed)}",
+        raise _invalid(code, f"unknown {what} {value!r}; use one of {list(allowed)}",
                        {"prompt_index": index, "allowed": list(allowed)})
     return chosen
 
@@ -76,7 +86,7 @@ def speed_mode(p: PromptIn, req: InferenceRequest, cfg: AppConfig, index: int) -
     chosen = (value or cfg.defaults.speed).strip().lower()
     if chosen not in enabled:
         why = "is not enabled on this server" if chosen in SPEED_MODES else "is unknown"
-        raise ApiError(400, "SPEED_MODE_NOT_SUPPORTED", f"speed mode {value!r} {why}; use one of {list(enabled)}",
+        raise _invalid("SPEED_MODE_NOT_SUPPORTED", f"speed mode {value!r} {why}; use one of {list(enabled)}",
                        {"prompt_index": index, "allowed": list(enabled)})
     return chosen
 
@@ -109,40 +119,40 @@ def check_sizes(index: int, width: int, height: int, frames: int, steps: int, cf
     lim = cfg.limits
     long_side, short_side = max(width, height), min(width, height)
     if short_side < lim.min_side or long_side > lim.max_long_side or short_side > lim.max_short_side:
-        raise limit("SIZE_OUT_OF_RANGE",
-                    f"{width}x{height} (after snapping to 16) is outside {lim.min_side}..{lim.max_long_side} "
-                    f"on the long side and {lim.min_side}..{lim.max_short_side} on the short side",
-                    prompt_index=index, width=width, height=height)
+        raise _limit("SIZE_OUT_OF_RANGE",
+                     f"{width}x{height} (after snapping to 16) is outside {lim.min_side}..{lim.max_long_side} "
+                     f"on the long side and {lim.min_side}..{lim.max_short_side} on the short side",
+                     prompt_index=index, width=width, height=height)
     if frames > lim.max_frames:
-        raise limit("FRAMES_OUT_OF_RANGE", f"num_frames {frames} (after snapping to 4k+1) exceeds {lim.max_frames}",
-                    prompt_index=index, value=frames, limit=lim.max_frames)
+        raise _limit("FRAMES_OUT_OF_RANGE", f"num_frames {frames} (after snapping to 4k+1) exceeds {lim.max_frames}",
+                     prompt_index=index, value=frames, limit=lim.max_frames)
     if steps > lim.max_steps:
-        raise limit("STEPS_OUT_OF_RANGE", f"sample_steps {steps} exceeds {lim.max_steps}",
-                    prompt_index=index, value=steps, limit=lim.max_steps)
+        raise _limit("STEPS_OUT_OF_RANGE", f"sample_steps {steps} exceeds {lim.max_steps}",
+                     prompt_index=index, value=steps, limit=lim.max_steps)
     work = width * height * frames * steps
     if work > lim.max_work:
-        raise limit("WORK_TOO_LARGE", f"width x height x frames x steps = {work} exceeds {lim.max_work}",
-                    prompt_index=index, value=work, limit=lim.max_work)
+        raise _limit("WORK_TOO_LARGE", f"width x height x frames x steps = {work} exceeds {lim.max_work}",
+                     prompt_index=index, value=work, limit=lim.max_work)
     unsplittable = check_splittable(cfg.gpu.parallel, width, height, frames)
     if unsplittable:  # a replica across several GPUs splits every pass's tokens evenly over them
-        raise limit("SIZE_NOT_SPLITTABLE", unsplittable, prompt_index=index, width=width, height=height,
-                    num_frames=frames, sequence_degree=cfg.gpu.parallel.sequence_degree)
+        raise _limit("SIZE_NOT_SPLITTABLE", unsplittable, prompt_index=index, width=width, height=height,
+                     num_frames=frames, sequence_degree=cfg.gpu.parallel.sequence_degree)
 
 
 def check_request_shape(req: InferenceRequest, cfg: AppConfig) -> None:
     """Cheap checks that need no image: model, counts, prompt lengths, choices, sizes."""
     check_model(req, cfg)
     if len(req.prompts) > cfg.limits.max_prompts:
-        raise limit("TOO_MANY_PROMPTS", f"at most {cfg.limits.max_prompts} prompts per request",
-                    limit=cfg.limits.max_prompts, value=len(req.prompts))
+        raise _limit("TOO_MANY_PROMPTS", f"at most {cfg.limits.max_prompts} prompts per request",
+                     limit=cfg.limits.max_prompts, value=len(req.prompts))
     d = cfg.defaults
     for i, p in enumerate(req.prompts):
         # The prompt is measured after [trigger] substitution: a short prompt of many [trigger]s
         # and a long trigger word would otherwise expand far past the limit.
         for field, text in (("prompt", prompt_text(p, req)), ("neg", p.neg)):
             if len(text) > cfg.limits.max_prompt_chars:
-                raise limit("PROMPT_TOO_LONG", f"{field} of prompt {i} is longer than {cfg.limits.max_prompt_chars} "
-                            "characters", prompt_index=i, field=field, limit=cfg.limits.max_prompt_chars)
+                raise _limit("PROMPT_TOO_LONG", f"{field} of prompt {i} is longer than {cfg.limits.max_prompt_chars} "
+                             "characters", prompt_index=i, field=field, limit=cfg.limits.max_prompt_chars)
         _choice(p.sampler or req.sampler, d.sampler, SAMPLERS, "SAMPLER_NOT_SUPPORTED", "sampler", i)
         _choice(p.output_format or req.output_format, d.output_format, OUTPUT_FORMATS,
                 "OUTPUT_FORMAT_NOT_SUPPORTED", "output_format", i)
@@ -153,13 +163,13 @@ def check_request_shape(req: InferenceRequest, cfg: AppConfig) -> None:
         steps, _ = steps_and_guidance(p, mode, cfg)
         check_sizes(i, width, height, frames, steps, cfg)
         if not p.ctrl_img:
-            raise ApiError(400, "CONTROL_IMAGE_REQUIRED",
+            raise _invalid("CONTROL_IMAGE_REQUIRED",
                            f"Model '{req.model}' requires a control image for prompt {i}",
                            {"model": req.model, "prompt_index": i})
 
 
 def to_specs(req: InferenceRequest, cfg: AppConfig, fetch: FetchConfig | None = None) -> list[GenerationSpec]:
-    """Validate and normalise a whole request; raises ApiError (4xx) on the first problem."""
+    """Validate and normalise a whole request; raises InvalidRequest (or a LoRA's error) at the first problem."""
     check_request_shape(req, cfg)
     loras = lora_refs(req, cfg)
     d = cfg.defaults

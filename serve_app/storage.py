@@ -19,24 +19,23 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
-from deployments.errors import ServiceError
+from deployments.errors import first_line
 from deployments.fetch import object_fs
 
 from .config import StorageConfig
-from .errors import ApiError, StoreUnavailable
+from .state_errors import OutputStoreUnavailable, OutputWriteFailed, RangeNotSatisfiable, StoreUnavailable
 
 log = logging.getLogger("ray.serve")
 
 CHUNK = 1024 * 1024
-
-
-class OutputWriteFailed(ServiceError):
-    """The output store refused a write after retries; the job fails with this code, nothing half-written is served."""
-
-    code = "OUTPUT_WRITE_FAILED"
-    status = 503
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -47,8 +46,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     is sent (a server may do so).
 
     Raises:
-        ApiError: 416 ``RANGE_NOT_SATISFIABLE`` when the range starts past the end (or asks for a
-            suffix of zero bytes).
+        RangeNotSatisfiable: the range starts past the end (or asks for a suffix of zero bytes).
     """
     if not header:
         return None
@@ -73,9 +71,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, min(int(last_s), size - 1) if last_s else size - 1
 
 
-def _unsatisfiable(size: int) -> ApiError:
-    return ApiError(416, "RANGE_NOT_SATISFIABLE", f"the requested range is outside the file ({size} bytes)",
-                    {"size": size}, headers={"Content-Range": f"bytes */{size}"})
+def _unsatisfiable(size: int) -> RangeNotSatisfiable:
+    return RangeNotSatisfiable(f"the requested range is outside the file ({size} bytes)", {"size": size})
 
 
 class OutputStore:
@@ -97,8 +94,9 @@ class OutputStore:
         if cfg.presigned_redirect and self.local:
             raise ValueError(f"storage.presigned_redirect needs an object store that signs URLs (s3://, gs://), "
                              f"not the local directory {cfg.outputs_dir!r}")
-        self._retry = dict(stop=stop_after_attempt(cfg.write_attempts),
-                           wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        # A store that comes back within the window loses no job: the video waits in memory meanwhile.
+        self._retry = dict(stop=stop_after_attempt(cfg.write_attempts) | stop_after_delay(cfg.write_retry_s),
+                           wait=wait_exponential_jitter(initial=0.5, max=5.0),
                            retry=retry_if_not_exception_type((FileNotFoundError, PermissionError)), reraise=True)
 
     # -- names ----------------------------------------------------------------------------------
@@ -128,18 +126,28 @@ class OutputStore:
     # -- writes ---------------------------------------------------------------------------------
 
     def put(self, key: str, data: bytes) -> None:
-        """Store an object whole, retrying transient failures.
+        """Store an object whole, retrying failures (``write_attempts`` tries within ``write_retry_s``).
 
         Raises:
             OutputWriteFailed: the store kept failing.
         """
+        self._put(key, data, self._retry)
+
+    def _put(self, key: str, data: bytes, retry: dict) -> None:
+        tries = 0
+
+        def failed(state) -> None:  # each failed try, for operators watching an outage
+            log.warning("output write of %s failed (try %d): %s; retrying in %.1f s", key, state.attempt_number,
+                        first_line(state.outcome.exception()), state.next_action.sleep)
+
         try:
-            for attempt in Retrying(**self._retry):
+            for attempt in Retrying(**retry, before_sleep=failed):
                 with attempt:
+                    tries += 1
                     self._put_once(key, data)
         except Exception as e:
-            raise OutputWriteFailed(f"cannot store {key}: {type(e).__name__}: {_first_line(e)}",
-                                    {"key": key, "attempts": self.cfg.write_attempts}) from e
+            raise OutputWriteFailed(f"cannot store {key} after {tries} tries: {type(e).__name__}: {first_line(e)}",
+                                    {"key": key, "attempts": tries}) from e
 
     def _put_once(self, key: str, data: bytes) -> None:
         path = self.path(key)
@@ -161,9 +169,11 @@ class OutputStore:
             raise
 
     def put_for_submit(self, key: str, data: bytes) -> None:
-        """``put`` at submit time: a store that is down is a 503 the client can retry, not a failed job."""
+        """``put`` at submit time: two quick tries, as a client waits on them; a store that is down is a 503
+        the client can retry, not a failed job."""
         try:
-            self.put(key, data)
+            quick = {**self._retry, "stop": stop_after_attempt(2), "wait": wait_exponential_jitter(0.2, 0.5)}
+            self._put(key, data, quick)
         except OutputWriteFailed as e:
             raise StoreUnavailable(f"the output store is unavailable: {e.message}", {"store": "outputs"}) from e
 
@@ -181,14 +191,14 @@ class OutputStore:
 
         Raises:
             FileNotFoundError: no such object.
-            StoreUnavailable: the store cannot be reached.
+            OutputStoreUnavailable: the store cannot be reached.
         """
         try:
             return self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             raise
         except Exception as e:
-            raise StoreUnavailable(f"the output store is unavailable: {_first_line(e)}", {"store": "outputs"}) from e
+            raise _unreachable(e) from e
 
     def size(self, key: str) -> int | None:
         """The object's size, or None if it is not there."""
@@ -197,7 +207,7 @@ class OutputStore:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise StoreUnavailable(f"the output store is unavailable: {_first_line(e)}", {"store": "outputs"}) from e
+            raise _unreachable(e) from e
 
     def iter_range(self, key: str, first: int, last: int) -> Iterator[bytes]:
         """Bytes ``first..last`` (inclusive) of an object, in chunks (a sync iterator: Starlette runs it in a thread)."""
@@ -215,11 +225,11 @@ class OutputStore:
         return self.fs.sign(self.path(key), expiration=expires_s)
 
 
+def _unreachable(e: Exception) -> OutputStoreUnavailable:
+    return OutputStoreUnavailable(f"the output store is unavailable: {first_line(e)}", {"store": "outputs"})
+
+
 def _protocols(fs) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

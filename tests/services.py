@@ -5,8 +5,10 @@
   authentication (scram) on 127.0.0.1 only, a free port, data in a fresh temp directory.
 - ``S3Server``: moto in server mode (``python -m moto.server``) in its own process, on 127.0.0.1.
 
-Both can be stopped and started again (the fault tests do). Neither ever skips: a missing binary is
-an error that says what to install.
+Both can be stopped and started again (the fault tests do): PostgreSQL keeps its data; moto keeps
+its objects only in memory, so an S3 outage that must not lose them is ``S3Server.down()``/``up()``
+(its endpoint hangs up on every connection, as a store that is down does, while moto keeps running behind).
+Neither ever skips: a missing binary is an error that says what to install.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -125,22 +128,123 @@ class PgServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Forwarder:
+    """TCP from ``port`` to ``target`` on 127.0.0.1. While ``refusing``, every connection is closed as soon
+    as it is made (and counted in ``rejected``), as a load balancer with no server behind it does."""
+
+    def __init__(self, port: int, target: int):
+        self.port, self.target = port, target
+        self.refusing = False
+        self.rejected = 0
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def refuse(self) -> None:
+        """Close every open connection and every new one."""
+        self.refusing = True
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            _hang_up(conn)
+
+    def close(self) -> None:
+        self.refuse()
+        if self._listener is not None:
+            _hang_up(self._listener)  # shutdown wakes the accept() blocked in its thread
+            self._listener = None
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            if self.refusing:
+                self.rejected += 1
+                _hang_up(client)
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                _hang_up(client)
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class S3Server:
-    """moto's S3 in server mode, in its own process (so the tests can stop it like a real outage)."""
+    """moto's S3 in server mode, in its own process (so the tests can stop it like a real outage).
+
+    Clients reach it through ``endpoint``, a port of its own in front of moto's, so ``down()`` can make
+    the store unreachable while moto keeps its buckets and objects for ``up()``.
+    """
 
     def __init__(self):
         self.port = free_port()
+        self._moto_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._front = _Forwarder(self.port, self._moto_port)
 
     def start(self) -> "S3Server":
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        _wait_port(self.port, 60, "moto S3 server", self.proc)
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      str(self._moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env)
+        _wait_port(self._moto_port, 60, "moto S3 server", self.proc)
+        self._front.open()
         return self
 
+    def down(self) -> None:
+        """The store becomes unreachable (every connection closed at once); its data stays."""
+        self._front.refuse()
+
+    def up(self) -> None:
+        """Reachable again, with everything it held."""
+        self._front.refusing = False
+
+    @property
+    def rejected(self) -> int:
+        """Connections closed unanswered while down: how often clients tried."""
+        return self._front.rejected
+
     def stop(self) -> None:
+        """Stop moto itself (its data is lost)."""
+        self._front.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

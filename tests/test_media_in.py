@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from deployments.config import FetchConfig
+from deployments.errors import InvalidRequest
 from serve_app.config import LimitsConfig
-from serve_app.errors import ApiError
+from serve_app.errors import http_status
 from serve_app.media_in import decode_image, image_bytes, prepare_ctrl_image
 
 from .conftest import make_image, png_bytes
@@ -50,10 +51,10 @@ def reference_rgb(raw: bytes, width: int = W, height: int = H) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB").resize((width, height), Image.LANCZOS))
 
 
-def error_code(fn, *args) -> ApiError:
-    with pytest.raises(ApiError) as info:
+def error_code(fn, *args) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
         fn(*args)
-    assert info.value.status == 400
+    assert http_status(info.value) == 400
     return info.value
 
 

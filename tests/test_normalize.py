@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.errors import ServiceError
+from deployments.errors import InvalidRequest, ServiceError
 from serve_app.config import AppConfig
-from serve_app.errors import ApiError
+from serve_app.errors import http_status
 from serve_app.normalize import to_specs
 from serve_app.schemas import InferenceRequest
 
@@ -52,10 +52,10 @@ def spec_of(cfg: AppConfig = CFG, **prompt):
     return spec
 
 
-def api_error(req: InferenceRequest, cfg: AppConfig = CFG) -> ApiError:
-    with pytest.raises(ApiError) as info:
+def api_error(req: InferenceRequest, cfg: AppConfig = CFG) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
         to_specs(req, cfg)
-    assert info.value.status == 400
+    assert http_status(info.value) == 400
     return info.value
 
 

@@ -9,8 +9,9 @@ import httpx
 import pytest
 
 from serve_app.config import StorageConfig
-from serve_app.errors import ApiError, StoreUnavailable
-from serve_app.storage import OutputStore, OutputWriteFailed, parse_range
+from serve_app.errors import http_headers, http_status
+from serve_app.state_errors import OutputStoreUnavailable, OutputWriteFailed, RangeNotSatisfiable, StoreUnavailable
+from serve_app.storage import OutputStore, parse_range
 
 
 @pytest.mark.parametrize("header, size, expected", [
@@ -37,10 +38,10 @@ def test_parse_range(header, size, expected):
 @pytest.mark.parametrize("header, size", [("bytes=100-", 100), ("bytes=500-600", 100), ("bytes=-0", 100),
                                           ("bytes=0-", 0)])
 def test_unsatisfiable_range_is_416_with_the_size(header, size):
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RangeNotSatisfiable) as e:
         parse_range(header, size)
-    assert e.value.status == 416 and e.value.code == "RANGE_NOT_SATISFIABLE"
-    assert e.value.headers["Content-Range"] == f"bytes */{size}"
+    assert e.value.code == "RANGE_NOT_SATISFIABLE" and not hasattr(e.value, "headers")  # no HTTP below the routes
+    assert http_status(e.value) == 416 and http_headers(e.value)["Content-Range"] == f"bytes */{size}"
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -90,7 +91,7 @@ def test_local_write_is_atomic_no_partial_file_under_the_final_name(tmp_path, mo
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OutputWriteFailed) as e:
         outputs.put("job/0.mp4", b"x" * 1000)
-    assert e.value.code == "OUTPUT_WRITE_FAILED" and e.value.details["attempts"] == 2
+    assert e.value.code == "OUTPUT_WRITE_FAILED" and e.value.details["attempts"] == 2 and http_status(e.value) == 503
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert outputs.size("job/0.mp4") is None
     assert os.listdir(os.path.join(outputs.root, "job")) == []  # no temp file left behind
@@ -120,14 +121,83 @@ def test_object_store_down_fails_writes_with_a_code_and_reads_as_unavailable(tmp
         outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{bucket}/v", outputs_options=server.options(),
                                             write_attempts=2))
         outputs.put("j/0.mp4", b"before")
-        server.stop()
+        server.down()
         t0 = time.time()
         with pytest.raises(OutputWriteFailed):
             outputs.put("j/1.mp4", b"during")
+        with pytest.raises(StoreUnavailable) as submit:
+            outputs.put_for_submit("j/ctrl.png", b"png")
+        assert submit.value.code == "STORE_UNAVAILABLE"
+        for read in (outputs.size, outputs.read):
+            with pytest.raises(OutputStoreUnavailable) as e:
+                read("j/0.mp4")
+            assert e.value.code == "OUTPUT_STORE_UNAVAILABLE"
+            assert http_status(e.value) == 503 and int(http_headers(e.value)["Retry-After"]) > 0
+        assert time.time() - t0 < 60  # bounded by the default timeouts, not botocore's minute of retries
+    finally:
+        server.stop()
+
+
+def test_a_submit_with_the_object_store_down_gets_its_answer_without_the_jobs_retry_window(tmp_path):
+    from tests.services import S3Server
+
+    server = S3Server().start()
+    try:
+        outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{server.create_bucket()}/v",
+                                            outputs_options=server.options(), write_retry_s=120))
+        server.stop()
+        t0 = time.time()
         with pytest.raises(StoreUnavailable):
             outputs.put_for_submit("j/ctrl.png", b"png")
-        with pytest.raises(StoreUnavailable):
-            outputs.size("j/0.mp4")
-        assert time.time() - t0 < 60  # bounded by the default timeouts, not botocore's minute of retries
+        assert time.time() - t0 < 10  # two quick tries, not the 120 s a job's output may wait
+    finally:
+        server.stop()
+
+
+def test_an_output_write_outlasts_an_object_store_outage_within_its_retry_window(tmp_path):
+    """The store is down when the write starts and back after two failed tries: the write lands."""
+    import threading
+
+    from tests.conftest import wait_for
+    from tests.services import S3Server
+
+    server = S3Server().start()
+    try:
+        bucket = server.create_bucket()
+        outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{bucket}/v", outputs_options=server.options(),
+                                            write_retry_s=120, write_attempts=50))
+        failed, real_put_once = [], outputs._put_once
+
+        def counted(key, data):  # the real write, its failures counted
+            try:
+                return real_put_once(key, data)
+            except Exception as e:
+                failed.append(e)
+                raise
+
+        outputs._put_once = counted
+        server.down()
+        restart = threading.Thread(target=lambda: (wait_for(lambda: len(failed) >= 2, 60, "two failed tries"),
+                                                   server.up()))
+        restart.start()
+        outputs.put("j/0.mp4", b"after the outage")
+        restart.join()
+        assert len(failed) >= 2
+        assert outputs.read("j/0.mp4") == b"after the outage"
+    finally:
+        server.stop()
+
+
+def test_an_output_write_gives_up_after_its_retry_window_with_the_tries_in_the_error(tmp_path):
+    from tests.services import S3Server
+
+    server = S3Server().start()
+    try:
+        outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{server.create_bucket()}/v",
+                                            outputs_options=server.options(), write_retry_s=3, write_attempts=50))
+        server.stop()
+        with pytest.raises(OutputWriteFailed) as e:
+            outputs.put("j/0.mp4", b"never")
+        assert e.value.code == "OUTPUT_WRITE_FAILED" and 2 <= e.value.details["attempts"] < 50
     finally:
         server.stop()

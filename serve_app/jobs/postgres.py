@@ -9,6 +9,11 @@
   lock, so replicas starting together migrate once.
 - Connections come from a pool; credentials from the URL or libpq's environment (``PGPASSWORD``,
   ``PGUSER``, ``PGPASSFILE``, ...). Any connection-level failure is ``STORE_UNAVAILABLE``.
+- Outages answer fast and heal on their own: every connection has a connect timeout and a server-side
+  statement timeout; a pooled connection is checked before use; once a call found the database down,
+  later calls wait only ``connect_timeout_s`` for a connection (not the full ``timeout_s``) until one
+  succeeds; and the pool gives up a reconnection attempt after a few seconds, so the next call starts a
+  fresh one instead of waiting out psycopg_pool's backoff (which doubles up to 16 s between tries).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from ..errors import StoreUnavailable
+from deployments.errors import first_line
+
+from ..state_errors import StoreUnavailable
 from .records import (
     CANCELED,
     FINAL,
@@ -37,7 +44,7 @@ from .records import (
     row_to_job,
     specs_to_json,
 )
-from .store import JobStore, Lease, QueueFull, migration_statements
+from .store import JobStore, Lease, QueueFull, StoreRefused, migration_statements
 
 NOW = "extract(epoch from clock_timestamp())::double precision"
 ACTIVE_SQL = "status IN ('in_queue','in_progress')"
@@ -142,15 +149,22 @@ def describe(url: str) -> str:
     return f"postgresql://{p.get('user', '')}@{p.get('host', '')}:{p.get('port', 5432)}/{p.get('dbname', '')}"
 
 
+_LOST = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+# Errors the server sends while it cannot take connections for a moment: worth waiting for.
+_TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many clients", "not yet accepting")
+
+
 def _unavailable(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StoreUnavailable(f"the job database is unavailable: {first}",
+            result = method(self, *args, **kwargs)
+        except _LOST as e:
+            self._down = True
+            raise StoreUnavailable(f"the job database is unavailable: {first_line(e)}",
                                    {"store": "jobs", "backend": "postgresql"}) from e
+        self._down = False
+        return result
 
     return wrapper
 
@@ -160,20 +174,24 @@ class PostgresJobStore(JobStore):
 
     backend = "postgresql"
 
-    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 5.0):
+    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 3.0, connect_timeout_s: int = 2):
         self.url = describe(url)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._down = False  # the last call found the database unreachable
         conninfo = make_conninfo(
             url,
-            connect_timeout=max(1, int(timeout_s)),
+            connect_timeout=max(2, int(connect_timeout_s)),  # per address tried; libpq's minimum is 2
             application_name="wan-i2v-serve",
             # A peer that vanished (node lost, network cut) is noticed in seconds, not hours.
             keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
             options=f"-c statement_timeout={int(timeout_s * 1000)}",
         )
+        self._probe(conninfo)
         self._pool = psycopg_pool.ConnectionPool(
             conninfo, min_size=1, max_size=pool_size, timeout=timeout_s, open=False, name="wan-jobs",
             kwargs={"row_factory": dict_row}, check=psycopg_pool.ConnectionPool.check_connection,
-            reconnect_timeout=timeout_s * 6,
+            reconnect_timeout=max(5.0, 2.0 * connect_timeout_s),
         )
         try:
             self._pool.open(wait=True, timeout=timeout_s)
@@ -183,12 +201,35 @@ class PostgresJobStore(JobStore):
                                    {"store": "jobs", "backend": "postgresql"}) from e
         self.schema_version = self._migrate()
 
+    def _probe(self, conninfo: str) -> None:
+        """One direct connection first: it tells a database that is down (wait for it) from one that refuses
+        us (a wrong password, no such database: say so and stop), which the pool's timeout would hide.
+
+        Raises:
+            StoreUnavailable: no answer, or a refusal that passes.
+            StoreRefused: the server refused us for good.
+        """
+        try:
+            psycopg.connect(conninfo).close()
+        except psycopg.OperationalError as e:
+            text = str(e)
+            message = text.split("FATAL:", 1)[-1].strip().splitlines()[0] if "FATAL:" in text else first_line(e)
+            if ("FATAL:" in text or "no password supplied" in text) and not any(t in text for t in _TRANSIENT_REFUSALS):
+                raise StoreRefused(f"the job database {self.url} refuses this replica: {message}") from e
+            raise StoreUnavailable(f"cannot connect to the job database {self.url}: {message}",
+                                   {"store": "jobs", "backend": "postgresql"}) from e
+
+    def _connection(self):
+        # While the database is known to be down, answer within the connect timeout: a connection the
+        # pool is making right now is still taken, a pool without hope is not waited on.
+        return self._pool.connection(timeout=self.connect_timeout_s if self._down else self.timeout_s)
+
     def close(self) -> None:
         self._pool.close()
 
     @_unavailable
     def _migrate(self) -> int:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_MIGRATE,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             current = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version").fetchone()["v"]
@@ -200,7 +241,7 @@ class PostgresJobStore(JobStore):
         return SCHEMA_VERSION
 
     def _one(self, sql: str, params: Any = ()) -> dict | None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             return conn.execute(sql, params).fetchone()
 
     # -- creation -------------------------------------------------------------------------------
@@ -208,7 +249,7 @@ class PostgresJobStore(JobStore):
     @_unavailable
     def create(self, job_id, specs, model, owner="", idempotency_key=None, max_total=None, max_per_owner=None,
                metadata=None, webhook_url=None):
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             # One submit at a time cluster-wide: the limits below are exact, and an idempotency key
             # raced from two nodes yields one row (the unique index would refuse the second anyway).
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_SUBMIT,))
@@ -252,7 +293,7 @@ class PostgresJobStore(JobStore):
     @_unavailable
     def recent(self, owner: str, limit: int, before: tuple[float, str] | None = None) -> list[Job]:
         after = "AND (created_at, id) < (%s, %s) " if before is not None else ""
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE owner=%s {after}ORDER BY created_at DESC, id DESC LIMIT %s",
                 (owner, *(before or ()), limit)).fetchall()
@@ -286,7 +327,7 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def claim_next(self, holder: str, lease_s: float) -> Job | None:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             row = conn.execute(
                 f"UPDATE jobs SET lease_owner=%s, lease_until={NOW} + %s WHERE id = ("
                 f"  SELECT id FROM jobs WHERE {ACTIVE_SQL} AND lease_until < {NOW}"
@@ -352,7 +393,7 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def request_cancel(self, job_id: str) -> tuple[Job | None, bool]:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             conn.execute(f"UPDATE jobs SET cancel_requested=true WHERE id=%s AND {ACTIVE_SQL}", (job_id,))
             canceled = conn.execute(_logged(
                 f"UPDATE jobs SET status='canceled', finished_at={NOW}, error=%s, lease_owner=NULL, lease_until=0, "
@@ -365,7 +406,7 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def claim_webhook(self, holder: str, lease_s: float) -> Job | None:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             row = conn.execute(
                 f"UPDATE jobs SET webhook_lease_owner=%s, webhook_lease_until={NOW} + %s WHERE id = ("
                 f"  SELECT id FROM jobs WHERE webhook_state='pending' AND {FINAL_SQL}"
@@ -386,7 +427,7 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def server_secret(self, name: str) -> str:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             conn.execute("INSERT INTO settings (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
                          (name, secrets.token_hex(32)))
             return conn.execute("SELECT value FROM settings WHERE name=%s", (name,)).fetchone()["value"]
@@ -395,7 +436,7 @@ class PostgresJobStore(JobStore):
 
     @_unavailable
     def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             rows = conn.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < %s "
                                 "AND (webhook_state IS NULL OR webhook_state <> 'pending') "
                                 "ORDER BY finished_at LIMIT %s", (cutoff, limit)).fetchall()

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import StoreUnavailable
+from ..state_errors import StoreUnavailable
 from .records import (
     CANCELED,
     FINAL,

@@ -4,7 +4,11 @@ Backends (one module each) are plain blocking classes: ``SqliteJobStore`` (the e
 one node) and ``PostgresJobStore`` (clusters). Every method is one short transaction. The ingress
 and the job runner never call them directly: they hold an ``AsyncJobStore``, which runs each call
 in a worker thread with a deadline, so no database call ever runs on the event loop and a lost
-database answers ``STORE_UNAVAILABLE`` within ``timeout_s`` instead of hanging.
+database answers ``STORE_UNAVAILABLE`` within ``timeout_s`` instead of hanging. A database that is
+down when a replica starts does not stop the replica: it answers ``STORE_UNAVAILABLE`` at once and
+opens the store in the background (an ingress that could not start would leave requests waiting in
+Serve's proxy with no answer); one that refuses us for good (a wrong password, no such database, a
+newer schema) stops the start with its message.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from ..errors import StoreUnavailable
+from ..state_errors import StoreUnavailable
 from .records import Job, JobEvent, StoredSpec
+
+log = logging.getLogger("ray.serve")
 
 
 class QueueFull(Exception):
@@ -27,7 +34,12 @@ class QueueFull(Exception):
         self.limit = limit
 
 
-class SchemaTooNew(RuntimeError):
+class StoreRefused(RuntimeError):
+    """The database answered and refused us (wrong credentials, no such database, a newer schema): waiting
+    will not help, so a replica refuses to start."""
+
+
+class SchemaTooNew(StoreRefused):
     """The database was migrated by a newer release than this one: refuse to run against it."""
 
 
@@ -197,17 +209,17 @@ def migration_statements(migrations: list[str], current: int, where: str) -> lis
     return [statement for script in migrations[current:] for statement in filter(str.strip, script.split(";"))]
 
 
-def open_job_store(url: str, pool_size: int = 8, timeout_s: float = 5.0) -> JobStore:
+def open_job_store(url: str, pool_size: int = 8, timeout_s: float = 3.0, connect_timeout_s: int = 2) -> JobStore:
     """The backend ``storage.jobs_db`` names: a ``postgresql://`` URL, else a SQLite file path.
 
     Raises:
         StoreUnavailable: the database cannot be reached or set up now.
-        SchemaTooNew: the database belongs to a newer release.
+        StoreRefused: the database refuses us for good (``SchemaTooNew``: it belongs to a newer release).
     """
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresJobStore
 
-        return PostgresJobStore(url, pool_size=pool_size, timeout_s=timeout_s)
+        return PostgresJobStore(url, pool_size=pool_size, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
     from .sqlite import SqliteJobStore
 
     return SqliteJobStore(url, timeout_s=timeout_s)
@@ -218,17 +230,75 @@ class AsyncJobStore:
 
     ``await jobs.get(job_id)`` calls ``store.get(job_id)`` in the pool. A call that outlives
     ``timeout_s`` (a database that stopped answering) raises ``StoreUnavailable``; its thread finishes
-    or fails on its own later, bounded by the backend's own timeouts.
+    or fails on its own later, bounded by the backend's own timeouts. Until the store is open (see
+    ``open``), every call raises ``StoreUnavailable`` at once.
     """
 
-    def __init__(self, store: JobStore, timeout_s: float = 5.0, max_workers: int = 8):
+    def __init__(self, store: JobStore | None, timeout_s: float = 3.0, max_workers: int = 8,
+                 opener: Callable[[], JobStore] | None = None, retry_s: float = 1.0):
         self.store = store
         self.timeout_s = timeout_s
+        self.opened = asyncio.Event()  # set once the store is open
+        if store is not None:
+            self.opened.set()
+        self._opener = opener
+        self._retry_s = retry_s
+        self._why_closed = "not opened yet"
+        self._opening: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="jobs-db")
 
+    @classmethod
+    async def open(cls, url: str, pool_size: int = 8, timeout_s: float = 3.0, connect_timeout_s: int = 2,
+                   retry_s: float = 1.0) -> "AsyncJobStore":
+        """Open the store now or, while the database is unreachable, in the background every ``retry_s``.
+
+        Raises:
+            StoreRefused: the database refuses us for good (nothing to wait for).
+        """
+        jobs = cls(None, timeout_s, pool_size, functools.partial(open_job_store, url, pool_size, timeout_s,
+                                                                  connect_timeout_s), retry_s)
+        if not await jobs._try_open():
+            log.warning("job database unreachable at start (%s); serving 503 STORE_UNAVAILABLE and retrying every "
+                        "%.0f s", jobs._why_closed, retry_s)
+            jobs._opening = asyncio.get_running_loop().create_task(jobs._open_forever())
+        return jobs
+
+    @property
+    def ready(self) -> bool:
+        return self.store is not None
+
+    async def _try_open(self) -> bool:
+        try:
+            store = await asyncio.get_running_loop().run_in_executor(self._pool, self._opener)
+        except StoreUnavailable as e:
+            self._why_closed = e.message
+            return False
+        self.store = store
+        self.opened.set()
+        return True
+
+    async def _open_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._retry_s)
+            try:
+                if await self._try_open():
+                    log.info("job database reachable: store open")
+                    return
+            except StoreRefused as e:  # e.g. reached at last, but migrated by a newer release
+                self._why_closed = str(e)
+                log.error("job database refuses this replica: %s", e)
+
     def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("store", "opened"):
+            raise AttributeError(name)
+        if self.store is None:
+            # Not opened yet: every call answers at once (the opener keeps trying in the background).
+            async def closed(*args, **kwargs):
+                raise StoreUnavailable(f"the job database is unavailable: {self._why_closed}", {"store": "jobs"})
+
+            return closed
         method = getattr(self.store, name)
-        if not callable(method) or name.startswith("_"):
+        if not callable(method):
             raise AttributeError(name)
 
         @functools.wraps(method)
@@ -244,5 +314,8 @@ class AsyncJobStore:
         return call
 
     def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
