@@ -299,7 +299,7 @@ class Ingress:
         if size is None:
             raise errors.ApiError(410, "OUTPUT_GONE", f"output {n} of {request_id} is no longer stored")
         if self.cfg.storage.presigned_redirect:
-            url = await asyncio.to_thread(self.outputs.presign, key, self.cfg.storage.presign_expiry_s)
+            url = await asyncio.to_thread(self.outputs.presign, key, self.cfg.storage.presign_expiry_s, request.method)
             return RedirectResponse(url, status_code=307)
         headers = {"Accept-Ranges": "bytes",
                    "Content-Disposition": f'attachment; filename="{request_id}-{n}.{out["format"]}"'}

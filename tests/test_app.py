@@ -586,6 +586,10 @@ def test_presigned_redirect_sends_the_client_to_the_object_store(serve_env):
         assert video.content == _output_store(app).read(f"{result['request_id']}/0.mp4")
         head = app.http.head(f"/v1/requests/{result['request_id']}/outputs/0")  # the same redirect
         assert head.status_code == 307 and head.headers["location"].startswith(serve_env.s3.endpoint)
+        # S3 signs the method into the URL, so a HEAD is sent to one signed for head_object (moto does not
+        # check signatures: tests/test_storage.py checks the signed operation).
+        probe = httpx.head(head.headers["location"])
+        assert probe.status_code == 200 and int(probe.headers["content-length"]) == len(video.content)
         part = httpx.get(location, headers={"Range": "bytes=4-7"})  # the store honours Range itself
         assert part.status_code == 206 and part.content == b"ftyp"
     finally:

@@ -107,6 +107,33 @@ def test_presigned_url_serves_the_object(s3_server, tmp_path):
     assert httpx.get(url.split("?")[0]).status_code == 403  # the bucket is not public
 
 
+def _signed_for(url: str, secret: str) -> str:
+    """The HTTP method a SigV2 query-signed S3 URL (what moto's endpoint gets) was signed for."""
+    import base64
+    import hashlib
+    import hmac
+    from urllib.parse import parse_qs, unquote, urlparse
+
+    parts = urlparse(url)
+    query = parse_qs(parts.query)
+    for method in ("GET", "HEAD"):
+        to_sign = f"{method}\n\n\n{query['Expires'][0]}\n{unquote(parts.path)}"
+        digest = hmac.new(secret.encode(), to_sign.encode(), hashlib.sha1).digest()
+        if base64.b64encode(digest).decode() == query["Signature"][0]:
+            return method
+    raise AssertionError(f"signed for neither GET nor HEAD: {url}")
+
+
+def test_a_presigned_url_is_signed_for_the_method_it_is_for(s3_server, tmp_path):
+    """S3 checks the signed method: a HEAD sent to a GET URL is refused (403) on real S3."""
+    outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{s3_server.bucket}/{tmp_path.name}",
+                                        outputs_options=s3_server.options(), presigned_redirect=True))
+    outputs.put("j/0.mp4", b"signed bytes")
+    secret = s3_server.options()["secret"]
+    assert _signed_for(outputs.presign("j/0.mp4", 60), secret) == "GET"
+    assert _signed_for(outputs.presign("j/0.mp4", 60, "HEAD"), secret) == "HEAD"
+
+
 def test_presigned_redirect_needs_an_object_store(tmp_path):
     with pytest.raises(ValueError, match="presigned"):
         OutputStore(StorageConfig(outputs_dir=str(tmp_path), presigned_redirect=True))
