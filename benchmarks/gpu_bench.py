@@ -58,13 +58,24 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from deployments import attention as attention_mod  # noqa: E402
+from deployments import pipeline as pipeline_mod  # noqa: E402
+from deployments import speed as speed_mod  # noqa: E402
+from deployments.config import ModelConfig, SpeedConfig  # noqa: E402
+from deployments.lora_files import linear_shapes  # noqa: E402
+from deployments.models import load_pipeline  # noqa: E402
+from deployments.pipeline import StageClock  # noqa: E402
+from deployments.spec import GenerationSpec, LoraRef  # noqa: E402
 
 FLOP_ANCHOR = 665.5e12  # per forward at 832x480x41 (performance-anchors.md)
 
@@ -391,7 +402,391 @@ def fp32_truth_forward(transformer, inputs, device, ref_out):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+@dataclass
+class BenchContext:
+    """What the sections share: the arguments, the record, the device, the request, and what earlier
+    sections made (``S``: tensors and objects by name; ``pipe``, ``tcfg`` and ``gen`` once built)."""
+
+    a: argparse.Namespace
+    B: Bench
+    device: torch.device
+    spec: GenerationSpec
+    S: dict = field(default_factory=dict)
+    pipe: object = None  # the loaded WanImageToVideoPipeline (build)
+    tcfg: object = None  # its transformer's config
+    gen: pipeline_mod.WanGenerator | None = None  # ours (ours_init)
+
+    @property
+    def R(self) -> dict:
+        return self.B.results
+
+    def want(self, name: str) -> bool:
+        return not self.a.only or name in self.a.only
+
+
+# ---------------------------------------------------------------------------------------------
+# sections: each takes the context, returns its record (``Bench.section`` saves it)
+# ---------------------------------------------------------------------------------------------
+
+
+def build(c: BenchContext):
+    loaded = load_pipeline(ModelConfig(source=c.a.source, device=c.a.device, cache_dir=c.a.cache_dir))
+    c.S["loaded"] = loaded
+    c.S["shapes"] = linear_shapes(loaded.pipe.transformer)
+    n = sum(p.numel() for p in loaded.pipe.transformer.parameters())
+    return {"load_s": round(loaded.load_seconds, 1), "dtype": str(loaded.dtype), "transformer_params_b": round(n / 1e9, 2)}
+
+
+def ref_warm(c: BenchContext):
+    t = time.perf_counter()
+    with ForwardCapture(c.pipe.transformer) as cap:
+        reference_call(c.pipe, c.spec, steps=1)
+    sync(c.device)
+    c.S["inputs"] = (cap.args, cap.kwargs)
+    hs = cap.kwargs["hidden_states"]
+    ctx = cap.kwargs["encoder_hidden_states"]
+    img = cap.kwargs.get("encoder_hidden_states_image")
+    pt, ph, pw = c.tcfg.patch_size
+    tokens = (hs.shape[2] // pt) * (hs.shape[3] // ph) * (hs.shape[4] // pw)
+    c.S["flops"] = forward_flops(c.S["shapes"], c.tcfg, tokens, ctx.shape[1], img.shape[1] if img is not None else 0)
+    return {
+        "seconds": round(time.perf_counter() - t, 2),
+        "tokens": tokens,
+        "text_tokens": ctx.shape[1],
+        "image_tokens": img.shape[1] if img is not None else 0,
+        "tflop_per_forward": round(c.S["flops"] / 1e12, 2),
+    }
+
+
+def whole_request(c: BenchContext, run):
+    clock = StageClock(c.device)  # the product's own stage clock, so both sides split time alike
+    handles = clock.attach(c.pipe)
+    peak_reset(c.device)
+    try:
+        with StepCapture(c.pipe.scheduler) as cap:
+            sync(c.device)
+            clock.start("total")
+            run()
+            clock.stop("total")
+    finally:
+        for h in handles:
+            h.remove()
+    return cap, clock.totals
+
+
+def ref_request(c: BenchContext):
+    cap, totals = whole_request(c, lambda: reference_call(c.pipe, c.spec))
+    c.S["ref_latents"] = cap.last
+    return {
+        "steps": c.a.steps,
+        "forwards": 2 * c.a.steps if c.a.guidance > 1 else c.a.steps,
+        "timings": {k: round(v, 3) for k, v in totals.items()},
+        "peak_gib": peak_gib(c.device),
+        "latents_finite": bool(torch.isfinite(cap.last).all()),
+    }
+
+
+def ref_forward(c: BenchContext):
+    med, times, out = time_forward(c.pipe.transformer, c.S["inputs"], c.device, warm=1, reps=c.a.reps)
+    c.S["ref_out"] = out
+    return {"s_per_forward": round(med, 4), "times": times, "tflops": round(c.S["flops"] / med / 1e12, 1)}
+
+
+def noise_forward(c: BenchContext):
+    res = {}
+    backends = ["_native_cudnn", "_native_flash", "_native_efficient"] if c.device.type == "cuda" else ["_native_math"]
+    if attention_mod.flash4_unavailable(c.device) is None:
+        backends.append(attention_mod.FLASH4)
+    for backend in backends:
+        try:
+            attention_mod.set_backend(c.pipe.transformer, backend)
+            med, times, out = time_forward(c.pipe.transformer, c.S["inputs"], c.device, warm=1, reps=max(1, c.a.reps - 1))
+            c.S.setdefault("noise_outs", {})[backend.lstrip("_")] = out
+            res[backend.lstrip("_")] = {
+                "s_per_forward": round(med, 4),
+                "rel_err_vs_ref": rel_l2(out, c.S["ref_out"]),
+                "bit_equal_ref": bool(torch.equal(out, c.S["ref_out"])),
+            }
+        except Exception as e:
+            res[backend.lstrip("_")] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    # reset_attention_backend leaves diffusers' process-wide active backend at the last one set
+    # (flash4 here, which takes no float32: the truth forward below failed on it): native first
+    c.pipe.transformer.set_attention_backend("native")
+    c.pipe.transformer.reset_attention_backend()
+    return res
+
+
+def truth_forward(c: BenchContext):
+    out, restored = fp32_truth_forward(c.pipe.transformer, c.S["inputs"], c.device, c.S["ref_out"])
+    c.S["truth_out"] = out
+    res = {"ref_rel_err_vs_fp32": rel_l2(c.S["ref_out"], out), "restored_bit_equal": restored}
+    for name, o in c.S.get("noise_outs", {}).items():
+        res[f"{name}_rel_err_vs_fp32"] = rel_l2(o, out)
+    return res
+
+
+def ours_init(c: BenchContext):
+    turbo = {"enabled": False}
+    if "turbo" in c.a.modes:
+        c.S["distill_dir"] = tempfile.TemporaryDirectory(prefix="bench-distill-")
+        path = os.path.join(c.S["distill_dir"].name, "distill.safetensors")
+        c.S["distill_bytes"] = make_random_lora("lightx2v", c.S["shapes"], c.tcfg.num_layers, c.a.distill_rank, 300, path,
+                                              c.device, drop_page_cache=False)
+        turbo = {"enabled": True, "lora": path, "fp8": c.a.fp8}
+    speed = SpeedConfig(
+        attention_backend=c.a.attention,
+        warmup_width=c.a.width, warmup_height=c.a.height, warmup_frames=c.a.frames, lora_hotswap_rank=c.a.slot_rank,
+        fast={"enabled": "fast" in c.a.modes, "fp8": c.a.fp8}, turbo=turbo,
+    )
+    if c.device.type != "cuda":  # CPU smoke: force the CUDA-only path, without the cuDNN backend
+        speed = speed.model_copy(update={"attention_backend": None})
+        pipeline_mod.apply_speed_modes = lambda p, s, d: speed_mod._apply(p, s)
+    g0 = unique_graphs()
+    peak_reset(c.device)
+    t = time.perf_counter()
+    c.gen = pipeline_mod.WanGenerator(c.S["loaded"], speed)
+    sync(c.device)
+    c.S["gen"] = c.gen
+    return {
+        "init_s": round(time.perf_counter() - t, 2),
+        "speed_report": c.gen.speed_report,
+        "graphs_compiled": unique_graphs() - g0,
+        "peak_gib": peak_gib(c.device),
+        "distill_lora_bytes": c.S.get("distill_bytes"),
+    }
+
+
+def ours_forward(c: BenchContext):
+    g0 = unique_graphs()
+    med, times, out = time_forward(c.gen.pipe.transformer, c.S["inputs"], c.device, warm=1, reps=c.a.reps)
+    c.S["ours_out"] = out
+    ref = c.R.get("ref_forward", {}).get("s_per_forward")
+    return {
+        "s_per_forward": round(med, 4),
+        "times": times,
+        "tflops": round(c.S["flops"] / med / 1e12, 1),
+        "ratio_vs_ref": round(med / ref, 3) if ref else None,
+        "rel_err_vs_ref": rel_l2(out, c.S["ref_out"]) if "ref_out" in c.S else None,
+        "rel_err_vs_fp32": rel_l2(out, c.S["truth_out"]) if "truth_out" in c.S else None,
+        "graphs_compiled": unique_graphs() - g0,
+    }
+
+
+def ours_request(c: BenchContext):
+    g0 = unique_graphs()
+    peak_reset(c.device)
+    with StepCapture(c.gen.scheduler_for_spec(c.spec)) as cap:
+        t = time.perf_counter()
+        frames = c.gen.generate(c.spec)
+        wall = time.perf_counter() - t
+    c.S["ours_latents"] = cap.last
+    ref = c.R.get("ref_request", {}).get("timings", {}).get("total")
+    total = frames.timings.get("total", wall)
+    return {
+        "timings": frames.timings,
+        "ratio_vs_ref": round(total / ref, 3) if ref else None,
+        "peak_gib": peak_gib(c.device),
+        "latents_rel_err_vs_ref": rel_l2(cap.last, c.S["ref_latents"]) if "ref_latents" in c.S else None,
+        "graphs_compiled": unique_graphs() - g0,
+    }
+
+
+def lora(c: BenchContext):
+    res: dict = {}
+    tmp = tempfile.TemporaryDirectory(prefix="bench-lora-")  # own dir: runs side by side never collide
+    paths = [os.path.join(tmp.name, f"lora{i}.safetensors") for i in range(2)]
+    t = time.perf_counter()
+    for i, path in enumerate(paths):
+        res["file_bytes"] = make_random_lora("ai-toolkit", c.S["shapes"], c.tcfg.num_layers, c.a.lora_rank, 100 + i,
+                                             path, c.device)
+    res["write_files_s"] = round(time.perf_counter() - t, 2)
+    base_out = c.S.get("ours_out")
+    g0 = unique_graphs()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for i, path in enumerate(paths):
+            t = time.perf_counter()
+            c.gen.load_adapter(f"bench/lora{i}.safetensors", path)
+            sync(c.device)
+            res[f"load_{i}_s"] = round(time.perf_counter() - t, 3)
+
+        def activate(loras):
+            s = c.spec.model_copy(update={"loras": tuple(LoraRef(ref=r, multiplier=m) for r, m in loras)})
+            sync(c.device)
+            t = time.perf_counter()
+            c.gen._activate(s)
+            sync(c.device)
+            return round(time.perf_counter() - t, 4)
+
+        def fwd(reps=1):
+            med, times, out = time_forward(c.gen.pipe.transformer, c.S["inputs"], c.device, warm=0, reps=reps)
+            return med, out
+
+        L0, L1 = "bench/lora0.safetensors", "bench/lora1.safetensors"
+        res["apply_0_s"] = activate([(L0, 1.0)])
+        med, out0 = fwd(reps=c.a.reps)
+        res["s_per_forward_lora_on"] = round(med, 4)
+        ours = c.R.get("ours_forward", {}).get("s_per_forward")
+        res["slot_overhead_ratio"] = round(med / ours, 3) if ours else None
+        if base_out is not None:
+            res["lora0_rel_change_vs_base"] = rel_l2(out0, base_out)
+        res["switch_to_1_s"] = activate([(L1, 1.0)])
+        _, out1 = fwd()
+        res["lora1_rel_diff_vs_lora0"] = rel_l2(out1, out0)
+        res["multiplier_change_s"] = activate([(L1, 0.5)])
+        _, out1h = fwd()
+        res["lora1_half_rel_diff_vs_lora1"] = rel_l2(out1h, out1)
+        res["switch_back_to_0_s"] = activate([(L0, 1.0)])
+        _, out0b = fwd()
+        res["switch_back_bit_equal"] = bool(torch.equal(out0b, out0))
+        res["two_adapters_apply_s"] = activate([(L0, 1.0), (L1, 0.5)])
+        _, out01 = fwd()
+        res["two_adapters_rel_diff_vs_lora0"] = rel_l2(out01, out0)
+        res["off_s"] = activate([])
+        _, outb = fwd()
+        if base_out is not None:
+            res["off_bit_equal_base"] = bool(torch.equal(outb, base_out))
+            res["off_rel_err_vs_base"] = rel_l2(outb, base_out)
+        # the product path, one step, with an adapter
+        t = time.perf_counter()
+        c.gen.generate(c.spec.model_copy(update={"steps": 1, "loras": (LoraRef(ref=L1, multiplier=0.8),)}))
+        res["generate_1step_with_lora_s"] = round(time.perf_counter() - t, 2)
+        res["recompile_error"] = None
+    except Exception as e:
+        res["recompile_error"] = f"{type(e).__name__}: {e}"[:1500]
+        traceback.print_exc()
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    res["graphs_compiled"] = unique_graphs() - g0
+    res["zero_recompiles"] = res["graphs_compiled"] == 0 and res["recompile_error"] is None
+    res["resident_bytes_each"] = [r.nbytes for r in c.gen._resident.values()]
+    res["slot_bytes"] = c.gen._slots.nbytes if c.gen._slots else None
+    tmp.cleanup()
+    c.gen._activate(c.spec)  # back to no LoRA
+    return res
+
+
+def user_lora(c: BenchContext) -> str:
+    from deployments.spec import adapter_name
+
+    ref = "bench/lora0.safetensors"  # the lora section's first adapter, if it ran
+    if adapter_name(ref) not in c.gen.adapters:
+        ref = "bench/mode-user.safetensors"
+        with tempfile.TemporaryDirectory(prefix="bench-user-") as tmp:
+            path = os.path.join(tmp, "user.safetensors")
+            make_random_lora("ai-toolkit", c.S["shapes"], c.tcfg.num_layers, c.a.lora_rank, 100, path, c.device)
+            c.gen.load_adapter(ref, path)
+    return ref
+
+
+def mode_spec(c: BenchContext, mode: str):
+    update = {"speed": mode, "loras": (LoraRef(ref=user_lora(c), multiplier=1.0),)}
+    if mode == "turbo":  # what the ingress makes of a turbo request: the distillation's steps, no CFG
+        update.update(steps=c.gen.speed.turbo.steps, guidance_scale=1.0)
+    return c.spec.model_copy(update=update)
+
+
+def mode_run(c: BenchContext, mode: str):
+    s = mode_spec(c, mode)
+    g0 = unique_graphs()
+    peak_reset(c.device)
+    with StepCapture(c.gen.scheduler_for_spec(s)) as cap:
+        frames = c.gen.generate(s)
+    c.S[f"{mode}_latents"], c.S[f"{mode}_frames"] = cap.last, frames.frames
+    total = frames.timings.get("total")
+    ref_total = c.R.get("ref_request", {}).get("timings", {}).get("total")
+    exact_total = c.R.get("mode_exact", {}).get("timings", {}).get("total")
+    res = {
+        "steps": s.steps,
+        "guidance_scale": s.guidance_scale,
+        "user_lora_rank": c.a.lora_rank,
+        "timings": frames.timings,
+        "speed": frames.speed,
+        "speedup_vs_ref": round(ref_total / total, 3) if ref_total and total else None,
+        "speedup_vs_exact": round(exact_total / total, 3) if exact_total and total and mode != "exact" else None,
+        "peak_gib": peak_gib(c.device),
+        "graphs_compiled": unique_graphs() - g0,
+    }
+    if mode != "exact" and "exact_latents" in c.S:
+        res["latents_rel_err_vs_exact"] = rel_l2(cap.last, c.S["exact_latents"])
+        res["psnr_db_vs_exact"] = psnr_db(frames.frames, c.S["exact_frames"])
+        res["note"] = "random weights: errors show the mode computes what it should, not how its video looks"
+    return res
+
+
+def mode_fast(c: BenchContext):
+    res = mode_run(c, "fast")
+    if "inputs" in c.S:  # one forward on the FP8 kernels (no LoRA, slot off), against the reference's
+        c.gen._activate(c.spec)
+        kernels = c.gen.modes.kernels
+        if kernels is not None:
+            kernels.use(True)
+        try:
+            med, times, out = time_forward(c.gen.pipe.transformer, c.S["inputs"], c.device, warm=1, reps=c.a.reps)
+        finally:
+            c.gen.modes.plain()
+        ref = c.R.get("ref_forward", {}).get("s_per_forward")
+        res["forward"] = {
+            "fp8": kernels is not None,
+            "s_per_forward": round(med, 4),
+            "times": times,
+            "ratio_vs_ref": round(med / ref, 3) if ref else None,
+            "rel_err_vs_ref": rel_l2(out, c.S["ref_out"]) if "ref_out" in c.S else None,
+        }
+    return res
+
+
+def alt_casts(c: BenchContext):
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "emulate_precision_casts"):
+        return {"skipped": "torch._inductor.config.emulate_precision_casts not in this torch"}
+    product = bool(inductor_config.emulate_precision_casts)
+    c.gen._slots and c.gen._slots.apply([])
+    torch.compiler.reset()
+    inductor_config.emulate_precision_casts = not product
+    try:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            c.gen.pipe.transformer(*c.S["inputs"][0], **c.S["inputs"][1])
+        sync(c.device)
+        compile_s = time.perf_counter() - t
+        med, times, out = time_forward(c.gen.pipe.transformer, c.S["inputs"], c.device, warm=0, reps=c.a.reps)
+    finally:
+        inductor_config.emulate_precision_casts = product
+    ref = c.R.get("ref_forward", {}).get("s_per_forward")
+    return {
+        "emulate_precision_casts": not product,
+        "first_call_s": round(compile_s, 1),
+        "s_per_forward": round(med, 4),
+        "times": times,
+        "ratio_vs_ref": round(med / ref, 3) if ref else None,
+        "rel_err_vs_ref": rel_l2(out, c.S["ref_out"]) if "ref_out" in c.S else None,
+        "rel_err_vs_fp32": rel_l2(out, c.S["truth_out"]) if "truth_out" in c.S else None,
+    }
+
+
+def noise_request(c: BenchContext):
+    if c.gen._slots is not None:
+        c.gen._slots.apply([])
+    backend = "_native_flash" if c.device.type == "cuda" else "_native_math"
+    c.pipe.transformer.set_attention_backend(backend)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            cap, totals = whole_request(c, lambda: reference_call(c.pipe, c.spec))
+    finally:
+        if c.gen.speed_report.get("attention_backend"):
+            attention_mod.set_backend(c.pipe.transformer, c.gen.speed_report["attention_backend"])
+        else:
+            c.pipe.transformer.reset_attention_backend()
+    return {
+        "backend": backend + " (eager)",
+        "timings": {k: round(v, 3) for k, v in totals.items()},
+        "latents_rel_err_vs_ref": rel_l2(cap.last, c.S["ref_latents"]),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-bench"))
     ap.add_argument("--source", default="random-full")
@@ -440,20 +835,14 @@ def main(argv=None):
         # Every section runs, whatever the budget: the smoke is there to run all the GPU run's code.
         a.noise_request, a.alt_casts = "on", True
         a.modes, a.only = ["exact", "fast", "turbo"], []
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return a
 
+
+def start(a: argparse.Namespace) -> BenchContext:
+    """The bench's record, with the environment written first, and the request every section runs."""
     import diffusers
     import peft
     import transformers
-
-    from deployments import attention as attention_mod
-    from deployments import pipeline as pipeline_mod
-    from deployments import speed as speed_mod
-    from deployments.config import ModelConfig, SpeedConfig
-    from deployments.lora_files import linear_shapes
-    from deployments.models import load_pipeline
-    from deployments.pipeline import StageClock
-    from deployments.spec import GenerationSpec, LoraRef
 
     torch._logging.set_logs(recompiles=True)
     B = Bench(Path(a.out), a.budget_s)
@@ -472,7 +861,6 @@ def main(argv=None):
     }
     B.save()
     log(json.dumps(R["env"]))
-
     spec = GenerationSpec(
         prompt="a runner on a beach at sunset, handheld camera, slow motion",
         negative_prompt="blurry, low quality, static frame",
@@ -485,427 +873,93 @@ def main(argv=None):
         seed=a.seed,
         image_png=png_image(a.width, a.height),
     )
-    S: dict = {}  # tensors and objects shared between sections
-    MODE_SECTIONS = [f"mode_{m}" for m in a.modes]
+    return BenchContext(a=a, B=B, device=device, spec=spec)
 
-    def want(name: str) -> bool:
-        return not a.only or name in a.only
 
+def run_sections(c: BenchContext) -> int:
+    """Every wanted section in order, each recorded as it ends; the exit status (``summary``)."""
     # 1. build --------------------------------------------------------------------------------
-    def build():
-        loaded = load_pipeline(ModelConfig(source=a.source, device=a.device, cache_dir=a.cache_dir))
-        S["loaded"] = loaded
-        S["shapes"] = linear_shapes(loaded.pipe.transformer)
-        n = sum(p.numel() for p in loaded.pipe.transformer.parameters())
-        return {"load_s": round(loaded.load_seconds, 1), "dtype": str(loaded.dtype), "transformer_params_b": round(n / 1e9, 2)}
-
-    B.section("build", build)
-    if "loaded" not in S:
+    c.B.section("build", build, c)
+    if "loaded" not in c.S:
         return 1
-    pipe = S["loaded"].pipe
-    tcfg = pipe.transformer.config
+    c.pipe = c.S["loaded"].pipe
+    c.tcfg = c.pipe.transformer.config
 
     # 2. reference path -----------------------------------------------------------------------
-    def ref_warm():
-        t = time.perf_counter()
-        with ForwardCapture(pipe.transformer) as cap:
-            reference_call(pipe, spec, steps=1)
-        sync(device)
-        S["inputs"] = (cap.args, cap.kwargs)
-        hs = cap.kwargs["hidden_states"]
-        ctx = cap.kwargs["encoder_hidden_states"]
-        img = cap.kwargs.get("encoder_hidden_states_image")
-        pt, ph, pw = tcfg.patch_size
-        tokens = (hs.shape[2] // pt) * (hs.shape[3] // ph) * (hs.shape[4] // pw)
-        S["flops"] = forward_flops(S["shapes"], tcfg, tokens, ctx.shape[1], img.shape[1] if img is not None else 0)
-        return {
-            "seconds": round(time.perf_counter() - t, 2),
-            "tokens": tokens,
-            "text_tokens": ctx.shape[1],
-            "image_tokens": img.shape[1] if img is not None else 0,
-            "tflop_per_forward": round(S["flops"] / 1e12, 2),
-        }
+    if c.want("ref_warm"):
+        c.B.section("ref_warm", ref_warm, c)
 
-    if want("ref_warm"):
-        B.section("ref_warm", ref_warm)
+    if c.want("ref_request"):
+        c.B.section("ref_request", ref_request, c)
 
-    def whole_request(run):
-        clock = StageClock(device)  # the product's own stage clock, so both sides split time alike
-        handles = clock.attach(pipe)
-        peak_reset(device)
-        try:
-            with StepCapture(pipe.scheduler) as cap:
-                sync(device)
-                clock.start("total")
-                run()
-                clock.stop("total")
-        finally:
-            for h in handles:
-                h.remove()
-        return cap, clock.totals
-
-    def ref_request():
-        cap, totals = whole_request(lambda: reference_call(pipe, spec))
-        S["ref_latents"] = cap.last
-        return {
-            "steps": a.steps,
-            "forwards": 2 * a.steps if a.guidance > 1 else a.steps,
-            "timings": {k: round(v, 3) for k, v in totals.items()},
-            "peak_gib": peak_gib(device),
-            "latents_finite": bool(torch.isfinite(cap.last).all()),
-        }
-
-    if want("ref_request"):
-        B.section("ref_request", ref_request)
-
-    def ref_forward():
-        med, times, out = time_forward(pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
-        S["ref_out"] = out
-        return {"s_per_forward": round(med, 4), "times": times, "tflops": round(S["flops"] / med / 1e12, 1)}
-
-    if want("ref_forward") and "inputs" in S:
-        B.section("ref_forward", ref_forward)
+    if c.want("ref_forward") and "inputs" in c.S:
+        c.B.section("ref_forward", ref_forward, c)
 
     # 3. noise floor: other attention backends, eager -----------------------------------------
-    def noise_forward():
-        res = {}
-        backends = ["_native_cudnn", "_native_flash", "_native_efficient"] if device.type == "cuda" else ["_native_math"]
-        if attention_mod.flash4_unavailable(device) is None:
-            backends.append(attention_mod.FLASH4)
-        for backend in backends:
-            try:
-                attention_mod.set_backend(pipe.transformer, backend)
-                med, times, out = time_forward(pipe.transformer, S["inputs"], device, warm=1, reps=max(1, a.reps - 1))
-                S.setdefault("noise_outs", {})[backend.lstrip("_")] = out
-                res[backend.lstrip("_")] = {
-                    "s_per_forward": round(med, 4),
-                    "rel_err_vs_ref": rel_l2(out, S["ref_out"]),
-                    "bit_equal_ref": bool(torch.equal(out, S["ref_out"])),
-                }
-            except Exception as e:
-                res[backend.lstrip("_")] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        # reset_attention_backend leaves diffusers' process-wide active backend at the last one set
-        # (flash4 here, which takes no float32: the truth forward below failed on it): native first
-        pipe.transformer.set_attention_backend("native")
-        pipe.transformer.reset_attention_backend()
-        return res
+    if c.want("noise_forward") and "ref_out" in c.S:
+        c.B.section("noise_forward", noise_forward, c)
 
-    if want("noise_forward") and "ref_out" in S:
-        B.section("noise_forward", noise_forward)
-
-    def truth_forward():
-        out, restored = fp32_truth_forward(pipe.transformer, S["inputs"], device, S["ref_out"])
-        S["truth_out"] = out
-        res = {"ref_rel_err_vs_fp32": rel_l2(S["ref_out"], out), "restored_bit_equal": restored}
-        for name, o in S.get("noise_outs", {}).items():
-            res[f"{name}_rel_err_vs_fp32"] = rel_l2(o, out)
-        return res
-
-    if want("truth_forward") and "ref_out" in S and (a.cpu_smoke or B.left() > 120):
-        B.section("truth_forward", truth_forward)
+    if c.want("truth_forward") and "ref_out" in c.S and (c.a.cpu_smoke or c.B.left() > 120):
+        c.B.section("truth_forward", truth_forward, c)
 
     # 4. ours -----------------------------------------------------------------------------------
-    def ours_init():
-        turbo = {"enabled": False}
-        if "turbo" in a.modes:
-            S["distill_dir"] = tempfile.TemporaryDirectory(prefix="bench-distill-")
-            path = os.path.join(S["distill_dir"].name, "distill.safetensors")
-            S["distill_bytes"] = make_random_lora("lightx2v", S["shapes"], tcfg.num_layers, a.distill_rank, 300, path,
-                                                  device, drop_page_cache=False)
-            turbo = {"enabled": True, "lora": path, "fp8": a.fp8}
-        speed = SpeedConfig(
-            attention_backend=a.attention,
-            warmup_width=a.width, warmup_height=a.height, warmup_frames=a.frames, lora_hotswap_rank=a.slot_rank,
-            fast={"enabled": "fast" in a.modes, "fp8": a.fp8}, turbo=turbo,
-        )
-        if device.type != "cuda":  # CPU smoke: force the CUDA-only path, without the cuDNN backend
-            speed = speed.model_copy(update={"attention_backend": None})
-            pipeline_mod.apply_speed_modes = lambda p, s, d: speed_mod._apply(p, s)
-        g0 = unique_graphs()
-        peak_reset(device)
-        t = time.perf_counter()
-        gen = pipeline_mod.WanGenerator(S["loaded"], speed)
-        sync(device)
-        S["gen"] = gen
-        return {
-            "init_s": round(time.perf_counter() - t, 2),
-            "speed_report": gen.speed_report,
-            "graphs_compiled": unique_graphs() - g0,
-            "peak_gib": peak_gib(device),
-            "distill_lora_bytes": S.get("distill_bytes"),
-        }
+    later = ["ours_forward", "ours_request", "lora", *(f"mode_{m}" for m in c.a.modes), "noise_request", "alt_casts"]
+    if not any(c.want(x) for x in later):
+        c.R["total_s"] = round(c.B.elapsed(), 1)
+        c.B.save()
+        return summary(c.R)
+    c.B.section("ours_init", ours_init, c)
+    if "gen" not in c.S:
+        c.B.save()
+        return summary(c.R)
+    c.gen = c.S["gen"]
 
-    later = ["ours_forward", "ours_request", "lora", *MODE_SECTIONS, "noise_request", "alt_casts"]
-    if not any(want(x) for x in later):
-        R["total_s"] = round(B.elapsed(), 1)
-        B.save()
-        return summary(R)
-    B.section("ours_init", ours_init)
-    if "gen" not in S:
-        B.save()
-        return summary(R)
-    gen = S["gen"]
+    if c.want("ours_forward") and "inputs" in c.S:
+        c.B.section("ours_forward", ours_forward, c)
 
-    def ours_forward():
-        g0 = unique_graphs()
-        med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
-        S["ours_out"] = out
-        ref = R.get("ref_forward", {}).get("s_per_forward")
-        return {
-            "s_per_forward": round(med, 4),
-            "times": times,
-            "tflops": round(S["flops"] / med / 1e12, 1),
-            "ratio_vs_ref": round(med / ref, 3) if ref else None,
-            "rel_err_vs_ref": rel_l2(out, S["ref_out"]) if "ref_out" in S else None,
-            "rel_err_vs_fp32": rel_l2(out, S["truth_out"]) if "truth_out" in S else None,
-            "graphs_compiled": unique_graphs() - g0,
-        }
-
-    if want("ours_forward") and "inputs" in S:
-        B.section("ours_forward", ours_forward)
-
-    def ours_request():
-        g0 = unique_graphs()
-        peak_reset(device)
-        with StepCapture(gen.scheduler_for_spec(spec)) as cap:
-            t = time.perf_counter()
-            frames = gen.generate(spec)
-            wall = time.perf_counter() - t
-        S["ours_latents"] = cap.last
-        ref = R.get("ref_request", {}).get("timings", {}).get("total")
-        total = frames.timings.get("total", wall)
-        return {
-            "timings": frames.timings,
-            "ratio_vs_ref": round(total / ref, 3) if ref else None,
-            "peak_gib": peak_gib(device),
-            "latents_rel_err_vs_ref": rel_l2(cap.last, S["ref_latents"]) if "ref_latents" in S else None,
-            "graphs_compiled": unique_graphs() - g0,
-        }
-
-    if want("ours_request"):
-        B.section("ours_request", ours_request)
+    if c.want("ours_request"):
+        c.B.section("ours_request", ours_request, c)
 
     # 5. LoRA on the compiled model ---------------------------------------------------------------
-    def lora():
-        res: dict = {}
-        tmp = tempfile.TemporaryDirectory(prefix="bench-lora-")  # own dir: runs side by side never collide
-        paths = [os.path.join(tmp.name, f"lora{i}.safetensors") for i in range(2)]
-        t = time.perf_counter()
-        for i, path in enumerate(paths):
-            res["file_bytes"] = make_random_lora("ai-toolkit", S["shapes"], tcfg.num_layers, a.lora_rank, 100 + i,
-                                                 path, device)
-        res["write_files_s"] = round(time.perf_counter() - t, 2)
-        base_out = S.get("ours_out")
-        g0 = unique_graphs()
-        torch._dynamo.config.error_on_recompile = True
-        try:
-            for i, path in enumerate(paths):
-                t = time.perf_counter()
-                gen.load_adapter(f"bench/lora{i}.safetensors", path)
-                sync(device)
-                res[f"load_{i}_s"] = round(time.perf_counter() - t, 3)
-
-            def activate(loras):
-                s = spec.model_copy(update={"loras": tuple(LoraRef(ref=r, multiplier=m) for r, m in loras)})
-                sync(device)
-                t = time.perf_counter()
-                gen._activate(s)
-                sync(device)
-                return round(time.perf_counter() - t, 4)
-
-            def fwd(reps=1):
-                med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=0, reps=reps)
-                return med, out
-
-            L0, L1 = "bench/lora0.safetensors", "bench/lora1.safetensors"
-            res["apply_0_s"] = activate([(L0, 1.0)])
-            med, out0 = fwd(reps=a.reps)
-            res["s_per_forward_lora_on"] = round(med, 4)
-            ours = R.get("ours_forward", {}).get("s_per_forward")
-            res["slot_overhead_ratio"] = round(med / ours, 3) if ours else None
-            if base_out is not None:
-                res["lora0_rel_change_vs_base"] = rel_l2(out0, base_out)
-            res["switch_to_1_s"] = activate([(L1, 1.0)])
-            _, out1 = fwd()
-            res["lora1_rel_diff_vs_lora0"] = rel_l2(out1, out0)
-            res["multiplier_change_s"] = activate([(L1, 0.5)])
-            _, out1h = fwd()
-            res["lora1_half_rel_diff_vs_lora1"] = rel_l2(out1h, out1)
-            res["switch_back_to_0_s"] = activate([(L0, 1.0)])
-            _, out0b = fwd()
-            res["switch_back_bit_equal"] = bool(torch.equal(out0b, out0))
-            res["two_adapters_apply_s"] = activate([(L0, 1.0), (L1, 0.5)])
-            _, out01 = fwd()
-            res["two_adapters_rel_diff_vs_lora0"] = rel_l2(out01, out0)
-            res["off_s"] = activate([])
-            _, outb = fwd()
-            if base_out is not None:
-                res["off_bit_equal_base"] = bool(torch.equal(outb, base_out))
-                res["off_rel_err_vs_base"] = rel_l2(outb, base_out)
-            # the product path, one step, with an adapter
-            t = time.perf_counter()
-            gen.generate(spec.model_copy(update={"steps": 1, "loras": (LoraRef(ref=L1, multiplier=0.8),)}))
-            res["generate_1step_with_lora_s"] = round(time.perf_counter() - t, 2)
-            res["recompile_error"] = None
-        except Exception as e:
-            res["recompile_error"] = f"{type(e).__name__}: {e}"[:1500]
-            traceback.print_exc()
-        finally:
-            torch._dynamo.config.error_on_recompile = False
-        res["graphs_compiled"] = unique_graphs() - g0
-        res["zero_recompiles"] = res["graphs_compiled"] == 0 and res["recompile_error"] is None
-        res["resident_bytes_each"] = [r.nbytes for r in gen._resident.values()]
-        res["slot_bytes"] = gen._slots.nbytes if gen._slots else None
-        tmp.cleanup()
-        gen._activate(spec)  # back to no LoRA
-        return res
-
-    if want("lora") and "inputs" in S:
-        B.section("lora", lora)
+    if c.want("lora") and "inputs" in c.S:
+        c.B.section("lora", lora, c)
 
     # 6. speed modes, each with a rank-32 user LoRA, against exact mode at the same seed ------------
-    def user_lora() -> str:
-        from deployments.spec import adapter_name
-
-        ref = "bench/lora0.safetensors"  # the lora section's first adapter, if it ran
-        if adapter_name(ref) not in gen.adapters:
-            ref = "bench/mode-user.safetensors"
-            with tempfile.TemporaryDirectory(prefix="bench-user-") as tmp:
-                path = os.path.join(tmp, "user.safetensors")
-                make_random_lora("ai-toolkit", S["shapes"], tcfg.num_layers, a.lora_rank, 100, path, device)
-                gen.load_adapter(ref, path)
-        return ref
-
-    def mode_spec(mode: str):
-        update = {"speed": mode, "loras": (LoraRef(ref=user_lora(), multiplier=1.0),)}
-        if mode == "turbo":  # what the ingress makes of a turbo request: the distillation's steps, no CFG
-            update.update(steps=gen.speed.turbo.steps, guidance_scale=1.0)
-        return spec.model_copy(update=update)
-
-    def mode_run(mode: str):
-        s = mode_spec(mode)
-        g0 = unique_graphs()
-        peak_reset(device)
-        with StepCapture(gen.scheduler_for_spec(s)) as cap:
-            frames = gen.generate(s)
-        S[f"{mode}_latents"], S[f"{mode}_frames"] = cap.last, frames.frames
-        total = frames.timings.get("total")
-        ref_total = R.get("ref_request", {}).get("timings", {}).get("total")
-        exact_total = R.get("mode_exact", {}).get("timings", {}).get("total")
-        res = {
-            "steps": s.steps,
-            "guidance_scale": s.guidance_scale,
-            "user_lora_rank": a.lora_rank,
-            "timings": frames.timings,
-            "speed": frames.speed,
-            "speedup_vs_ref": round(ref_total / total, 3) if ref_total and total else None,
-            "speedup_vs_exact": round(exact_total / total, 3) if exact_total and total and mode != "exact" else None,
-            "peak_gib": peak_gib(device),
-            "graphs_compiled": unique_graphs() - g0,
-        }
-        if mode != "exact" and "exact_latents" in S:
-            res["latents_rel_err_vs_exact"] = rel_l2(cap.last, S["exact_latents"])
-            res["psnr_db_vs_exact"] = psnr_db(frames.frames, S["exact_frames"])
-            res["note"] = "random weights: errors show the mode computes what it should, not how its video looks"
-        return res
-
-    def mode_fast():
-        res = mode_run("fast")
-        if "inputs" in S:  # one forward on the FP8 kernels (no LoRA, slot off), against the reference's
-            gen._activate(spec)
-            kernels = gen.modes.kernels
-            if kernels is not None:
-                kernels.use(True)
-            try:
-                med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=1, reps=a.reps)
-            finally:
-                gen.modes.plain()
-            ref = R.get("ref_forward", {}).get("s_per_forward")
-            res["forward"] = {
-                "fp8": kernels is not None,
-                "s_per_forward": round(med, 4),
-                "times": times,
-                "ratio_vs_ref": round(med / ref, 3) if ref else None,
-                "rel_err_vs_ref": rel_l2(out, S["ref_out"]) if "ref_out" in S else None,
-            }
-        return res
-
-    for mode in a.modes:
-        if want(f"mode_{mode}"):
-            B.section(f"mode_{mode}", mode_fast if mode == "fast" else (lambda m=mode: mode_run(m)))
+    for mode in c.a.modes:
+        if c.want(f"mode_{mode}"):
+            if mode == "fast":
+                c.B.section("mode_fast", mode_fast, c)
+            else:
+                c.B.section(f"mode_{mode}", mode_run, c, mode)
     # Back to exact mode's state for what follows (it calls the pipeline directly): no LoRA, the
     # model's own kernels and attention, the request's sampler.
-    gen._activate(spec)
-    gen.modes.plain()
-    pipe.scheduler = gen.scheduler_for(spec.sampler)
+    c.gen._activate(c.spec)
+    c.gen.modes.plain()
+    c.pipe.scheduler = c.gen.scheduler_for(c.spec.sampler)
 
     # 7. noise floor of the whole request: the eager path with another attention kernel ----------
-    ref_total = R.get("ref_request", {}).get("timings", {}).get("total", 0) or 0
-    run_noise = a.noise_request == "on" or (a.noise_request == "auto" and B.left() > 1.25 * ref_total + 20)
-    if not want("noise_request"):
+    ref_total = c.R.get("ref_request", {}).get("timings", {}).get("total", 0) or 0
+    run_noise = c.a.noise_request == "on" or (c.a.noise_request == "auto" and c.B.left() > 1.25 * ref_total + 20)
+    if not c.want("noise_request"):
         pass
-    elif run_noise and "ref_latents" in S:
+    elif run_noise and "ref_latents" in c.S:
 
-        def noise_request():
-            if gen._slots is not None:
-                gen._slots.apply([])
-            backend = "_native_flash" if device.type == "cuda" else "_native_math"
-            pipe.transformer.set_attention_backend(backend)
-            try:
-                with torch.compiler.set_stance("force_eager"):
-                    cap, totals = whole_request(lambda: reference_call(pipe, spec))
-            finally:
-                if gen.speed_report.get("attention_backend"):
-                    attention_mod.set_backend(pipe.transformer, gen.speed_report["attention_backend"])
-                else:
-                    pipe.transformer.reset_attention_backend()
-            return {
-                "backend": backend + " (eager)",
-                "timings": {k: round(v, 3) for k, v in totals.items()},
-                "latents_rel_err_vs_ref": rel_l2(cap.last, S["ref_latents"]),
-            }
-
-        B.section("noise_request", noise_request)
+        c.B.section("noise_request", noise_request, c)
     else:
-        why = f"time left {B.left():.0f}s" if "ref_latents" in S else "no reference latents (ref_request failed)"
-        R["noise_request"] = {"skipped": "--noise-request off" if a.noise_request == "off" else why}
+        why = f"time left {c.B.left():.0f}s" if "ref_latents" in c.S else "no reference latents (ref_request failed)"
+        c.R["noise_request"] = {"skipped": "--noise-request off" if c.a.noise_request == "off" else why}
 
     # 8. experiment: the other inductor precision setting (recompiles everything) -------------------
-    def alt_casts():
-        import torch._inductor.config as inductor_config
+    if c.want("alt_casts") and "inputs" in c.S and c.a.alt_casts and (c.a.cpu_smoke or c.B.left() > 90):
+        c.B.section("alt_casts", alt_casts, c)
 
-        if not hasattr(inductor_config, "emulate_precision_casts"):
-            return {"skipped": "torch._inductor.config.emulate_precision_casts not in this torch"}
-        product = bool(inductor_config.emulate_precision_casts)
-        gen._slots and gen._slots.apply([])
-        torch.compiler.reset()
-        inductor_config.emulate_precision_casts = not product
-        try:
-            t = time.perf_counter()
-            with torch.inference_mode():
-                gen.pipe.transformer(*S["inputs"][0], **S["inputs"][1])
-            sync(device)
-            compile_s = time.perf_counter() - t
-            med, times, out = time_forward(gen.pipe.transformer, S["inputs"], device, warm=0, reps=a.reps)
-        finally:
-            inductor_config.emulate_precision_casts = product
-        ref = R.get("ref_forward", {}).get("s_per_forward")
-        return {
-            "emulate_precision_casts": not product,
-            "first_call_s": round(compile_s, 1),
-            "s_per_forward": round(med, 4),
-            "times": times,
-            "ratio_vs_ref": round(med / ref, 3) if ref else None,
-            "rel_err_vs_ref": rel_l2(out, S["ref_out"]) if "ref_out" in S else None,
-            "rel_err_vs_fp32": rel_l2(out, S["truth_out"]) if "truth_out" in S else None,
-        }
+    c.R["total_s"] = round(c.B.elapsed(), 1)
+    c.B.save()
+    return summary(c.R)
 
-    if want("alt_casts") and "inputs" in S and a.alt_casts and (a.cpu_smoke or B.left() > 90):
-        B.section("alt_casts", alt_casts)
 
-    R["total_s"] = round(B.elapsed(), 1)
-    B.save()
-    return summary(R)
+def main(argv=None):
+    return run_sections(start(parse_args(argv)))
 
 
 def summary(R: dict) -> int:

@@ -369,7 +369,7 @@ def replica_startups() -> list[dict]:
 def serve_section(a, s: dict, n: int, bench: Bench) -> dict:
     from ray import serve
 
-    from deployments.wan_i2v import make_deployment
+    from deployments.deployment import make_deployment
     from serve_app.config import AppConfig
     from serve_app.ingress import Ingress
 
@@ -394,7 +394,9 @@ def serve_section(a, s: dict, n: int, bench: Bench) -> dict:
         # and the running replica stays. ``_version`` is internal (Ray 2.60); the smoke checks it works.
         front, back = ingress.options(), replica.options(**options)
         front._version = back._version = "gpu-multi"
-        serve.run(front.bind(cfg.model_dump(mode="json"), back.bind(cfg.gpu)), name=APP, route_prefix=f"/{APP}")
+        generator_factory = cfg.gpu.replica.make_generator_factory()
+        serve.run(front.bind(cfg.model_dump(mode="json"), back.bind(cfg.gpu, generator_factory)), name=APP,
+                  route_prefix=f"/{APP}")
 
     out: dict = {"replica_config": "1 GPU, speed defaults, compile cache " + str(a.work / "compile-cache"),
                  "job": f"{s['size'][0]}x{s['size'][1]}, {s['size'][2]} frames, {s['tp_steps']} steps, CFG 4, "

@@ -181,3 +181,10 @@ def for_generator(cfg: CompileCacheConfig, generator, parallel: dict | None = No
     speed["attention_backend"] = generator.speed_report.get("attention_backend", speed.get("attention_backend"))
     key = cache_key(dict(pipe.transformer.config), str(generator.loaded.dtype), speed, parallel, rank)
     return CompileCache(cfg, key)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process: constant after warm-up means no recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -13,12 +13,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from .compile_cache import CompileCacheConfig
+from .generator import DEFAULT_GENERATOR_FACTORY, ImportedFactory, parse_factory_path
 from .parallel import ParallelConfig
 
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section that refuses unknown keys, so a typo in the YAML is an error, not a silent default."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -40,7 +43,7 @@ MAGCACHE_WAN21_I2V_480P = (
 MAGCACHE_SOURCE = "MagCache4Wan2.1 (Zehong-Ma/MagCache), Wan2.1-I2V-14B-480P, calibrated on the real checkpoint"
 
 
-class StepCacheConfig(_Strict):
+class StepCacheConfig(StrictModel):
     """Fast mode's step cache: MagCache's rule on calibrated magnitude ratios, decided before each request.
 
     A forward is skipped (the branch's last residual reused) while the accumulated error
@@ -71,7 +74,7 @@ class StepCacheConfig(_Strict):
         return v
 
 
-class FastModeConfig(_Strict):
+class FastModeConfig(StrictModel):
     """``speed: fast``: FP8 block linears (CUDA, compute capability >= 8.9, torchao), the step cache."""
 
     enabled: bool = True
@@ -95,7 +98,7 @@ DISTILL_STEP_LIST = (1000, 750, 500, 250)
 DISTILL_SHIFT = 5.0
 
 
-class TurboModeConfig(_Strict):
+class TurboModeConfig(StrictModel):
     """``speed: turbo``: a step-and-CFG-distillation LoRA under the user's LoRAs, its own scheduler, fast kernels."""
 
     enabled: bool = False
@@ -133,7 +136,7 @@ class TurboModeConfig(_Strict):
         return self
 
 
-class SpeedConfig(_Strict):
+class SpeedConfig(StrictModel):
     """Exact-mode speed-ups (each keeps results within bf16 noise of the plain diffusers path), and the
     per-request ``fast`` and ``turbo`` modes that trade accuracy for speed."""
 
@@ -166,7 +169,7 @@ class SpeedConfig(_Strict):
         return ("exact",) + tuple(m for m in ("fast", "turbo") if getattr(self, m).enabled)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which checkpoint to load and how."""
 
     source: str = Field(
@@ -202,7 +205,7 @@ class ModelConfig(_Strict):
         return SecretStr(value) if value else None
 
 
-class FetchConfig(_Strict):
+class FetchConfig(StrictModel):
     """Rules for every outbound fetch (ctrl_img URLs, LoRA URLs)."""
 
     allow_http: bool = Field(False, description="plain http:// is refused unless set")
@@ -235,7 +238,7 @@ class FetchConfig(_Strict):
         return v
 
 
-class RetryConfig(_Strict):
+class RetryConfig(StrictModel):
     """Retries of a LoRA download that failed for a reason that may pass: a connection error, a timeout,
     a cut body, HTTP 5xx or 429. Never for 4xx, size or format errors."""
 
@@ -262,7 +265,7 @@ def url_scheme(value: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-class LoraCacheConfig(_Strict):
+class LoraCacheConfig(StrictModel):
     """Where adapters come from and how the per-node cache keeps them."""
 
     root: str = Field(
@@ -300,26 +303,7 @@ class LoraCacheConfig(_Strict):
         return self.root.rstrip("/") if url_scheme(self.root) is not None else None
 
 
-class FaultInjection(_Strict):
-    """Test-only hooks, off by default: make a generation fail the way a real one can."""
-
-    fail_prompt_substring: str | None = Field(
-        None, description="a prompt containing this raises fail_kind inside the replica"
-    )
-    fail_kind: Literal["oom", "bad_weights"] = "oom"
-    fail_stages: list[Literal["denoise", "activate", "load_lora"]] = Field(
-        default_factory=lambda: ["denoise"],
-        description="where the fault is raised: in a denoising step, while the request's adapters are set "
-        "(outside the pipeline call), or while a LoRA whose reference contains the substring is loaded "
-        "(the loader never sees the prompt)",
-    )
-    slow_prompt_substring: str | None = Field(
-        None, description="a prompt containing this sleeps step_delay_s after each denoising step"
-    )
-    step_delay_s: float = Field(0.0, description="the sleep per step of a slow prompt")
-
-
-class ReplicaConfig(_Strict):
+class ReplicaConfig(StrictModel):
     """The GPU replica deployment's settings."""
 
     num_gpus: float = 0
@@ -334,13 +318,30 @@ class ReplicaConfig(_Strict):
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 60.0
     graceful_shutdown_timeout_s: float = 60.0
-    faults: FaultInjection = Field(default_factory=FaultInjection)
+    generator_factory: str = Field(
+        DEFAULT_GENERATOR_FACTORY,
+        description="'module:name' of what makes each process's generator from the loaded model "
+        "(deployments.generator.GeneratorFactory); tests name a fake that wraps the real one",
+    )
+    generator_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for generator_factory (none for the default)"
+    )
+
+    @field_validator("generator_factory")
+    @classmethod
+    def _factory_path(cls, v: str) -> str:
+        parse_factory_path(v)
+        return v
+
+    def make_generator_factory(self) -> ImportedFactory:
+        """The factory the replica is given (imported where it is first called, not here)."""
+        return ImportedFactory(self.generator_factory, dict(self.generator_options))
 
 
 MemoryMode = Literal["full", "fp8", "offload"]
 
 
-class GpuConfig(_Strict):
+class GpuConfig(StrictModel):
     """Everything a replica needs, in one object."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -50,7 +50,7 @@ from tenacity import Retrying, RetryCallState, retry_if_exception, stop_after_at
 from tenacity import wait_random_exponential
 
 from .config import OBJECT_STORE_SCHEMES, FetchConfig, LoraCacheConfig, RetryConfig, url_scheme
-from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound, ServiceError
+from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound, ServiceError, first_line
 from .fetch import (
     FetchFailed,
     FetchTooLarge,
@@ -228,7 +228,7 @@ def check_in_root(cfg: LoraCacheConfig, ref: str) -> None:
         raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref}) from None
     except Exception as e:  # each backend raises its own errors
         log.warning("cannot check LoRA %s at submit (%s: %s); the replica will", ref, type(e).__name__,
-                    _first_line(e))
+                    first_line(e))
         return
     if info.get("type") != "file":
         raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
@@ -246,10 +246,6 @@ def object_version(info: dict[str, Any]) -> str:
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +489,7 @@ class LoraStore:
         except ServiceError:
             raise
         except Exception as e:
-            raise LoraFetchFailed(f"cannot download LoRA {ref}: {type(e).__name__}: {_first_line(e)}",
+            raise LoraFetchFailed(f"cannot download LoRA {ref}: {type(e).__name__}: {first_line(e)}",
                                   {"ref": ref}) from e
         if total != size:  # replaced or cut while it was read: the next resolve looks it up again
             raise LoraFetchFailed(f"LoRA {ref} changed while it was downloaded ({total} of {size} bytes)",
@@ -511,7 +507,7 @@ class LoraStore:
             with self._lock:
                 self._bump("failures")
             raise LoraFetchFailed(f"cannot reach the object store for LoRA {ref}: {type(err).__name__}: "
-                                  f"{_first_line(err)}", {"ref": ref}) from err
+                                  f"{first_line(err)}", {"ref": ref}) from err
         stale = max(copies, key=lambda c: c[0])[1]
         log.warning("object store unreachable for LoRA %s (%s); serving the cached copy %s", ref,
                     type(err).__name__, stale.name)

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import FaultInjection, SpeedConfig
+from .config import SpeedConfig
 from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
+from .generator import Generator
 from .lora_files import linear_shapes, read_lora
 from .media_out import Mp4Stream
 from .memory import MemoryPlan, plain_lora_layers
@@ -44,13 +45,6 @@ def make_scheduler(name: str, checkpoint_scheduler):
         # ai-toolkit samples its Wan training previews with flow-match Euler, shift 3.0.
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     raise ValueError(f"unknown sampler {name!r}")
-
-
-def raise_fault(kind: str, where: str) -> None:
-    """Raise what a test-only fault (``FaultInjection``) stands for: a real torch OOM, or a broken run."""
-    if kind == "oom":
-        raise torch.OutOfMemoryError(f"injected fault ({where}): CUDA out of memory")
-    raise RuntimeError(f"injected fault ({where}): weights produced NaN")
 
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -195,15 +189,30 @@ class _DecodeStream:
         return self.encoder.finish()
 
 
-class WanGenerator:
-    """Holds one loaded pipeline and its resident adapters; runs one generation at a time."""
+def _step_end(total_steps: int, on_progress: Callable[[Progress], None],
+              should_cancel: Callable[[], bool] | None):
+    """The pipeline's ``callback_on_step_end``: progress after each step, then the cancel check."""
 
-    def __init__(self, loaded: LoadedModel, speed: SpeedConfig | None = None, faults: FaultInjection | None = None,
-                 turbo_lora: str | None = None, convert=None):
+    def step_end(pipe, i, t, kwargs):
+        on_progress(Progress(stage="denoising", step=i + 1, total_steps=total_steps))
+        if should_cancel and should_cancel():
+            raise Canceled("canceled by request", {"step": i + 1})
+        return {}
+
+    return step_end
+
+
+class WanGenerator(Generator):
+    """Holds one loaded pipeline and its resident adapters; runs one generation at a time.
+
+    The one-process ``generator.Generator``; ``WanGenerator`` itself is the default ``GeneratorFactory``.
+    """
+
+    def __init__(self, loaded: LoadedModel, speed: SpeedConfig | None = None, turbo_lora: str | None = None,
+                 convert=None):
         """Args:
             loaded: the pipeline (changed in place: hooks, speed modes, adapters).
             speed: speed-ups and modes (default ``SpeedConfig()``).
-            faults: test-only fault injection.
             turbo_lora: the distillation LoRA's file on this node (startup resolves ``speed.turbo.lora`` with
                 ``turbo.distill_lora_file``); default: ``speed.turbo.lora`` itself, as a local path.
             convert: tests only: what makes the fast kernels' Linear copies (default: FP8 on CUDA).
@@ -216,7 +225,6 @@ class WanGenerator:
         if self.memory.offloader is not None and self.speed.compile_blocks:
             # Offloaded blocks swap their weights around each call, which a compiled block cannot see.
             self.speed = self.speed.model_copy(update={"compile_blocks": False})
-        self.faults = faults or FaultInjection()
         self._checkpoint_scheduler = self.pipe.scheduler
         self._schedulers = {"unipc": self._checkpoint_scheduler}
         self._shapes = linear_shapes(self.pipe.transformer)
@@ -244,6 +252,10 @@ class WanGenerator:
         self.speed_report["memory"] = self.memory.describe()
         if self.speed.warmup:
             self.warmup()
+
+    @property
+    def speed_modes(self) -> tuple[str, ...]:
+        return self.modes.enabled
 
     def warmup(self) -> dict:
         """Compile now, at replica start (idempotent; a no-op without speed modes, e.g. on CPU)."""
@@ -409,14 +421,8 @@ class WanGenerator:
         clock = StageClock(self.device)
         t0 = time.perf_counter()
 
-        fail, slow = self.faults.fail_prompt_substring, self.faults.slow_prompt_substring
-        inject = bool(fail) and fail in spec.prompt
-        delay = self.faults.step_delay_s if slow and slow in spec.prompt else 0.0
-
         # 1. Adapters, speed mode and sampler for this request.
         self.modes.check(spec)
-        if inject and "activate" in self.faults.fail_stages:
-            raise_fault(self.faults.fail_kind, "activate")
         self._activate(spec)
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         mode = self.modes.begin(spec, generator)
@@ -424,24 +430,37 @@ class WanGenerator:
 
         # 2. Inputs exactly as the reference passes them.
         image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
+        step_end = _step_end(spec.steps, on_progress, should_cancel)
 
-        def step_end(pipe, i, t, kwargs):
-            if delay:
-                time.sleep(delay)
-            if inject and "denoise" in self.faults.fail_stages:
-                raise_fault(self.faults.fail_kind, "denoise")
-            on_progress(Progress(stage="denoising", step=i + 1, total_steps=spec.steps))
-            if should_cancel and should_cancel():
-                raise Canceled("canceled by request", {"step": i + 1})
-            return {}
-
-        # 3. The stock pipeline call (the decoder hook only reads the chunks the VAE makes); the
-        #    stage hooks time each component and announce it as it begins.
+        # 3. The stock pipeline call; the stage hooks time each component and announce it as it begins.
         stream = self._video_stream(spec) if stream_video else None
-        hook = self.pipe.vae.decoder.register_forward_hook(stream.hook) if stream is not None else None
-        self._clock = StageProgress(clock, on_progress, spec.steps)
         try:
-            out = self.pipe(
+            out = self._call_pipeline(spec, image, generator, step_end, StageProgress(clock, on_progress, spec.steps),
+                                      stream)
+        finally:
+            report = self.modes.end(mode)
+            if spec.speed == "turbo":  # between requests the distillation LoRA is off too
+                self._activate(spec.model_copy(update={"speed": "exact"}))
+
+        # 4. Frames, timings, and the video if it was encoded while the VAE decoded.
+        frames = frames_to_uint8(out.frames[0])
+        clock.totals["total"] = time.perf_counter() - t0
+        timings = {k: round(v, 4) for k, v in clock.totals.items()}
+        video = self._finish_stream(stream, frames, timings) if stream is not None else None
+        report.update(steps=spec.steps, guidance_scale=spec.guidance_scale)
+        memory = {"mode": self.memory.mode, "fp8_weights": self.memory.fp8}
+        report["memory"] = {**memory, "note": self.memory.note} if self.memory.note else memory
+        report.setdefault("forwards_computed", spec.steps * mode.branches)
+        report.setdefault("forwards_skipped", 0)
+        return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)
+
+    def _call_pipeline(self, spec: GenerationSpec, image, generator, step_end, progress: StageProgress,
+                       stream: "_DecodeStream | None"):
+        """The stock pipeline call, its failures typed; the decoder hook only reads the chunks the VAE makes."""
+        hook = self.pipe.vae.decoder.register_forward_hook(stream.hook) if stream is not None else None
+        self._clock = progress
+        try:
+            return self.pipe(
                 image=image,
                 prompt=spec.prompt,
                 negative_prompt=spec.negative_prompt,
@@ -470,28 +489,19 @@ class WanGenerator:
             self._clock = None
             if hook is not None:
                 hook.remove()
-            report = self.modes.end(mode)
-            if spec.speed == "turbo":  # between requests the distillation LoRA is off too
-                self._activate(spec.model_copy(update={"speed": "exact"}))
 
-        frames = frames_to_uint8(out.frames[0])
-        clock.totals["total"] = time.perf_counter() - t0
-        timings = {k: round(v, 4) for k, v in clock.totals.items()}
-        video = None
-        if stream is not None:
-            t_tail = time.perf_counter()
-            try:
-                video = stream.finish(frames)  # None if the chunks were not the output's frames
-            except Exception as e:  # the caller encodes the whole video instead, and reports its errors
-                log.warning("streamed video encoding failed (%s: %s); encoding after the decode", type(e).__name__, e)
-            if video is not None:
-                timings["encode_video"] = round(time.perf_counter() - t_tail, 4)  # what was left after decode
-        report.update(steps=spec.steps, guidance_scale=spec.guidance_scale)
-        memory = {"mode": self.memory.mode, "fp8_weights": self.memory.fp8}
-        report["memory"] = {**memory, "note": self.memory.note} if self.memory.note else memory
-        report.setdefault("forwards_computed", spec.steps * mode.branches)
-        report.setdefault("forwards_skipped", 0)
-        return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)
+    @staticmethod
+    def _finish_stream(stream: "_DecodeStream", frames: np.ndarray, timings: dict) -> bytes | None:
+        """The streamed MP4 (timing what was left after the decode), or None: the caller encodes the whole."""
+        t_tail = time.perf_counter()
+        try:
+            video = stream.finish(frames)  # None if the chunks were not the output's frames
+        except Exception as e:  # the caller encodes the whole video instead, and reports its errors
+            log.warning("streamed video encoding failed (%s: %s); encoding after the decode", type(e).__name__, e)
+            return None
+        if video is not None:
+            timings["encode_video"] = round(time.perf_counter() - t_tail, 4)
+        return video
 
     def _video_stream(self, spec: GenerationSpec) -> "_DecodeStream | None":
         """An MP4 encoder fed from the VAE decoder's chunks, where the decode makes whole frames in order."""

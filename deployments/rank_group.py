@@ -11,10 +11,10 @@ check; the replica's placement group (``placement_group_bundles``, ``STRICT_PACK
 ranks' GPUs on one node before it starts, so a replica either gets all N GPUs or waits, and its ranks
 die with it (they are its child actors).
 
-``RankGroup`` is the replica's generator: it has ``WanGenerator``'s interface (``generate``,
-``load_adapter``, ``delete_adapter``, ``adapters``), so ``WanI2VReplica``'s LoRA sets, streaming,
-cancellation and error typing work unchanged; each call goes to every rank. ``RankWorker`` is one
-rank: its own ``WanGenerator`` on its own GPU, split by ``ranks.apply_parallel``.
+``RankGroup`` is the replica's generator: it implements ``generator.Generator`` as ``WanGenerator``
+does, so ``WanI2VReplica``'s LoRA sets, streaming, cancellation and error typing work unchanged; each
+call goes to every rank. ``RankWorker`` is one rank: its own generator (what the replica's generator
+factory makes, ``WanGenerator`` by default) on its own GPU, split by ``ranks.apply_parallel``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import queue
 import socket
 import threading
 import time
-from types import SimpleNamespace
 
 from .config import GpuConfig
 from .errors import GenerationFailed, InvalidRequest, ReplicaUnavailable, ServiceError
+from .generator import Generator, GeneratorFactory
 from .joblog import job_logger
 from .parallel import check_splittable
 from .spec import GenerationSpec, Progress
@@ -63,9 +63,10 @@ def _unwrap(exc: BaseException) -> BaseException:
 class RankWorker:
     """One rank: a ``WanGenerator`` on this process's GPU (or CPU), joined to the group."""
 
-    def __init__(self, cfg: GpuConfig, rank: int):
+    def __init__(self, cfg: GpuConfig, rank: int, generator_factory: GeneratorFactory):
         self.cfg = cfg
         self.rank = rank
+        self.generator_factory = generator_factory
         self._cancel = threading.Event()
         self.generator = None
         self.ranks = None
@@ -127,7 +128,8 @@ class RankWorker:
             self.applied = apply_parallel(generator.pipe, self.ranks)
             return self.applied.report()
 
-        loaded, self.generator, self.startup = build_generator(self.cfg, split=split, rank=self.rank, clock=clock)
+        loaded, self.generator, self.startup = build_generator(self.cfg, split=split, rank=self.rank, clock=clock,
+                                                               factory=self.generator_factory)
         # load_pipeline resolves "cuda" to the current GPU when it loads; keep the index, so that a
         # synchronize or an empty_cache from another thread still means this rank's GPU.
         loaded.device = self.generator.device = device
@@ -137,7 +139,7 @@ class RankWorker:
         if device.type == "cuda" and len(set(names)) != len(names):
             raise RuntimeError(f"ranks share a GPU: {names}")
         self.ranks.barrier()
-        return {"rank": self.rank, "pid": os.getpid(), "speed_modes": list(self.generator.modes.enabled),
+        return {"rank": self.rank, "pid": os.getpid(), "speed_modes": list(self.generator.speed_modes),
                 **self.startup}
 
     @staticmethod
@@ -228,22 +230,23 @@ class RankWorker:
         return None
 
     def stats(self) -> dict:
+        from .compile_cache import compiled_graphs
         from .models import pipeline_loads
-        from .wan_i2v import _compiled_graphs
 
         return {"rank": self.rank, "pid": os.getpid(), "pipeline_loads": pipeline_loads(),
-                "adapter_loads": self.generator.adapter_loads, "compiled_graphs": _compiled_graphs(),
+                "adapter_loads": self.generator.adapter_loads, "compiled_graphs": compiled_graphs(),
                 "distill_loads": self.generator.distill_loads, "startup": self.startup}
 
 
-class RankGroup:
-    """The replica's generator: every call goes to each of its N ranks (``WanGenerator``'s interface)."""
+class RankGroup(Generator):
+    """The replica's generator (``generator.Generator``): every call goes to each of its N ranks."""
 
-    def __init__(self, cfg: GpuConfig, on_broken=None):
+    def __init__(self, cfg: GpuConfig, generator_factory: GeneratorFactory | None = None, on_broken=None):
         """Start the ranks and wait until every one is ready.
 
         Args:
             cfg: the replica's config.
+            generator_factory: what makes each rank's generator (default: the config's).
             on_broken: called with the reason once the group cannot serve again (a rank lost).
         """
         import ray
@@ -259,6 +262,7 @@ class RankGroup:
         env = dict(p.env)
         if cfg.replica.num_gpus > 0 and not p.one_visible_gpu:
             env[NOSET_VISIBLE] = "1"
+        factory = generator_factory or cfg.replica.make_generator_factory()
         pg = ray.util.get_current_placement_group()
         worker = ray.remote(RankWorker)
         self.workers = []
@@ -269,7 +273,7 @@ class RankGroup:
             if pg is not None:  # the replica's own bundle is 0; rank r reserved bundle r + 1
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank + 1)
-            self.workers.append(worker.options(**options).remote(cfg, rank))
+            self.workers.append(worker.options(**options).remote(cfg, rank, factory))
         try:
             init_method = ray.get(self.workers[0].rendezvous.remote(), timeout=p.startup_timeout_s)
             self.rank_startup = self._all([w.setup.remote(init_method) for w in self.workers],
@@ -288,11 +292,15 @@ class RankGroup:
                                   load_seconds=self.startup["slowest_rank"]["load_s"])
         self.speed_report = {"warmup": first.get("warmup"), "ranks": p.degree}
         # Installed once at startup, the same on every rank (one config): no need to ask them again.
-        self.modes = SimpleNamespace(enabled=tuple(first["speed_modes"]))
+        self._speed_modes = tuple(first["speed_modes"])
         self.adapters: dict[str, str] = {}  # adapter name -> ref, identical on every rank
         self.adapter_loads = 0
         self.broken: str | None = None
         self.last_summaries: list[dict] = []
+
+    @property
+    def speed_modes(self) -> tuple[str, ...]:
+        return self._speed_modes
 
     @property
     def distill_loads(self) -> int:
@@ -461,7 +469,7 @@ class ParallelWanI2VReplica(WanI2VReplica):
     """``WanI2VReplica`` whose generator is a ``RankGroup`` of ``gpu.parallel.degree`` ranks."""
 
     def _make_generator(self, cfg: GpuConfig):
-        group = RankGroup(cfg, on_broken=self._exit)
+        group = RankGroup(cfg, self.generator_factory, on_broken=self._exit)
         return group.loaded, group, group.startup
 
     @staticmethod

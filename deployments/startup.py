@@ -1,7 +1,7 @@
 """A replica's (or a rank's) cold start, part by part: load, speed modes, parallel split, compile, warm-up.
 
-``build_generator`` is the one way a GPU process gets its ``WanGenerator``: the one-GPU replica and
-every rank of a parallel replica call it, so the compile cache and the startup account are the same
+``build_generator`` is the one way a GPU process gets its generator (``WanGenerator``, or what the
+config's ``generator_factory`` makes): the one-GPU replica and every rank of a parallel replica call it, so the compile cache and the startup account are the same
 for both. The account (seconds per part) is in the replica's ``stats()["startup"]`` and its log.
 """
 
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 from .config import GpuConfig
+from .generator import GeneratorFactory
 
 log = logging.getLogger("ray.serve")
 
@@ -50,11 +51,13 @@ class StartupClock:
         return {**self.parts, "init_s": round(time.perf_counter() - self.t0, 3)}
 
 
-def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0, clock: StartupClock | None = None):
+def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0, clock: StartupClock | None = None,
+                    factory: GeneratorFactory | None = None):
     """Load the pipeline, apply speed modes (and ``split``), then warm up with the compile cache around it.
 
     Args:
         cfg: the replica's config.
+        factory: makes the generator from the loaded model (default: the config's ``generator_factory``).
         split: for a rank of a parallel group, ``split(generator) -> dict``, applied before warm-up so
             the warm-up compiles the split model.
         rank: this process's rank (part of the compile cache key).
@@ -63,8 +66,8 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     """
     from . import attention, compile_cache
     from .models import load_pipeline
-    from .pipeline import WanGenerator
 
+    factory = factory or cfg.replica.make_generator_factory()
     clock = clock or StartupClock()
     compile_cache.CompileCache.use_inductor_dir(cfg.compile_cache)
     turbo_lora = None
@@ -83,8 +86,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
         speed = attention.for_sequence_parallel(speed, loaded.device)
     with clock.part("speed_modes_s"):
         # Warm-up waits for the split and the compile cache, below.
-        generator = WanGenerator(loaded, speed.model_copy(update={"warmup": False}), cfg.replica.faults,
-                                  turbo_lora=turbo_lora)
+        generator = factory(loaded, speed.model_copy(update={"warmup": False}), turbo_lora=turbo_lora)
     split_report = None
     if split is not None:
         with clock.part("parallel_split_s"):

@@ -1,6 +1,7 @@
 """The GPU replica: loads the pipeline once, keeps LoRA sets resident, generates one spec at a time.
 
-A plain class; ``serve_app/app.py`` turns it into a Serve deployment. ``generate`` is a streaming
+A plain class; ``deployment.make_deployment`` turns it into a Serve deployment, and the app builder
+binds it with the generator factory it runs (``generator.GeneratorFactory``). ``generate`` is a streaming
 method: it yields progress events, then the result, so the caller can record progress and cancel
 between denoising steps.
 
@@ -18,11 +19,19 @@ import socket
 import threading
 from typing import AsyncIterator
 
-from ray import serve
-
 from . import logs
 from .config import GpuConfig
-from .errors import GenerationFailed, LoraFetchFailed, OutOfMemory, ReplicaUnavailable, ServiceError, is_client_error
+from .errors import (
+    GenerationFailed,
+    LoraFetchFailed,
+    OutOfMemory,
+    ReplicaUnavailable,
+    ServiceError,
+    first_line,
+    is_client_error,
+    jsonable,
+)
+from .generator import Generator, GeneratorFactory
 from .joblog import JOB_ID, in_job_context, job_logger
 from .metrics import ReplicaMetrics
 from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
@@ -32,22 +41,6 @@ log = job_logger("ray.serve")
 
 # How often a running generation checks that its caller (an ingress replica) is still alive.
 CALLER_CHECK_S = 2.0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else "")[:300]
-
-
-def _plain(value):
-    """JSON-like data only (anything else as its text), so unpickling it never imports a library."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    return str(value)
 
 
 def as_service_error(exc: Exception, stage: str) -> ServiceError:
@@ -63,15 +56,15 @@ def as_service_error(exc: Exception, stage: str) -> ServiceError:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, ServiceError):
         exc = exc.cause  # the LoRA cache actor's error, without Ray's wrapper class around it
     if isinstance(exc, ServiceError):
-        exc.details = _plain(exc.details)
+        exc.details = jsonable(exc.details)
         return exc
     import torch
 
+    line = first_line(exc) if str(exc).strip() else ""  # a textless error: its type alone names it
     if isinstance(exc, torch.OutOfMemoryError):
-        return OutOfMemory(f"out of GPU memory while {stage}: {_one_line(exc)}", {"stage": stage})
+        return OutOfMemory(f"out of GPU memory while {stage}: {line}", {"stage": stage})
     if isinstance(exc, MemoryError):
         return OutOfMemory(f"out of host memory while {stage}", {"stage": stage})
-    line = _one_line(exc)
     return GenerationFailed(f"{stage} failed: {type(exc).__name__}" + (f": {line}" if line else ""),
                             {"stage": stage, "error": type(exc).__name__})
 
@@ -94,7 +87,12 @@ class LoraSet:
 class WanI2VReplica:
     """One GPU (or CPU) worth of Wan 2.1 I2V."""
 
-    def __init__(self, cfg: GpuConfig):
+    def __init__(self, cfg: GpuConfig, generator_factory: GeneratorFactory):
+        """Args:
+            cfg: the replica's config.
+            generator_factory: makes this process's generator from the loaded model (each rank's, for a
+                parallel replica); ``cfg.replica.make_generator_factory()`` is the configured one.
+        """
         import torch  # noqa: F401  (fail early if the replica's environment lacks torch)
 
         logs.install()
@@ -104,6 +102,8 @@ class WanI2VReplica:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan-gpu")
         self._lock = asyncio.Lock()
         self._resident: dict[str, list[str]] = {}
+        self.generator_factory = generator_factory
+        self.generator: Generator
         self.loaded, self.generator, self.startup = self._make_generator(cfg)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         self._cache = None
@@ -124,13 +124,12 @@ class WanI2VReplica:
         from .startup import build_generator
 
         check_replica(cfg.memory, cfg.model.source, resolve_device(cfg.model))
-        return build_generator(cfg)
+        return build_generator(cfg, factory=self.generator_factory)
 
     def _warmup(self):
         """Compile and warm up before the replica reports ready (CUDA speed modes only)."""
-        warm = getattr(self.generator, "warmup", None)
-        if self.loaded.device.type == "cuda" and self.cfg.model.speed.warmup and warm is not None:
-            warm()
+        if self.loaded.device.type == "cuda" and self.cfg.model.speed.warmup:
+            self.generator.warmup()
 
     # -- LoRA sets (multiplexed) ----------------------------------------------------------------
 
@@ -199,16 +198,10 @@ class WanI2VReplica:
 
         On failure, removes those again (never one in ``in_use``) and re-raises.
         """
-        faults = self.cfg.replica.faults
         fresh: list[str] = []
         try:
             for ref, path in zip(refs, paths):
                 new = ref not in self.generator.adapters.values()
-                if faults.fail_prompt_substring and faults.fail_prompt_substring in ref \
-                        and "load_lora" in faults.fail_stages:
-                    from .pipeline import raise_fault
-
-                    raise_fault(faults.fail_kind, "load_lora")
                 self.generator.load_adapter(ref, path, self.cfg.lora.max_header_bytes)
                 if new:
                     fresh.append(ref)
@@ -227,7 +220,7 @@ class WanI2VReplica:
                 log.exception("could not remove adapter %s after a failed LoRA set load", ref)
 
     async def get_lora_set(self, key: str) -> LoraSet:
-        """Unmultiplexed by default; ``make_deployment`` wraps it in ``serve.multiplexed``."""
+        """Unmultiplexed by default; ``deployment.make_deployment`` wraps it in ``serve.multiplexed``."""
         return await self.load_lora_set(key)
 
     def _release(self, key: str) -> None:
@@ -251,35 +244,35 @@ class WanI2VReplica:
         """
         # Serve runs each request in a task of its own: the id stays with this request only.
         JOB_ID.set(job_id)
-        at = {"stage": "starting"}  # where a failure happened, for its message and details
-        stream = self._generate(spec, caller, at)
+        where = {"stage": "starting"}  # the stage now, so a failure names where it happened
+        stream = self._generate(spec, caller, where)
         try:
             async for event in stream:
                 yield event
         except Exception as e:
-            typed = as_service_error(e, at["stage"])
+            typed = as_service_error(e, where["stage"])
             if isinstance(typed, OutOfMemory) and self.loaded.device.type == "cuda":
                 import torch
 
                 torch.cuda.empty_cache()  # an OOM outside the pipeline call leaves its cache behind
             if typed.code == "CANCELED":
-                log.info("canceled while %s", at["stage"])
+                log.info("canceled while %s", where["stage"])
             else:
-                log.warning("failed while %s (%s: %s)", at["stage"], typed.code, typed.message)
+                log.warning("failed while %s (%s: %s)", where["stage"], typed.code, typed.message)
                 if is_client_error(typed):  # this line is the one; Serve's "Request failed." would repeat it
                     logs.said(typed)
             if typed is e:
                 raise
             raise typed from e
         except (asyncio.CancelledError, GeneratorExit):
-            log.info("stopped by its caller while %s", at["stage"])
+            log.info("stopped by its caller while %s", where["stage"])
             raise
         finally:
             # Closed now, not when collected: a caller that stops reading must free the lock and the
             # pipeline (the inner stream waits for the running step) before the next request.
             await stream.aclose()
 
-    async def _generate(self, spec: GenerationSpec, caller, at: dict) -> AsyncIterator[dict]:
+    async def _generate(self, spec: GenerationSpec, caller, where: dict) -> AsyncIterator[dict]:
         from .media_out import CONTENT_TYPES, encode
 
         async with self._lock:
@@ -288,10 +281,10 @@ class WanI2VReplica:
             # Where this attempt runs, so a job's record names its replica while it runs.
             yield {"started": {"replica": self.replica_id, "pid": os.getpid()}}
             if spec.loras:
-                at["stage"] = "loading LoRAs"
+                where["stage"] = "loading LoRAs"
                 yield {"progress": Progress(stage="loading_loras", total_steps=spec.steps).model_dump()}
-                await self.get_lora_set(spec.lora_key)  # multiplexed: see make_deployment
-            at["stage"] = "generating"
+                await self.get_lora_set(spec.lora_key)  # multiplexed: see deployment.make_deployment
+            where["stage"] = "generating"
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             cancel = threading.Event()
@@ -316,7 +309,7 @@ class WanI2VReplica:
                     getter.cancel()
                     break
                 frames = work.result()  # raises the generation's typed error
-                at["stage"] = "encoding the video"
+                where["stage"] = "encoding the video"
                 yield {"progress": Progress(stage="encoding_video", step=spec.steps, total_steps=spec.steps).model_dump()}
                 t0 = loop.time()
                 data = frames.video  # already encoded while the VAE decoded (MP4), else now
@@ -325,8 +318,8 @@ class WanI2VReplica:
                         data = await loop.run_in_executor(self._executor, encode, frames.frames, spec.fps,
                                                           spec.output_format)
                 except Exception as e:  # e.g. the ffmpeg subprocess died (seen under load: broken pipe)
-                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    raise GenerationFailed(f"video encoding failed: {type(e).__name__}: {first_line}",
+                    raise GenerationFailed(f"video encoding failed: {type(e).__name__}: "
+                                           f"{first_line(e) if str(e).strip() else ''}",
                                            {"stage": "encode_video", "format": spec.output_format}) from e
                 timings = {"encode_video": round(loop.time() - t0, 4), **frames.timings}
                 self.metrics.generation(timings, spec.speed)
@@ -335,7 +328,7 @@ class WanI2VReplica:
                 n, h, w, _ = frames.frames.shape
                 video = VideoOutput(format=spec.output_format, content_type=CONTENT_TYPES[spec.output_format],
                                     width=w, height=h, num_frames=n, fps=spec.fps, seed=frames.seed, data=data)
-                yield {"result": GenerationResult(video=video, timings=timings, speed=_plain(frames.speed),
+                yield {"result": GenerationResult(video=video, timings=timings, speed=jsonable(frames.speed),
                                                   replica=self.replica_id)}
             except (asyncio.CancelledError, GeneratorExit):
                 # The caller canceled: stop at the next denoising step, and hold the lock until the
@@ -380,6 +373,7 @@ class WanI2VReplica:
                 raise ReplicaUnavailable(f"GPU is not usable: {e}") from e
 
     def stats(self) -> dict:
+        from .compile_cache import compiled_graphs
         from .models import pipeline_loads
 
         return {
@@ -388,57 +382,12 @@ class WanI2VReplica:
             "pipeline_loads": pipeline_loads(),
             "caller_died_stops": self.caller_died_stops,
             "adapter_loads": self.generator.adapter_loads,
-            "speed_modes": list(self.generator.modes.enabled),
+            "speed_modes": list(self.generator.speed_modes),
             "distill_loads": self.generator.distill_loads,
             "resident_adapters": sorted(self.generator.adapters.values()),
             "resident_sets": sorted(self._resident),
             "device": str(self.loaded.device),
             "pid": os.getpid(),
-            "compiled_graphs": _compiled_graphs(),
+            "compiled_graphs": compiled_graphs(),
             "startup": self.startup,
         }
-
-
-def _compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process: constant after warm-up means no recompiles."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def make_deployment(cfg: GpuConfig):
-    """The Serve deployment of this replica, sized and multiplexed from the config."""
-    r = cfg.replica
-    base, placement = WanI2VReplica, {"ray_actor_options": {"num_gpus": r.num_gpus, "num_cpus": r.num_cpus}}
-    if cfg.parallel.degree > 1:  # one replica owns N GPUs through N rank processes
-        from .rank_group import ParallelWanI2VReplica, placement_options
-
-        base, placement = ParallelWanI2VReplica, placement_options(cfg)
-
-    class WanI2V(base):
-        @serve.multiplexed(max_num_models_per_replica=r.max_loras_per_replica)
-        async def get_lora_set(self, key: str) -> LoraSet:
-            return await self.load_lora_set(key)
-
-    autoscaling = None
-    if r.max_replicas > r.min_replicas:
-        autoscaling = {
-            "min_replicas": r.min_replicas,
-            "max_replicas": r.max_replicas,
-            "initial_replicas": r.initial_replicas if r.initial_replicas is not None else r.min_replicas,
-            "target_ongoing_requests": r.target_ongoing_requests,
-            "upscale_delay_s": r.upscale_delay_s,
-            "downscale_delay_s": r.downscale_delay_s,
-        }
-    return serve.deployment(
-        WanI2V,
-        name="WanI2V",
-        # One generation at a time, so adapters never change under a running request.
-        max_ongoing_requests=1,
-        num_replicas=None if autoscaling else r.min_replicas,
-        autoscaling_config=autoscaling,
-        **placement,
-        health_check_period_s=r.health_check_period_s,
-        health_check_timeout_s=r.health_check_timeout_s,
-        graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
-    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from deployments.wan_i2v import make_deployment
+from deployments.deployment import make_deployment
 
 from .config import AppConfig
 from .ingress import Ingress
@@ -17,7 +17,7 @@ def build_app(args: dict | None = None) -> Application:
         args: the YAML's ``args:``, validated into ``AppConfig`` once, here.
     """
     cfg = AppConfig.model_validate(args or {})
-    replica = make_deployment(cfg.gpu).bind(cfg.gpu)
+    replica = make_deployment(cfg.gpu).bind(cfg.gpu, cfg.gpu.replica.make_generator_factory())
     ingress = Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from deployments.config import GpuConfig, url_scheme
+from deployments.config import GpuConfig, StrictModel, url_scheme
 from deployments.spec import OutputFormat, Sampler, SpeedMode
 
 
@@ -20,11 +20,7 @@ from deployments.spec import OutputFormat, Sampler, SpeedMode
 PLACEHOLDER_PREFIX = "change-me"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     """Every request limit, each with the error code it raises (see SECURITY.md)."""
 
     max_body_bytes: int = Field(32 * 1024**2, description="REQUEST_TOO_LARGE (413)")
@@ -52,7 +48,7 @@ class LimitsConfig(_Strict):
     )
 
 
-class AuthConfig(_Strict):
+class AuthConfig(StrictModel):
     """API keys. With none configured, every route is open (fine on 127.0.0.1, refused on public)."""
 
     api_keys: list[str] = Field(default_factory=list)
@@ -93,7 +89,7 @@ class AuthConfig(_Strict):
         return found
 
 
-class StorageConfig(_Strict):
+class StorageConfig(StrictModel):
     """Where the state lives: the job database and the output store. Nothing here needs a shared disk."""
 
     outputs_dir: str = Field(
@@ -140,7 +136,7 @@ class StorageConfig(_Strict):
         return self.jobs_db
 
 
-class JobsConfig(_Strict):
+class JobsConfig(StrictModel):
     """How jobs are dispatched and recovered."""
 
     lease_s: float = Field(15.0, description="a running job's lease; expired leases are taken over")
@@ -159,7 +155,7 @@ class JobsConfig(_Strict):
     )
 
 
-class WebhooksConfig(_Strict):
+class WebhooksConfig(StrictModel):
     """Result deliveries to a request's ``webhook_url``: signed, retried, kept in the job database."""
 
     attempts: int = Field(10, ge=1, description="tries in all, the first included; then the delivery is failed")
@@ -184,7 +180,7 @@ class WebhooksConfig(_Strict):
         return 3 * self.timeout_s + 5
 
 
-class EventsConfig(_Strict):
+class EventsConfig(StrictModel):
     """The ``/events`` streams (Server-Sent Events of a job's status, read from the job database)."""
 
     poll_s: float = Field(0.25, gt=0, description="how often an open stream reads the job's new events")
@@ -198,7 +194,7 @@ class EventsConfig(_Strict):
     retry_ms: int = Field(1000, ge=0, description="the reconnection delay the stream asks of EventSource clients")
 
 
-class DefaultsConfig(_Strict):
+class DefaultsConfig(StrictModel):
     """Per-model defaults, kept apart from the request schema (832x480: the reference's 1024x1024 is a defect)."""
 
     width: int = 832
@@ -214,7 +210,7 @@ class DefaultsConfig(_Strict):
     base_seed: int = 42
 
 
-class IngressConfig(_Strict):
+class IngressConfig(StrictModel):
     num_replicas: int = 1
     num_cpus: float = 0.1
     max_replicas_per_node: int | None = Field(
@@ -231,7 +227,7 @@ class IngressConfig(_Strict):
     )
 
 
-class AppConfig(_Strict):
+class AppConfig(StrictModel):
     """Everything the application needs; one object from the YAML to every deployment."""
 
     gpu: GpuConfig = Field(default_factory=GpuConfig)

@@ -47,7 +47,7 @@ from .storage import OutputStore
 log = job_logger("ray.serve")
 
 
-class _Path:
+class _StageStopwatch:
     """Seconds between the milestones of one prompt on the served path, each from the one before.
 
     Kept as [stage, seconds] pairs in the order they happened (a JSON object's key order does not
@@ -166,7 +166,7 @@ class JobRunner:
         self._turn = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
         # Passed with each generation: if this process dies, the GPU replica notices and stops.
-        self.me = _current_actor()
+        self.own_handle = _current_actor()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -365,8 +365,6 @@ class JobRunner:
                 job = await self.jobs.get(job.id, specs=True)
 
     async def _execute(self, run: _Run, job: Job) -> None:
-        from ray.serve.exceptions import RequestCancelledError
-
         stored = job.specs
         began = time.time()
         counted = False
@@ -374,7 +372,7 @@ class JobRunner:
         # The stage account of the served path (metadata.timings[n]["path"], seconds): from the claim
         # (the first prompt's "queued" is creation -> claim, both on the database's clock) to the
         # output recorded; the replica's own stages are the other keys of timings[n].
-        path = _Path(queued=max(0.0, job.lease_until - self.lease_s - job.created_at))
+        stopwatch = _StageStopwatch(queued=max(0.0, job.lease_until - self.lease_s - job.created_at))
         for index, item in enumerate(stored):
             if index < len(job.outputs):  # finished before a restart
                 continue
@@ -383,68 +381,92 @@ class JobRunner:
             if not counted:  # one attempt per try, counted only when work really reaches a replica
                 run.attempt = await self.jobs.start_attempt(job.id, self.holder)
                 counted = True
-            async with self._turn:  # older jobs' first prompts go to Serve's queue first
-                await self._turn.wait_for(lambda: not self._unsent or self._unsent[0] >= run.order)
-            response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(
-                spec, caller=self.me, job_id=job.id)
-            path.mark("dispatch")
-            await self._sent(run)
-            run.response = response
-            # Serve's own log lines about this call (its access log in the replica) name its request id.
-            log.info("prompt %d of %d sent to a GPU replica (attempt %d, serve request %s)", index + 1, len(stored),
-                     run.attempt, response.request_id)
-            if run.cancel_requested:
-                response.cancel()
-            result: GenerationResult | None = None
-            try:
-                async for event in response:
-                    if "progress" in event:
-                        if event["progress"]["stage"] == "denoising" and event["progress"]["step"] == 1:
-                            path.mark("to_first_step")
-                        progress = {**event["progress"], "prompt_index": index, "num_prompts": len(stored)}
-                        await self._best_effort(self.jobs.set_progress(job.id, self.holder, progress))
-                    elif "started" in event:
-                        path.mark("replica_wait")
-                        if not run.started and job.started_at is None:  # the job's first start, ever
-                            self.metrics.time_in_queue.observe(max(0.0, time.time() - job.created_at))
-                        self._mark_started(run)
-                        await self._best_effort(self.jobs.merge_metadata(
-                            job.id, self.holder, {"running_on": event["started"]["replica"]}))
-                    else:
-                        path.mark("from_first_step")  # the rest of the generation, encoding, the transfer
-                        result = event["result"]
-            except RequestCancelledError:
-                if not run.cancel_requested:
-                    raise
-                await self._finish(run, "canceled", dict(CANCELED))
+            response = await self._send(run, job, index, spec, stopwatch)
+            result = await self._receive(run, job, index, response, stopwatch)
+            if result is None:  # the job ended (canceled or failed) and is recorded so
                 return
-            except Exception as e:
-                typed = _replica_error(e)
-                if typed is None:
-                    raise
-                if typed.code == "CANCELED":
-                    await self._finish(run, "canceled", dict(CANCELED))
-                    return
-                await self._finish(run, "failed", {**typed.to_dict(), "details": {
-                    **jsonable(typed.details), "prompt_index": index}}, client_error=is_client_error(typed))
-                return
-            finally:
-                run.response = None
-            if result is None:
-                if run.cancel_requested:
-                    await self._finish(run, "canceled", dict(CANCELED))
-                    return
-                raise RuntimeError("replica stream ended without a result")
             try:
-                await self._store_output(run, job, index, result, path)
+                await self._store_output(run, job, index, result, stopwatch)
             except OutputWriteFailed as e:
                 await self._finish(run, "failed", {**e.to_dict(), "details": {**e.details, "prompt_index": index}})
                 return
             timings.append(result.timings)
-            path = _Path()
+            stopwatch = _StageStopwatch()
         await self._finish(run, "succeeded", None, {
             "inference_time": round(sum(t.get("total", 0) + t.get("encode_video", 0) for t in timings), 4),
             "wall_time": round(time.time() - began, 4)})
+
+    async def _send(self, run: _Run, job: Job, index: int, spec: GenerationSpec, stopwatch: "_StageStopwatch"):
+        """Send one prompt to a GPU replica (in claim order); its response stream."""
+        async with self._turn:  # older jobs' first prompts go to Serve's queue first
+            await self._turn.wait_for(lambda: not self._unsent or self._unsent[0] >= run.order)
+        response = self.replica.options(stream=True, multiplexed_model_id=spec.lora_key).generate.remote(
+            spec, caller=self.own_handle, job_id=job.id)
+        stopwatch.mark("dispatch")
+        await self._sent(run)
+        run.response = response
+        # Serve's own log lines about this call (its access log in the replica) name its request id.
+        log.info("prompt %d of %d sent to a GPU replica (attempt %d, serve request %s)", index + 1, len(job.specs),
+                 run.attempt, response.request_id)
+        if run.cancel_requested:
+            response.cancel()
+        return response
+
+    async def _receive(self, run: _Run, job: Job, index: int, response,
+                       stopwatch: "_StageStopwatch") -> GenerationResult | None:
+        """Record one prompt's events as they come; its result, or None once the job ended (recorded).
+
+        Raises:
+            What is not the replica's typed answer (a dead replica: the caller retries).
+        """
+        from ray.serve.exceptions import RequestCancelledError
+
+        result: GenerationResult | None = None
+        try:
+            async for event in response:
+                if "result" in event:
+                    stopwatch.mark("from_first_step")  # the rest of the generation, encoding, the transfer
+                    result = event["result"]
+                else:
+                    await self._on_event(run, job, index, event, stopwatch)
+        except RequestCancelledError:
+            if not run.cancel_requested:
+                raise
+            await self._finish(run, "canceled", dict(CANCELED))
+            return None
+        except Exception as e:
+            typed = _replica_error(e)
+            if typed is None:
+                raise
+            if typed.code == "CANCELED":
+                await self._finish(run, "canceled", dict(CANCELED))
+                return None
+            await self._finish(run, "failed", {**typed.to_dict(), "details": {
+                **jsonable(typed.details), "prompt_index": index}}, client_error=is_client_error(typed))
+            return None
+        finally:
+            run.response = None
+        if result is None:
+            if run.cancel_requested:
+                await self._finish(run, "canceled", dict(CANCELED))
+                return None
+            raise RuntimeError("replica stream ended without a result")
+        return result
+
+    async def _on_event(self, run: _Run, job: Job, index: int, event: dict, stopwatch: "_StageStopwatch") -> None:
+        """A replica's progress or "started" event: into the job's record (best effort)."""
+        if "progress" in event:
+            if event["progress"]["stage"] == "denoising" and event["progress"]["step"] == 1:
+                stopwatch.mark("to_first_step")
+            progress = {**event["progress"], "prompt_index": index, "num_prompts": len(job.specs)}
+            await self._best_effort(self.jobs.set_progress(job.id, self.holder, progress))
+        elif "started" in event:
+            stopwatch.mark("replica_wait")
+            if not run.started and job.started_at is None:  # the job's first start, ever
+                self.metrics.time_in_queue.observe(max(0.0, time.time() - job.created_at))
+            self._mark_started(run)
+            await self._best_effort(self.jobs.merge_metadata(
+                job.id, self.holder, {"running_on": event["started"]["replica"]}))
 
     async def _with_image(self, item: StoredSpec) -> GenerationSpec:
         """The spec the replica runs: its control image read back from the output store."""
@@ -453,18 +475,19 @@ class JobRunner:
         png = await asyncio.to_thread(self.outputs.read, item.image_key)
         return item.spec.model_copy(update={"image_png": png})
 
-    async def _store_output(self, run: _Run, job: Job, index: int, result: GenerationResult, path: "_Path") -> None:
+    async def _store_output(self, run: _Run, job: Job, index: int, result: GenerationResult,
+                            stopwatch: "_StageStopwatch") -> None:
         video = result.video
         key = self.outputs.video_key(job.id, index, video.format)
         await asyncio.to_thread(self.outputs.put, key, video.data)
-        path.mark("store")
+        stopwatch.mark("store")
         self._check_lease(run)
         output = {"format": video.format, "width": video.width, "height": video.height,
                   "num_frames": video.num_frames, "fps": video.fps, "seed": video.seed, "key": key,
                   "file_path": self.outputs.url(key), "content_type": video.content_type, "bytes": len(video.data),
                   "replica": result.replica, "speed": result.speed or None}
         # "record" (the database write of the output itself) is the one stage not in its own account.
-        result.timings = {**result.timings, "path": path.seconds()}
+        result.timings = {**result.timings, "path": stopwatch.seconds()}
         if not await self._until_lease_ends(run, self.jobs.add_output, job.id, self.holder, output, result.timings):
             raise LeaseLost("lease lost before the output was recorded")
 

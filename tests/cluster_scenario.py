@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu": {
             "model": {"source": "tiny", "device": "cpu", "cache_dir": "~/wan/models"},
             "replica": {"num_gpus": 1, "num_cpus": 0, "min_replicas": 2, "max_replicas": 2,
-                        "faults": {"slow_prompt_substring": SLOW, "step_delay_s": 0.2}},
+                        "generator_factory": "tests.fakes:FaultyGenerator",
+                        "generator_options": {"slow_prompt_substring": SLOW, "step_delay_s": 0.2}},
             "lora": {"root": "~/wan/loras", "cache_dir": "~/wan/lora-cache"},
         },
         "storage": {"outputs_dir": outputs_url, "outputs_options": s3_options, "jobs_db": opts.pg_url},

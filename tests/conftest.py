@@ -357,8 +357,10 @@ def serve_env(request, tmp_path_factory, model_cache):
                 "replica": {
                     "num_gpus": 0,
                     "num_cpus": 0.5,
-                    "faults": {"fail_prompt_substring": FAIL_PROMPT, "fail_kind": "oom",
-                               "slow_prompt_substring": SLOW_PROMPT, "step_delay_s": 0.25},
+                    # Every app under test runs the real generator with faults on cue (tests/fakes.py).
+                    "generator_factory": "tests.fakes:FaultyGenerator",
+                    "generator_options": {"fail_prompt_substring": FAIL_PROMPT, "fail_kind": "oom",
+                                          "slow_prompt_substring": SLOW_PROMPT, "step_delay_s": 0.25},
                 },
                 "lora": {"root": str(lora_root), "cache_dir": str(root / name / "lora-cache")},
                 "fetch": {"allow_http": True, "allowed_hosts": ["127.0.0.1"]},

@@ -239,7 +239,7 @@ def test_injected_oom_fails_the_job_with_its_code_and_the_replicas_keep_serving(
 def test_bad_weights_fail_with_generation_failed_and_the_replica_serves_the_next_job(serve_env):
     from ray import serve
 
-    args = serve_env.args_for("badweights", gpu={"replica": {"faults": {"fail_kind": "bad_weights"}}})
+    args = serve_env.args_for("badweights", gpu={"replica": {"generator_options": {"fail_kind": "bad_weights"}}})
     app = serve_env.deploy("badweights", "/badweights", args)
     try:
         (replica,) = _wait_running(app, 1)

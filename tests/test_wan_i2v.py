@@ -56,7 +56,7 @@ def rapp(serve_env, hub):
         "model": {"hf_token": TOKEN},
         "fetch": {"hf_endpoint": hub.url("")},
         "lora": {"retry": {"initial_backoff_s": 0.01, "max_backoff_s": 0.05}},
-        "replica": {"faults": {"fail_stages": ["activate", "load_lora"]}},
+        "replica": {"generator_options": {"fail_stages": ["activate", "load_lora"]}},
     })
     app = serve_env.deploy("replica", "/replica", args)
     yield app
