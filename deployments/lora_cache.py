@@ -361,7 +361,10 @@ class LoraStore:
 
     # -- downloads ------------------------------------------------------------------------------
     def _resolve_remote(self, url: str, hf_token: SecretStr | None) -> str:
-        final = self.cache_path(url)
+        return self._fill(self.cache_path(url), lambda tmp: self._download(url, tmp, hf_token))
+
+    def _fill(self, final: Path, download: Callable[[Path], None]) -> str:
+        """``final`` from the cache, or fetched by ``download(tmp)``, checked, and renamed into place."""
         if self._touch(final):
             with self._lock:
                 self._bump("hits")
@@ -370,7 +373,7 @@ class LoraStore:
             self._bump("misses")
         tmp = self.cache_dir / f"{TEMP_PREFIX}{final.stem[:16]}-{uuid.uuid4().hex}{SUFFIX}"
         try:
-            self._download(url, tmp, hf_token)
+            download(tmp)
             read_header(tmp, self.cfg.max_header_bytes)  # before the rename: a bad file never gets the name
             os.replace(tmp, final)
         except BaseException:
@@ -448,28 +451,7 @@ class LoraStore:
             raise LoraTooLarge(f"LoRA {ref!r} is {size} bytes; the limit is {self.cfg.max_file_bytes}",
                                {"ref": ref, "bytes": size, "limit": self.cfg.max_file_bytes})
         final = self.cache_dir / f"{_digest(url)}.{_digest(object_version(info))[:16]}{SUFFIX}"
-        if self._touch(final):
-            with self._lock:
-                self._bump("hits")
-            return str(final)
-        with self._lock:
-            self._bump("misses")
-        tmp = self.cache_dir / f"{TEMP_PREFIX}{final.stem[:16]}-{uuid.uuid4().hex}{SUFFIX}"
-        try:
-            self._download_object(fs, path, tmp, size, ref)
-            read_header(tmp, self.cfg.max_header_bytes)  # before the rename: a bad file never gets the name
-            os.replace(tmp, final)
-        except BaseException:
-            with self._lock:
-                self._bump("failures")
-            tmp.unlink(missing_ok=True)
-            raise
-        os.utime(final)
-        with self._lock:
-            self._bump("fetches")
-            self._bump("fetched_bytes", size)
-        self._evict(keep=final)
-        return str(final)
+        return self._fill(final, lambda tmp: self._download_object(fs, path, tmp, size, ref))
 
     def _download_object(self, fs, path: str, tmp: Path, size: int, ref: str) -> None:
         """Stream one object into ``tmp``, within the size limit and exactly the size its lookup gave."""

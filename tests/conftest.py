@@ -178,6 +178,24 @@ BACKENDS = ("sqlite", pytest.param("postgres", marks=[pytest.mark.full, pytest.m
 STORE_BACKENDS = ("sqlite", pytest.param("postgres", marks=pytest.mark.postgres))
 
 
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request, tmp_path):
+    """A fresh, empty job database of each backend (PostgreSQL started only for its case)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    return request.getfixturevalue("pg_server").create_db()
+
+
+@pytest.fixture
+def store(store_url):
+    """A job store on ``store_url``, closed after the test."""
+    from serve_app.jobs import open_job_store
+
+    s = open_job_store(store_url)
+    yield s
+    s.close()
+
+
 class AppUnderTest:
     """One deployed Serve app: its config args, base URL and an HTTP client with small helpers."""
 

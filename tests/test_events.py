@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
-import time
 import uuid
 
 import httpx
 import pytest
 
 from serve_app.jobs import StoredSpec, open_job_store
-from tests.conftest import STORE_BACKENDS, SLOW_PROMPT, small_request, tiny_spec, wait_for
+from tests.conftest import SLOW_PROMPT, small_request, tiny_spec, wait_for
 
 # Every stage a one-prompt job with a LoRA shows, in order, on the tiny model with 2 steps.
 STAGES = ["queued", "loading_loras", "encoding_text", "encoding_image", "vae_encoding", "denoising",
@@ -21,20 +19,6 @@ STAGES = ["queued", "loading_loras", "encoding_text", "encoding_image", "vae_enc
 
 
 # -- the store's event log ------------------------------------------------------------------------
-
-@pytest.fixture(params=STORE_BACKENDS)
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "jobs.sqlite3")
-    return request.getfixturevalue("pg_server").create_db()
-
-
-@pytest.fixture
-def store(store_url):
-    s = open_job_store(store_url)
-    yield s
-    s.close()
-
 
 def _new(store, steps: int = 2) -> str:
     spec = tiny_spec(steps=steps).model_copy(update={"image_png": b""})

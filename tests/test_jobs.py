@@ -17,22 +17,7 @@ from serve_app.jobs import AsyncJobStore, QueueFull, SchemaTooNew, StoredSpec, S
 from serve_app.jobs.postgres import MIGRATIONS as pg_migrations
 from serve_app.jobs.sqlite import MIGRATIONS as sqlite_migrations
 from serve_app.state_errors import StoreUnavailable
-from tests.conftest import STORE_BACKENDS, tiny_spec, wait_for
-
-
-@pytest.fixture(params=STORE_BACKENDS)
-def store_url(request, tmp_path):
-    """A fresh, empty database of each backend."""
-    if request.param == "sqlite":
-        return str(tmp_path / "jobs.sqlite3")
-    return request.getfixturevalue("pg_server").create_db()
-
-
-@pytest.fixture
-def store(store_url):
-    s = open_job_store(store_url)
-    yield s
-    s.close()
+from tests.conftest import tiny_spec, wait_for
 
 
 def specs(n: int = 1, steps: int = 2) -> list[StoredSpec]:
