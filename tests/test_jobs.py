@@ -488,6 +488,8 @@ def test_postgres_credentials_can_come_from_the_environment(pg_server, monkeypat
 # -- unavailability ----------------------------------------------------------------------------
 
 @pytest.mark.postgres
+@pytest.mark.full  # stops its server for tens of seconds
+@pytest.mark.kills
 def test_postgres_lost_and_back_calls_fail_fast_then_work_again():
     from tests.services import PgServer
 

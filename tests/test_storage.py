@@ -139,6 +139,8 @@ def test_presigned_redirect_needs_an_object_store(tmp_path):
         OutputStore(StorageConfig(outputs_dir=str(tmp_path), presigned_redirect=True))
 
 
+@pytest.mark.full  # stops its server for tens of seconds
+@pytest.mark.kills
 def test_object_store_down_fails_writes_with_a_code_and_reads_as_unavailable(tmp_path):
     from tests.services import S3Server
 
@@ -181,6 +183,8 @@ def test_a_submit_with_the_object_store_down_gets_its_answer_without_the_jobs_re
         server.stop()
 
 
+@pytest.mark.full  # stops its server for tens of seconds
+@pytest.mark.kills
 def test_an_output_write_outlasts_an_object_store_outage_within_its_retry_window(tmp_path):
     """The store is down when the write starts and back after two failed tries: the write lands."""
     import threading
