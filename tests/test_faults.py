@@ -377,7 +377,8 @@ def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop
         def taken_over(rid: str) -> tuple[list[dict], list[dict]]:
             """(the job's writes before the new ingress took it, its writes since)."""
             log = updates(rid)
-            first_holder = log[0]["lease_owner"]
+            # the first claim's holder: the rows before it are the queued job's (its event log's writes)
+            first_holder = next(row["lease_owner"] for row in log if row["lease_owner"] is not None)
             i = next((i for i, row in enumerate(log) if row["lease_owner"] not in (first_holder, None)), len(log))
             return log[:i], log[i:]
 
