@@ -480,6 +480,11 @@ OBJECT_STORE_DEFAULTS: dict[str, dict[str, Any]] = {
     "s3": {"use_listings_cache": False,
            "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}},
 }
+# s3fs retries every call 5 times with backoff on top of botocore's attempts (a class setting, not an
+# option): 7-10 s before a call to a dead store failed, and a download waited that long for its 503.
+# One s3fs try keeps botocore's two attempts (its retry of throttling, 5xx and dropped connections):
+# 1.5-3 s to a 503 (measured on the test server); writes keep their own retry window above this.
+OBJECT_STORE_CALL_TRIES: dict[str, int] = {"s3": 1}
 
 
 def object_fs(url: str, options: dict[str, Any] | None = None):
@@ -498,4 +503,7 @@ def object_fs(url: str, options: dict[str, Any] | None = None):
     scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
     # A copy: s3fs rewrites the retry settings it is given in place.
     defaults = copy.deepcopy(OBJECT_STORE_DEFAULTS.get(scheme, {}))
-    return fsspec.core.url_to_fs(url, **{**defaults, **copy.deepcopy(options or {})})
+    fs, path = fsspec.core.url_to_fs(url, **{**defaults, **copy.deepcopy(options or {})})
+    if scheme in OBJECT_STORE_CALL_TRIES:
+        fs.retries = OBJECT_STORE_CALL_TRIES[scheme]
+    return fs, path

@@ -169,11 +169,10 @@ class OutputStore:
             raise
 
     def put_for_submit(self, key: str, data: bytes) -> None:
-        """``put`` at submit time: two quick tries, as a client waits on them; a store that is down is a 503
-        the client can retry, not a failed job."""
+        """``put`` at submit time: one try (botocore's two attempts), as a client waits on it; a store that
+        is down is a 503 the client can retry, not a failed job."""
         try:
-            quick = {**self._retry, "stop": stop_after_attempt(2), "wait": wait_exponential_jitter(0.2, 0.5)}
-            self._put(key, data, quick)
+            self._put(key, data, {**self._retry, "stop": stop_after_attempt(1)})
         except OutputWriteFailed as e:
             raise StoreUnavailable(f"the output store is unavailable: {e.message}", {"store": "outputs"}) from e
 

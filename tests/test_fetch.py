@@ -492,6 +492,7 @@ def test_object_stores_open_without_a_listing_cache_and_with_short_timeouts(s3_s
     with pytest.raises(FileNotFoundError):
         fs.info(f"{root}/a.safetensors")
     assert (fs.config_kwargs["connect_timeout"], fs.config_kwargs["read_timeout"]) == (5, 60)
+    assert fs.retries == 1  # s3fs's own tries per call (its class default is 5); botocore still retries
     # A key the config gives replaces the default's whole.
     fs, _ = object_fs(url, {**s3_server.options(), "config_kwargs": {"connect_timeout": 1}})
     assert fs.config_kwargs == {"connect_timeout": 1}

@@ -178,7 +178,7 @@ def test_a_submit_with_the_object_store_down_gets_its_answer_without_the_jobs_re
         t0 = time.time()
         with pytest.raises(StoreUnavailable):
             outputs.put_for_submit("j/ctrl.png", b"png")
-        assert time.time() - t0 < 10  # two quick tries, not the 120 s a job's output may wait
+        assert time.time() - t0 < 10  # one quick try, not the 120 s a job's output may wait
     finally:
         server.stop()
 
