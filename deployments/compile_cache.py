@@ -108,13 +108,14 @@ class CompileCache:
 
     def _path(self):
         """(filesystem, path of this key's blob, whether it is a local file)."""
-        import fsspec
+        from .fetch import object_fs
 
         location = self.cfg.location
         local = "://" not in location or location.startswith("file://")
         if "://" not in location:
             location = os.path.expanduser(location)
-        fs, root = fsspec.core.url_to_fs(location, **self.cfg.storage_options)
+        # The object-store defaults every store here opens with (short SDK timeouts, no listing cache).
+        fs, root = object_fs(location, self.cfg.storage_options)
         return fs, f"{root.rstrip('/')}/{self.key}.bin", local
 
     def load(self) -> dict:
