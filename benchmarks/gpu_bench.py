@@ -72,7 +72,7 @@ from deployments import attention as attention_mod  # noqa: E402
 from deployments import pipeline as pipeline_mod  # noqa: E402
 from deployments import speed as speed_mod  # noqa: E402
 from deployments.config import ModelConfig, SpeedConfig  # noqa: E402
-from deployments.lora_files import linear_shapes  # noqa: E402
+from deployments.lora.files import linear_shapes  # noqa: E402
 from deployments.models import load_pipeline  # noqa: E402
 from deployments.pipeline import StageClock  # noqa: E402
 from deployments.spec import GenerationSpec, LoraRef  # noqa: E402
@@ -249,8 +249,8 @@ def make_random_lora(fmt: str, shapes: dict, num_layers: int, rank: int, seed: i
     """
     from safetensors.torch import save_file
 
-    from deployments.lora_files import WAN_TO_DIFFUSERS
-    from deployments.lora_writer import bias_key, file_keys
+    from deployments.lora.files import WAN_TO_DIFFUSERS
+    from deployments.lora.writer import bias_key, file_keys
 
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}

@@ -20,7 +20,7 @@ import torch
 from .config import SpeedConfig
 from .errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from .generator import Generator
-from .lora_files import linear_shapes, read_lora
+from .lora.files import linear_shapes, read_lora
 from .media_out import Mp4Stream
 from .memory import MemoryPlan, plain_lora_layers
 from .models import LoadedModel

@@ -80,7 +80,7 @@ class FixedAdapter:
 
 
 def resident_adapter(name: str, lora, device, dtype, strength: float = 1.0) -> ResidentAdapter:
-    """A checked LoRA (``lora_files.CheckedLora``) as device tensors, peft's per-layer scale (times
+    """A checked LoRA (``lora.files.CheckedLora``) as device tensors, peft's per-layer scale (times
     ``strength``) folded into B and its bias.
 
     Raises:
@@ -246,7 +246,7 @@ class LoraSlots:
             self._sync()
 
     def prepare(self, name: str, lora) -> ResidentAdapter:
-        """Turn a checked LoRA (``lora_files.CheckedLora``) into a resident adapter on the device.
+        """Turn a checked LoRA (``lora.files.CheckedLora``) into a resident adapter on the device.
 
         Raises:
             LoraIncompatible: a rank above the slot's.

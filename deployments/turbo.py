@@ -41,7 +41,7 @@ def distill_lora_file(cfg: "GpuConfig") -> str:
         LoraNotFound (LORA_NOT_FOUND), LoraRefInvalid, LoraInvalid, LoraFetchFailed: the replica does not start.
     """
     from .errors import LoraNotFound
-    from .lora_cache import resolve_on_node
+    from .lora.actor import resolve_on_node
 
     ref = cfg.model.speed.turbo.lora
     path = os.path.expanduser(ref)

@@ -134,7 +134,7 @@ class WanI2VReplica:
     # -- LoRA sets (multiplexed) ----------------------------------------------------------------
 
     def _lora_cache(self):
-        from .lora_cache import get_or_create_cache_actor
+        from .lora.actor import get_or_create_cache_actor
 
         if self._cache is None:
             self._cache = get_or_create_cache_actor(self.cfg.lora, self.cfg.fetch)

@@ -46,7 +46,7 @@ def check_model(req: InferenceRequest, cfg: AppConfig) -> None:
 
 def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
     """The request's LoRAs, checked (count, MoE field, duplicates, syntax; files in a root the ingress sees)."""
-    from deployments.lora_cache import check_in_root, is_root_relative, validate_ref
+    from deployments.lora.refs import check_in_root, is_root_relative, validate_ref
 
     if len(req.loras) > cfg.limits.max_loras:
         raise _limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",

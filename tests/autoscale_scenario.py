@@ -87,7 +87,7 @@ class Watcher(threading.Thread):
 def make_lora(model_cache: Path, path: Path) -> None:
     from diffusers import WanTransformer3DModel
 
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.files import linear_shapes
     from tests.lora_factory import make_lora as write
 
     transformer = WanTransformer3DModel.from_pretrained(str(model_cache / "tiny" / "transformer"))

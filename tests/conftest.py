@@ -68,7 +68,7 @@ def loaded_model(model_cache):
 def tiny_shapes(loaded_model):
     """``linear_shapes`` of the tiny transformer, taken before any adapter is loaded into it: a loaded
     adapter wraps each Linear, which then shows only as ``<name>.base_layer`` (also once deleted)."""
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.files import linear_shapes
 
     return linear_shapes(loaded_model.pipe.transformer)
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deployments.lora_files import WAN_TO_DIFFUSERS
-from deployments.lora_writer import LIGHTX2V_HEAD, bias_key, block_indices, file_keys, random_lora
+from deployments.lora.files import WAN_TO_DIFFUSERS
+from deployments.lora.writer import LIGHTX2V_HEAD, bias_key, block_indices, file_keys, random_lora
 
 FORMATS = ("ai-toolkit", "kohya", "diffusers")  # the three the hand-merge tests run on
 ALL_FORMATS = FORMATS + ("musubi", "lightx2v")
@@ -89,7 +89,7 @@ def make_lora(
     Args:
         path: where to write the ``.safetensors`` file.
         fmt: 'ai-toolkit', 'kohya', 'musubi', 'lightx2v' or 'diffusers'.
-        shapes: ``deployments.lora_files.linear_shapes`` of the base transformer.
+        shapes: ``deployments.lora.files.linear_shapes`` of the base transformer.
         std: standard deviation of A, B and biases; 0.3 at rank 4 changes outputs visibly.
         alpha: kohya/musubi/lightx2v, stored as ``.alpha`` (scale = alpha / rank); default rank / 2,
             so that a wrong alpha handling shows up as a factor of 2.
@@ -244,7 +244,7 @@ def base(model_cache):
 
 @pytest.fixture(scope="module")
 def shapes(base):
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.files import linear_shapes
 
     return linear_shapes(base.pipe.transformer)
 

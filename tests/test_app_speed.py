@@ -17,7 +17,7 @@ def _download(app, result: dict, n: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def speed_files(serve_env, model_cache):
     """A random distillation LoRA (LightX2V's layout) and a user LoRA, in the app's LoRA root."""
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.files import linear_shapes
     from tests.lora_factory import make_layout, make_lora
 
     shapes = linear_shapes(load_tiny(model_cache).pipe.transformer)

@@ -119,7 +119,7 @@ def _cache_actor(cache_dir: str):
     """(name, handle) of this node's LoRA cache actor, preferring one whose config uses ``cache_dir``."""
     import ray
 
-    from deployments.lora_cache import ACTOR_NAMESPACE, cache_actor_name
+    from deployments.lora.actor import ACTOR_NAMESPACE, cache_actor_name
 
     prefix = cache_actor_name(ray.get_runtime_context().get_node_id())
     found = []
@@ -454,8 +454,9 @@ def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fa
     import ray
     from diffusers import WanTransformer3DModel
 
-    from deployments.lora_cache import SUFFIX, TEMP_PREFIX
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.cache import TEMP_PREFIX
+    from deployments.lora.refs import SUFFIX
+    from deployments.lora.files import linear_shapes
     from tests.lora_factory import make_lora
 
     # A fresh transformer: the session's shared pipeline may carry adapter wrappers by now.

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from deployments import models
 from deployments import pipeline as pipeline_mod
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
-from deployments.lora_files import detect_format, load_state_dict, read_header
+from deployments.lora.files import detect_format, load_state_dict, read_header
 from deployments.pipeline import WanGenerator
 from deployments.spec import LoraRef, adapter_name
 

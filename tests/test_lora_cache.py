@@ -20,15 +20,9 @@ from pydantic import SecretStr
 from deployments.config import FetchConfig, LoraCacheConfig, RetryConfig
 from deployments.errors import LoraFetchFailed, LoraInvalid, LoraNotFound
 from deployments.fetch import FetchTooLarge, UrlNotAllowed
-from deployments.lora_cache import (
-    TEMP_PREFIX,
-    LoraCacheActor,
-    LoraRefInvalid,
-    LoraSchemeUnsupported,
-    LoraStore,
-    check_in_root,
-    validate_ref,
-)
+from deployments.lora.actor import LoraCacheActor
+from deployments.lora.cache import TEMP_PREFIX, LoraStore
+from deployments.lora.refs import LoraRefInvalid, LoraSchemeUnsupported, check_in_root, validate_ref
 from tests.http_server import LocalServer, Route, local_server, loopback_only  # noqa: F401  (fixtures)
 
 WAIT_S = 180  # generous: a loaded shared machine can take a minute to start an actor worker
@@ -685,7 +679,7 @@ def ray_cluster():
 def test_ray_actor_per_node_fetches_once(ray_cluster, dirs):
     from ray.exceptions import RayActorError
 
-    from deployments.lora_cache import get_or_create_cache_actor
+    from deployments.lora.actor import get_or_create_cache_actor
 
     ray = ray_cluster
     root, cache, _ = dirs
@@ -718,7 +712,7 @@ def test_ray_actor_per_node_fetches_once(ray_cluster, dirs):
 
 
 def test_ray_actor_takes_the_token_with_each_call_and_never_in_its_name(ray_cluster, dirs):
-    from deployments.lora_cache import ACTOR_NAMESPACE, get_or_create_cache_actor
+    from deployments.lora.actor import ACTOR_NAMESPACE, get_or_create_cache_actor
 
     ray = ray_cluster
     root, cache, _ = dirs

@@ -41,7 +41,7 @@ def _load(model_cache, memory: str, convert=None):
 
 @pytest.fixture(scope="module")
 def shapes(model_cache):
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.files import linear_shapes
 
     return linear_shapes(_load(model_cache, "full").pipe.transformer)
 

@@ -31,7 +31,7 @@ def total(samples: list, name: str, **labels: str) -> float:
 
 
 def cache_key(app) -> str:
-    from deployments.lora_cache import config_key
+    from deployments.lora.actor import config_key
     from serve_app.config import AppConfig
 
     gpu = AppConfig.model_validate(app.args).gpu

@@ -31,8 +31,8 @@ def readme_example(name: str) -> str:
 
 
 def test_samples_are_the_same_files_every_time_and_the_lora_fits_the_tiny_model(tmp_path, model_cache, capsys):
-    from deployments.lora_files import WAN_TO_DIFFUSERS, linear_shapes, read_lora
-    from deployments.lora_writer import block_indices, tiny_shapes
+    from deployments.lora.files import WAN_TO_DIFFUSERS, linear_shapes, read_lora
+    from deployments.lora.writer import block_indices, tiny_shapes
     from tests.conftest import load_tiny
 
     # A model of its own: the session's shared one may carry other tests' adapters (peft layers).

@@ -55,7 +55,7 @@ def test_step_is_clean_estimate_then_fresh_noise_at_the_next_sigma():
 def test_turbo_on_the_tiny_model_feeds_the_distilled_timesteps_without_cfg(model_cache, small_spec, tmp_path):
     """The transformer sees exactly 4 forwards (no CFG) at timesteps 1000 * sigma, whatever the request asked."""
     from deployments.config import SpeedConfig
-    from deployments.lora_files import linear_shapes
+    from deployments.lora.files import linear_shapes
     from deployments.pipeline import WanGenerator
 
     from .lora_factory import make_layout

@@ -34,10 +34,7 @@ actor per node so concurrent requests for one reference share one download.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import importlib.util
-import json
 import logging
 import os
 import threading
@@ -49,189 +46,35 @@ from pydantic import SecretStr
 from tenacity import Retrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity import wait_random_exponential
 
-from .config import OBJECT_STORE_SCHEMES, FetchConfig, LoraCacheConfig, RetryConfig, url_scheme
-from .errors import LoraFetchFailed, LoraInvalid, LoraNotFound, ServiceError, first_line
-from .fetch import (
+from ..config import FetchConfig, LoraCacheConfig, RetryConfig, url_scheme
+from ..errors import LoraFetchFailed, LoraNotFound, ServiceError, first_line
+from ..fetch import (
     FetchFailed,
     FetchTooLarge,
-    check_url,
     fetch_to_file,
     is_hub_url,
     normalize_lora_url,
     object_fs,
 )
-from .lora_files import read_header
+from .files import read_header
+from .refs import (
+    FSSPEC_SCHEMES,
+    SUFFIX,
+    LoraSchemeUnsupported,
+    LoraTooLarge,
+    find_in_root,
+    object_url,
+    storage_options,
+    validate_ref,
+)
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".safetensors"
 TEMP_PREFIX = ".part-"  # temp downloads; a leading dot keeps them out of the *.safetensors listing
-FSSPEC_SCHEMES = OBJECT_STORE_SCHEMES
-ACTOR_NAMESPACE = "wan-i2v"
 CHUNK = 1024 * 1024
 # A download must average at least this rate (plus one read timeout of slack): a server that drips
 # bytes just fast enough to dodge the read timeout cannot hold a fetch (and the GPU waiting on it).
 MIN_DOWNLOAD_BYTES_PER_S = 2 * 1024**2
-
-
-class LoraRefInvalid(LoraInvalid):
-    """The reference itself is unusable: escapes the root, wrong suffix, malformed."""
-
-    code = "LORA_REF_INVALID"
-    status = 400
-
-
-class LoraSchemeUnsupported(LoraRefInvalid):
-    code = "LORA_SCHEME_UNSUPPORTED"
-    status = 400
-
-
-class LoraTooLarge(LoraInvalid, FetchTooLarge):
-    """A LoRA file over ``LoraCacheConfig.max_file_bytes``, local or downloaded: one code for one limit.
-
-    Also a ``FetchTooLarge``, so callers that catch the fetcher's error keep working.
-    """
-
-    code = "LORA_TOO_LARGE"
-    status = 400
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference syntax (no filesystem, no network): usable by the ingress at submit time
-
-
-_scheme = url_scheme
-
-
-def _fsspec_supports(scheme: str) -> bool:
-    if importlib.util.find_spec("fsspec") is None:
-        return False
-    import fsspec
-
-    try:
-        fsspec.get_filesystem_class(scheme)  # imports s3fs / gcsfs: ImportError when absent
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def _check_relative(ref: str) -> None:
-    if not ref or "\x00" in ref or "\\" in ref:
-        raise LoraRefInvalid(f"invalid LoRA path {ref!r}", {"ref": ref})
-    if ref.startswith("/") or ref.startswith("~"):
-        raise LoraRefInvalid(f"LoRA path {ref!r} must be relative to the LoRA root", {"ref": ref})
-    # Any '..' is refused, even one that would stay inside: simpler to reason about than normalising.
-    if any(part in ("..",) for part in ref.split("/")):
-        raise LoraRefInvalid(f"LoRA path {ref!r} must not contain '..'", {"ref": ref})
-
-
-def _check_suffix(path: str, ref: str) -> None:
-    if not path.lower().endswith(SUFFIX):
-        raise LoraRefInvalid(f"only {SUFFIX} LoRA files are accepted, got {ref!r}", {"ref": ref})
-
-
-def validate_ref(ref: str, fetch_cfg: FetchConfig | None = None) -> None:
-    """Pure syntax check of one LoRA reference (no filesystem, no DNS), for submit time.
-
-    Raises:
-        LoraRefInvalid (LORA_REF_INVALID), LoraSchemeUnsupported (LORA_SCHEME_UNSUPPORTED),
-        UrlNotAllowed (URL_NOT_ALLOWED: credentials, private address literals, http when not allowed).
-    """
-    fetch_cfg = fetch_cfg or FetchConfig()
-    if not isinstance(ref, str) or len(ref) > 4096:
-        raise LoraRefInvalid("LoRA reference must be a string of at most 4096 characters", {})
-    scheme = _scheme(ref)
-    if scheme is None:
-        _check_relative(ref)
-        _check_suffix(ref, ref)
-        return
-    if scheme in FSSPEC_SCHEMES:
-        if not _fsspec_supports(scheme):
-            raise LoraSchemeUnsupported(
-                f"{scheme}:// LoRA references need fsspec with its {scheme} backend installed", {"ref": ref}
-            )
-        if "@" in ref.split("/", 3)[2]:
-            raise LoraRefInvalid("credentials in LoRA references are not allowed", {"scheme": scheme})
-        _check_suffix(ref.split("?", 1)[0], ref)
-        return
-    if scheme not in ("https", "http", "hf"):
-        raise LoraSchemeUnsupported(f"LoRA references with scheme {scheme!r} are not supported", {"scheme": scheme})
-    url = normalize_lora_url(ref, fetch_cfg.hf_endpoint)
-    check_url(url, fetch_cfg)
-    _check_suffix(url.split("?", 1)[0].split("#", 1)[0], ref)
-
-
-def is_root_relative(ref: str) -> bool:
-    """Whether a (syntactically valid) reference names a file under the LoRA root rather than a URL."""
-    return _scheme(ref) is None
-
-
-# ---------------------------------------------------------------------------------------------
-# Files under the root (filesystem, no network): also usable by an ingress that sees the root
-
-
-def find_in_root(root: str | os.PathLike, ref: str) -> str:
-    """The real path of a root-relative reference's file, without reading it.
-
-    Raises:
-        LoraRefInvalid (LORA_REF_INVALID): the real path leaves the root or is not a .safetensors name.
-        LoraNotFound (LORA_NOT_FOUND): no such file.
-    """
-    root = os.path.realpath(os.path.expanduser(root))
-    real = os.path.realpath(os.path.join(root, ref))
-    # Checked on the real path: a symlink inside the root that points out is refused here.
-    if os.path.commonpath([root, real]) != root:
-        raise LoraRefInvalid(f"LoRA path {ref!r} leads outside the LoRA root", {"ref": ref})
-    _check_suffix(real, ref)
-    if not os.path.isfile(real):
-        raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
-    return real
-
-
-def object_url(cfg: LoraCacheConfig, ref: str) -> str:
-    """The URL of a root-relative reference's object under an object-store root.
-
-    Raises:
-        LoraRefInvalid (LORA_REF_INVALID): as ``validate_ref``, and a ``?`` or ``#`` (s3fs would read
-            ``?versionId=`` as a version and the rest as another key).
-    """
-    _check_relative(ref)
-    _check_suffix(ref, ref)
-    if "?" in ref or "#" in ref:
-        raise LoraRefInvalid(f"LoRA path {ref!r} must not contain '?' or '#'", {"ref": ref})
-    return f"{cfg.object_root}/{ref}"
-
-
-def storage_options(cfg: LoraCacheConfig, url: str) -> dict[str, Any]:
-    """The configured fsspec options where ``url`` is on the root's kind of store; else none."""
-    return cfg.storage_options if _scheme(url) == _scheme(cfg.root) else {}
-
-
-def check_in_root(cfg: LoraCacheConfig, ref: str) -> None:
-    """Submit-time check that a root-relative reference's file is in the root, without reading it.
-
-    A directory root: ``find_in_root``. An object-store root: one HEAD; only an answer that the object
-    is not there refuses the reference. Anything else (no credentials here, access denied, the store
-    unreachable) leaves the decision to the replica, which may see the root where the caller cannot.
-
-    Raises:
-        LoraRefInvalid (LORA_REF_INVALID), LoraNotFound (LORA_NOT_FOUND).
-    """
-    if cfg.object_root is None:
-        find_in_root(cfg.root, ref)
-        return
-    url = object_url(cfg, ref)
-    try:
-        fs, path = object_fs(url, storage_options(cfg, url))
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref}) from None
-    except Exception as e:  # each backend raises its own errors
-        log.warning("cannot check LoRA %s at submit (%s: %s); the replica will", ref, type(e).__name__,
-                    first_line(e))
-        return
-    if info.get("type") != "file":
-        raise LoraNotFound(f"LoRA file not found: {ref}", {"ref": ref})
 
 
 def object_version(info: dict[str, Any]) -> str:
@@ -320,7 +163,7 @@ class LoraStore:
             UrlNotAllowed, FetchTooLarge.
         """
         validate_ref(ref, self.fetch_cfg)
-        scheme = _scheme(ref)
+        scheme = url_scheme(ref)
         if scheme is None and self.root is not None:
             return self._resolve_local(ref)
         if scheme is None:
@@ -435,7 +278,7 @@ class LoraStore:
         try:
             fs, path = object_fs(url, storage_options(self.cfg, url))
         except (ImportError, ValueError) as e:  # a backend that is not installed, a URL fsspec cannot parse
-            raise LoraSchemeUnsupported(f"cannot read {_scheme(url)}:// LoRAs here: {e}", {"ref": ref}) from e
+            raise LoraSchemeUnsupported(f"cannot read {url_scheme(url)}:// LoRAs here: {e}", {"ref": ref}) from e
         try:
             info = fs.info(path)
         except (FileNotFoundError, PermissionError) as e:
@@ -536,114 +379,3 @@ class LoraStore:
                 total -= size
                 self._bump("evictions")
                 log.info("evicted cached LoRA %s (%d bytes)", p.name, size)
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-node actor
-
-
-class LoraCacheActor:
-    """Async Ray actor around :class:`LoraStore`: one per node; concurrent resolves of one ref share a fetch.
-
-    A plain class, made an actor by :func:`get_or_create_cache_actor` (so importing this module
-    does not need Ray, and tests can drive it directly under asyncio).
-    """
-
-    def __init__(self, lora_cfg: LoraCacheConfig | dict, fetch_cfg: FetchConfig | dict):
-        from .metrics import LoraCacheMetrics
-
-        self._lora_cfg = LoraCacheConfig.model_validate(lora_cfg)
-        self._fetch_cfg = FetchConfig.model_validate(fetch_cfg)
-        metrics = LoraCacheMetrics(config_key(self._lora_cfg, self._fetch_cfg))
-        self._store = LoraStore(self._lora_cfg, self._fetch_cfg, on_count=metrics.count)
-        self._inflight: dict[str, asyncio.Future[str]] = {}
-        self._merged = 0
-
-    async def resolve(self, ref: str, hf_token: SecretStr | None = None) -> str:
-        """Local path for ``ref``; raises the store's typed errors. ``hf_token``: see ``LoraStore.resolve``."""
-        scheme = _scheme(ref)
-        key = ref if scheme in (None, *FSSPEC_SCHEMES) else self._store.normalize(ref)
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self._store.resolve, ref, hf_token))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
-        else:
-            self._merged += 1
-        # shield: one canceled caller must not cancel the download the others wait for.
-        return await asyncio.shield(task)
-
-    async def stats(self) -> dict[str, int]:
-        return {**self._store.stats(), "merged": self._merged, "inflight": len(self._inflight)}
-
-    async def config(self) -> dict[str, Any]:
-        return {"lora": self._lora_cfg.model_dump(), "fetch": self._fetch_cfg.model_dump()}
-
-
-def config_key(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig) -> str:
-    """A short digest of the settings an actor enforces (no token: it comes with each call, never here)."""
-    text = json.dumps([lora_cfg.model_dump(mode="json"), fetch_cfg.model_dump(mode="json")], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def cache_actor_name(node_id: str, key: str = "") -> str:
-    return f"wan-lora-cache-{node_id}" + (f"-{key}" if key else "")
-
-
-def get_or_create_cache_actor(lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig):
-    """The LoRA cache actor of the calling node, created on first use (detached, pinned to this node).
-
-    If a call on the handle raises ``RayActorError`` (the actor died for good), call this again: a
-    dead named actor frees its name, so ``get_if_exists`` creates a fresh one.
-
-    The name includes a digest of the configuration: a redeploy with other fetch rules or limits (or
-    a second app with other settings on the same cluster) gets its own actor instead of silently
-    sharing one created under the old rules. An actor of an old configuration stays idle (no CPU);
-    ``ray.kill`` it to free its process.
-    Non-blocking apart from the GCS lookup, so it may be called from async code.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node_id = ray.get_runtime_context().get_node_id()
-    actor = (
-        ray.remote(LoraCacheActor)
-        .options(
-            name=cache_actor_name(node_id, config_key(lora_cfg, fetch_cfg)),
-            namespace=ACTOR_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            # Restarts (same node, same name) cover a crashed worker; in-flight calls still fail.
-            max_restarts=-1,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        )
-        .remote(lora_cfg.model_dump(), fetch_cfg.model_dump())
-    )
-    return actor
-
-
-def resolve_on_node(ref: str, lora_cfg: LoraCacheConfig, fetch_cfg: FetchConfig,
-                    hf_token: SecretStr | None = None) -> str:
-    """``LoraStore.resolve`` for a LoRA the configuration names (turbo's), blocking.
-
-    Inside Ray through this node's cache actor, so the file is fetched once per node and shares the
-    cache (and its quota) with the requests' LoRAs; outside Ray (a script, a test) through a store of
-    this process.
-
-    Raises:
-        the store's typed errors; LoraFetchFailed when the node's cache actor keeps dying.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        return LoraStore(lora_cfg, fetch_cfg).resolve(ref, hf_token)
-    from ray.exceptions import RayActorError
-
-    for attempt in range(2):
-        try:
-            return ray.get(get_or_create_cache_actor(lora_cfg, fetch_cfg).resolve.remote(ref, hf_token))
-        except RayActorError as e:  # the node's cache actor died: a fresh one, once (as a replica does)
-            if attempt:
-                raise LoraFetchFailed(f"LoRA cache unavailable: {e}", {"ref": ref}) from e
-    raise AssertionError("unreachable")

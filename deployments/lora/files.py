@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from .errors import LoraIncompatible, LoraInvalid, LoraNotFound
+from ..errors import LoraIncompatible, LoraInvalid, LoraNotFound
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .lora_files import WAN_TO_DIFFUSERS
+from .files import WAN_TO_DIFFUSERS
 
-# What random_lora writes: the layouts of deployments/lora_files.py.
+# What random_lora writes: the layouts of deployments/lora/files.py.
 FORMATS = ("ai-toolkit", "kohya", "musubi", "lightx2v", "diffusers")
 LIGHTX2V_HEAD = "diffusion_model.head.head"
 
@@ -66,7 +66,7 @@ def random_lora(
     """A random LoRA state dict in layout ``fmt`` for a transformer with these Linear shapes.
 
     Args:
-        shapes: ``deployments.lora_files.linear_shapes`` of the transformer.
+        shapes: ``deployments.lora.files.linear_shapes`` of the transformer.
         fmt: one of ``FORMATS``.
         rank: the rank of every layer.
         std: standard deviation of A, B and biases; 0.3 at rank 4 changes outputs visibly.
@@ -124,8 +124,8 @@ def tiny_shapes() -> dict[str, tuple[int, int]]:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from .lora_files import linear_shapes
-    from .models import TINY_TRANSFORMER_CONFIG
+    from ..models import TINY_TRANSFORMER_CONFIG
+    from .files import linear_shapes
 
     with torch.device("meta"):
         return linear_shapes(WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG))
