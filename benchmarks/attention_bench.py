@@ -8,7 +8,7 @@ Sections (each in ``attention_bench.json`` as soon as it finishes):
 1. attention  self-attention of one transformer pass, bf16, 40 heads of 128, at 17,160 tokens
               (832x480x41) and 32,760 (81 frames): every candidate installed here (torch SDPA on cuDNN,
               FlashAttention-2 and memory-efficient; FlashAttention-4 through the product's own op,
-              ``deployments.attention.flash4_attention``; SageAttention's 8-bit QK kernel if installed),
+              ``deployments.speed.attention.flash4_attention``; SageAttention's 8-bit QK kernel if installed),
               seconds, TFLOP/s, and the relative L2 error against cuDNN (exact mode's fallback) and
               against a float32 computation of the same attention;
 2. gemm       the block's linears (q/k/v/o 5120x5120, FFN 5120->13824->5120 at the video's tokens):
@@ -45,7 +45,7 @@ def candidates(device) -> dict:
     """name -> (callable on (B, S, H, D) q, k, v, or the reason it cannot run here)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from deployments import attention
+    from deployments.speed import attention
 
     def sdpa(backend):
         def run(q, k, v):

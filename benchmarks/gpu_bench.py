@@ -68,9 +68,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from deployments import attention as attention_mod  # noqa: E402
+from deployments.speed import attention as attention_mod  # noqa: E402
 from deployments import pipeline as pipeline_mod  # noqa: E402
-from deployments import speed as speed_mod  # noqa: E402
+from deployments.speed import exact as speed_mod  # noqa: E402
 from deployments.config import ModelConfig, SpeedConfig  # noqa: E402
 from deployments.lora.files import linear_shapes  # noqa: E402
 from deployments.models import load_pipeline  # noqa: E402

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from .compile_cache import CompileCacheConfig
+from .speed.compile_cache import CompileCacheConfig
 from .generator import DEFAULT_GENERATOR_FACTORY, ImportedFactory, parse_factory_path
 from .parallel import ParallelConfig
 

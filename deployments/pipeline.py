@@ -24,10 +24,10 @@ from .lora.files import linear_shapes, read_lora
 from .media_out import Mp4Stream
 from .memory import MemoryPlan, plain_lora_layers
 from .models import LoadedModel
-from .modes import SpeedModes
+from .speed.modes import SpeedModes
 from .spec import GenerationSpec, Progress, adapter_name
-from .speed import apply_speed_modes
-from .speed import warmup as speed_warmup
+from .speed.exact import apply_speed_modes
+from .speed.exact import warmup as speed_warmup
 
 log = logging.getLogger(__name__)
 

@@ -230,7 +230,7 @@ class RankWorker:
         return None
 
     def stats(self) -> dict:
-        from .compile_cache import compiled_graphs
+        from .speed.compile_cache import compiled_graphs
         from .models import pipeline_loads
 
         return {"rank": self.rank, "pid": os.getpid(), "pipeline_loads": pipeline_loads(),

@@ -218,14 +218,14 @@ def apply_parallel(pipe, ranks: Ranks) -> Applied:
         transformer.enable_parallelism(config=resolved, cp_plan=plan)
         _resolve_split_arguments(transformer, plan)
         applied.context_parallel = {"ulysses": cfg.ulysses_degree, "ring": cfg.ring_degree}
-        from .step_cache import CachedBlocks
+        from .speed.step_cache import CachedBlocks
 
         if isinstance(transformer.blocks, CachedBlocks):  # fast mode's step cache works on this rank's tokens
             transformer.blocks.split = functools.partial(_sequence_part, parts=cfg.sequence_degree,
                                                          index=ranks.layout.sequence_rank)
     if cfg.cfg_degree > 1:
         applied.cfg_parallel = CfgParallel(pipe, ranks)
-        from .step_cache import CachedBlocks
+        from .speed.step_cache import CachedBlocks
 
         if isinstance(transformer.blocks, CachedBlocks):  # fast mode's skips follow this rank's branch
             transformer.blocks.cfg_rank = ranks.layout.cfg_rank

@@ -64,7 +64,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     Returns:
         (loaded model, generator, startup report).
     """
-    from . import attention, compile_cache
+    from .speed import attention, compile_cache
     from .models import load_pipeline
 
     factory = factory or cfg.replica.make_generator_factory()
@@ -72,7 +72,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     compile_cache.CompileCache.use_inductor_dir(cfg.compile_cache)
     turbo_lora = None
     if cfg.model.speed.turbo.enabled:  # before the model: a missing file stops the replica at once
-        from .turbo import distill_lora_file
+        from .speed.turbo import distill_lora_file
 
         with clock.part("distill_lora_s"):
             turbo_lora = distill_lora_file(cfg)

@@ -373,7 +373,7 @@ class WanI2VReplica:
                 raise ReplicaUnavailable(f"GPU is not usable: {e}") from e
 
     def stats(self) -> dict:
-        from .compile_cache import compiled_graphs
+        from .speed.compile_cache import compiled_graphs
         from .models import pipeline_loads
 
         return {

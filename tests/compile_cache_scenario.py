@@ -31,7 +31,7 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     from deployments import pipeline as pipeline_mod
-    from deployments import speed as speed_mod
+    from deployments.speed import exact as speed_mod
     from deployments.config import GpuConfig
     from deployments.startup import build_generator
 

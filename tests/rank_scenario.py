@@ -82,7 +82,7 @@ def main() -> None:
         ranks = Ranks(cfg, a.rank, a.init, torch.device("cpu"))
         if a.compile:
             from deployments import pipeline as pipeline_mod
-            from deployments import speed as speed_mod
+            from deployments.speed import exact as speed_mod
             from deployments.config import SpeedConfig
 
             speed = SpeedConfig(attention_backend=None, warmup=False, warmup_width=64, warmup_height=48,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments import attention
-from deployments.compile_cache import for_generator
+from deployments.speed import attention
+from deployments.speed.compile_cache import for_generator
 from deployments.config import CompileCacheConfig, SpeedConfig
 
 from .conftest import load_tiny

@@ -26,7 +26,7 @@ def _start(model_cache, location: Path, inductor_dir: Path) -> dict:
 
 
 def test_cache_key_covers_what_compiled_code_depends_on():
-    from deployments.compile_cache import cache_key
+    from deployments.speed.compile_cache import cache_key
 
     base = dict(transformer_config={"num_layers": 40, "_diffusers_version": "x"}, dtype="torch.bfloat16",
                 speed={"compile_blocks": True}, parallel=None)

@@ -1,4 +1,4 @@
-"""Speed modes in one pipeline (deployments/modes.py, and their use in deployments/pipeline.py).
+"""Speed modes in one pipeline (deployments/speed/modes.py, and their use in deployments/pipeline.py).
 
 On CPU there is no FP8: the kernel swap is exercised with a stand-in conversion (weights rounded to
 bfloat16), which is enough to check that a mode's copies are used in that mode only, under LoRAs,
@@ -20,9 +20,9 @@ from deployments import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
 from deployments.errors import SpeedModeNotSupported, SpeedModeUnavailable
 from deployments.models import pipeline_loads
-from deployments.modes import SpeedModes, torchao_fp8_converter
+from deployments.speed.modes import SpeedModes, torchao_fp8_converter
 from deployments.spec import LoraRef
-from deployments.speed import LoraSlots
+from deployments.speed.exact import LoraSlots
 
 from .conftest import load_tiny
 from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)
@@ -275,7 +275,7 @@ def test_a_mode_attention_backend_is_undone_exactly(model_cache, small_spec, inp
 def test_compiled_modes_never_recompile_after_warmup(model_cache, small_spec, distill, user_loras):
     """The warm-up compiles every mode's graphs (kernels x distill LoRA x slot); alternating modes, with
     and without user LoRAs, then compiles nothing."""
-    from deployments import speed as speed_mod
+    from deployments.speed import exact as speed_mod
 
     speed = SpeedConfig(attention_backend=None, warmup_width=64, warmup_height=48, warmup_frames=5,
                         lora_hotswap_rank=8, turbo={"enabled": True, "lora": str(distill.path)})

@@ -16,7 +16,7 @@ from deployments import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
 from deployments.errors import LoraIncompatible
 from deployments.spec import LoraRef
-from deployments.speed import SLOT, LoraSlots, apply_speed_modes
+from deployments.speed.exact import SLOT, LoraSlots, apply_speed_modes
 
 from .conftest import load_tiny
 from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)
@@ -194,7 +194,7 @@ def test_slot_keeps_generation_api(sgen, shapes, small_spec, tmp_path):
 def test_compiled_slot_never_recompiles(model_cache, base, shapes, inputs, small_spec, tmp_path):
     """Loads, switches and multipliers never recompile, for every kind of file the slot takes
     (bias deltas, metadata scales included), and the compiled slot still computes W + sum(m * dW)."""
-    from deployments import speed as speed_mod
+    from deployments.speed import exact as speed_mod
 
     loaded = load_tiny(model_cache)
     speed = SpeedConfig(attention_backend=None, warmup_width=64, warmup_height=48, warmup_frames=5, lora_hotswap_rank=8)
@@ -225,7 +225,7 @@ def test_warmup_runs_every_configured_size_through_both_slot_variants(sgen):
     """Warm-up generates at the warm-up size and at each extra size, in every enabled speed mode, with
     the slot off and on, and leaves no adapter behind (real generations on the tiny model; the slot
     path without compile)."""
-    from deployments.speed import warmup
+    from deployments.speed.exact import warmup
 
     speed = SpeedConfig(warmup_width=64, warmup_height=48, warmup_frames=5, extra_warmup_sizes=[(48, 64, 9)])
     assert sgen.modes.enabled == ("exact", "fast")

@@ -1,4 +1,4 @@
-"""Fast mode's step cache (deployments/step_cache.py): MagCache's rule, and skipping at run time.
+"""Fast mode's step cache (deployments/speed/step_cache.py): MagCache's rule, and skipping at run time.
 
 The rule's expected schedules are worked out by hand from the ratios below (comments show the
 arithmetic), and the default config's counts were computed with a line-by-line port of MagCache's
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deployments.config import MAGCACHE_WAN21_I2V_480P, SpeedConfig, StepCacheConfig
-from deployments.step_cache import CachedBlocks, StepCache, magcache_schedule, resample_nearest
+from deployments.speed.step_cache import CachedBlocks, StepCache, magcache_schedule, resample_nearest
 
 from .conftest import load_tiny
 from .lora_factory import forward, transformer_inputs

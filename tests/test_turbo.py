@@ -1,4 +1,4 @@
-"""Turbo mode's scheduler (deployments/turbo.py): LightX2V's step-distillation sampling.
+"""Turbo mode's scheduler (deployments/speed/turbo.py): LightX2V's step-distillation sampling.
 
 Expected values come from the source's formulas worked out here, not from the module: LightX2V's
 ``WanStepDistillScheduler`` shifts the grid ``s = 1 - i/1000`` by ``5 s / (1 + 4 s)`` and takes
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from deployments.turbo import DistillScheduler
+from deployments.speed.turbo import DistillScheduler
 
 from .conftest import load_tiny
 

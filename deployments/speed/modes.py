@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
-from .config import SpeedConfig
-from .errors import SpeedModeNotSupported, SpeedModeUnavailable
+from ..config import SpeedConfig
+from ..errors import SpeedModeNotSupported, SpeedModeUnavailable
 from .step_cache import StepCache, magcache_schedule
 from .turbo import DistillScheduler
 

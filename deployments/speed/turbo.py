@@ -27,7 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 if TYPE_CHECKING:
-    from .config import GpuConfig
+    from ..config import GpuConfig
 
 
 def distill_lora_file(cfg: "GpuConfig") -> str:
@@ -40,8 +40,8 @@ def distill_lora_file(cfg: "GpuConfig") -> str:
     Raises:
         LoraNotFound (LORA_NOT_FOUND), LoraRefInvalid, LoraInvalid, LoraFetchFailed: the replica does not start.
     """
-    from .errors import LoraNotFound
-    from .lora.actor import resolve_on_node
+    from ..errors import LoraNotFound
+    from ..lora.actor import resolve_on_node
 
     ref = cfg.model.speed.turbo.lora
     path = os.path.expanduser(ref)

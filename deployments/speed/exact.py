@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
-from .config import SpeedConfig
-from .errors import LoraIncompatible
+from ..config import SpeedConfig
+from ..errors import LoraIncompatible
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def warmup_spec(speed: SpeedConfig, steps: int = 2, loras: tuple = (), size: tup
     import numpy as np
     from PIL import Image
 
-    from .spec import GenerationSpec
+    from ..spec import GenerationSpec
 
     width, height, frames = size or (speed.warmup_width, speed.warmup_height, speed.warmup_frames)
     rng = np.random.RandomState(0)
@@ -439,7 +439,7 @@ def warmup(generator, speed: SpeedConfig) -> dict:
 
     Returns seconds per part (``base_s``, ``lora_s`` for exact mode; ``fast_base_s``... for the others).
     """
-    from .spec import LoraRef
+    from ..spec import LoraRef
 
     out: dict = {}
     t0 = time.perf_counter()

@@ -108,7 +108,7 @@ class CompileCache:
 
     def _path(self):
         """(filesystem, path of this key's blob, whether it is a local file)."""
-        from .fetch import object_fs
+        from ..fetch import object_fs
 
         location = self.cfg.location
         local = "://" not in location or location.startswith("file://")
