@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# NVLink multicast stays off on shared hosts (see deployments/parallel.py); set before torch/NCCL load.
+# NVLink multicast stays off on shared hosts (see deployments/parallel/layout.py); set before torch/NCCL load.
 for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -183,7 +183,7 @@ def gpus_idle(device: str, timeout_s: float = 120) -> float | None:
 def run_group(a, s: dict, degree: int, spec) -> tuple[dict, object]:
     """Start a rank group of ``degree`` ranks, run ``spec`` once, stop it; (record, frames)."""
     from deployments.config import GpuConfig
-    from deployments.rank_group import RankGroup
+    from deployments.parallel.rank_group import RankGroup
 
     cfg = GpuConfig.model_validate(gpu_config(a, s, degree))
     t0 = time.monotonic()

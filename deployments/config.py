@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from .speed.compile_cache import CompileCacheConfig
 from .generator import DEFAULT_GENERATOR_FACTORY, ImportedFactory, parse_factory_path
-from .parallel import ParallelConfig
+from .parallel.layout import ParallelConfig
 
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 

@@ -10,7 +10,7 @@ import secrets
 
 from deployments.config import FetchConfig
 from deployments.errors import InvalidRequest
-from deployments.parallel import check_splittable
+from deployments.parallel.layout import check_splittable
 from deployments.spec import (
     OUTPUT_FORMATS,
     SAMPLERS,

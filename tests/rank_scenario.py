@@ -65,9 +65,9 @@ def main() -> None:
     torch.set_num_threads(1)
     import diffusers.models.attention_dispatch as dispatch
 
-    from deployments.parallel import ParallelConfig
+    from deployments.parallel.layout import ParallelConfig
     from deployments.pipeline import WanGenerator
-    from deployments.ranks import Ranks, adapter_fingerprint, apply_parallel
+    from deployments.parallel.ranks import Ranks, adapter_fingerprint, apply_parallel
     from deployments.spec import LoraRef
     from tests.conftest import load_tiny, tiny_spec
 
@@ -120,7 +120,7 @@ def main() -> None:
                         "frames": torch.from_numpy(frames.frames), "latents": latents[0], "block_tokens": tokens,
                         "fingerprint": adapter_fingerprint(gen)})
     # The same weights pass the startup check; one changed weight on one rank fails it on every rank.
-    from deployments.ranks import check_same_weights
+    from deployments.parallel.ranks import check_same_weights
 
     check_same_weights(gen.pipe, ranks)
     if a.rank == 1:

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.config import GpuConfig
-from deployments.parallel import ParallelConfig, RankLayout, check_splittable, sequence_tokens
+from deployments.parallel.layout import ParallelConfig, RankLayout, check_splittable, sequence_tokens
 
 
 @pytest.mark.parametrize("degree, split", [(1, (1, 1, 1)), (2, (2, 1, 1)), (4, (2, 2, 1)), (8, (2, 4, 1))])

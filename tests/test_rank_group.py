@@ -113,7 +113,7 @@ def test_a_lost_rank_takes_its_replica_down_and_the_job_is_retried_on_a_new_one(
 
 
 def test_the_memory_gauge_of_a_multi_gpu_replica_shows_its_fullest_rank():
-    from deployments.rank_group import largest_memory
+    from deployments.parallel.rank_group import largest_memory
 
     ranks = [{"allocated": 5, "reserved": 9, "peak_allocated": 7}, None,
              {"allocated": 6, "reserved": 8, "peak_allocated": 7}]

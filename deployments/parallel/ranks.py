@@ -13,7 +13,7 @@ differs is inside the transformer's forward:
   (``enable_parallelism``): tokens split over the ranks after the patch embedding, attention through
   Ulysses all-to-all and/or ring exchanges, the full sequence gathered again before the output head.
 
-No Ray here: ``deployments/rank_group.py`` starts the processes; tests start them with
+No Ray here: ``deployments/parallel/rank_group.py`` starts the processes; tests start them with
 ``torch.multiprocessing`` over gloo.
 """
 
@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .parallel import ParallelConfig, RankLayout
+from .layout import ParallelConfig, RankLayout
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +218,14 @@ def apply_parallel(pipe, ranks: Ranks) -> Applied:
         transformer.enable_parallelism(config=resolved, cp_plan=plan)
         _resolve_split_arguments(transformer, plan)
         applied.context_parallel = {"ulysses": cfg.ulysses_degree, "ring": cfg.ring_degree}
-        from .speed.step_cache import CachedBlocks
+        from ..speed.step_cache import CachedBlocks
 
         if isinstance(transformer.blocks, CachedBlocks):  # fast mode's step cache works on this rank's tokens
             transformer.blocks.split = functools.partial(_sequence_part, parts=cfg.sequence_degree,
                                                          index=ranks.layout.sequence_rank)
     if cfg.cfg_degree > 1:
         applied.cfg_parallel = CfgParallel(pipe, ranks)
-        from .speed.step_cache import CachedBlocks
+        from ..speed.step_cache import CachedBlocks
 
         if isinstance(transformer.blocks, CachedBlocks):  # fast mode's skips follow this rank's branch
             transformer.blocks.cfg_rank = ranks.layout.cfg_rank

@@ -27,13 +27,13 @@ import socket
 import threading
 import time
 
-from .config import GpuConfig
-from .errors import GenerationFailed, InvalidRequest, ReplicaUnavailable, ServiceError
-from .generator import Generator, GeneratorFactory
-from .joblog import job_logger
-from .parallel import check_splittable
-from .spec import GenerationSpec, Progress
-from .wan_i2v import WanI2VReplica
+from ..config import GpuConfig
+from ..errors import GenerationFailed, InvalidRequest, ReplicaUnavailable, ServiceError
+from ..generator import Generator, GeneratorFactory
+from ..joblog import job_logger
+from .layout import check_splittable
+from ..spec import GenerationSpec, Progress
+from ..wan_i2v import WanI2VReplica
 
 # generate() runs in the replica's job context: its lines name the job, as WanI2VReplica's do.
 log = job_logger("ray.serve")
@@ -116,7 +116,7 @@ class RankWorker:
     def setup(self, init_method: str) -> dict:
         """Join the group, load, split, warm up (compile cache around it); returns the startup account."""
         from .ranks import Ranks, apply_parallel, check_same_weights
-        from .startup import StartupClock, build_generator
+        from ..startup import StartupClock, build_generator
 
         clock = StartupClock()
         with clock.part("process_group_s"):
@@ -220,7 +220,7 @@ class RankWorker:
         """Raises if this rank's GPU is unusable; its memory figures (None off CUDA)."""
         import torch
 
-        from .metrics import gpu_memory
+        from ..metrics import gpu_memory
 
         self._here()
         if self.generator is not None and self.generator.device.type == "cuda":
@@ -230,8 +230,8 @@ class RankWorker:
         return None
 
     def stats(self) -> dict:
-        from .speed.compile_cache import compiled_graphs
-        from .models import pipeline_loads
+        from ..speed.compile_cache import compiled_graphs
+        from ..models import pipeline_loads
 
         return {"rank": self.rank, "pid": os.getpid(), "pipeline_loads": pipeline_loads(),
                 "adapter_loads": self.generator.adapter_loads, "compiled_graphs": compiled_graphs(),
@@ -253,7 +253,7 @@ class RankGroup(Generator):
         import torch
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .models import LoadedModel
+        from ..models import LoadedModel
 
         self.cfg = cfg
         self.on_broken = on_broken
@@ -333,7 +333,7 @@ class RankGroup(Generator):
         """Load on every rank; a rank that fails leaves none loaded (the others undo theirs)."""
         import ray
 
-        from .spec import adapter_name
+        from ..spec import adapter_name
 
         name = adapter_name(ref)
         if name in self.adapters:
@@ -349,7 +349,7 @@ class RankGroup(Generator):
         return name
 
     def delete_adapter(self, ref: str) -> None:
-        from .spec import adapter_name
+        from ..spec import adapter_name
 
         self._all([w.delete_adapter.remote(ref) for w in self.workers])
         self.adapters.pop(adapter_name(ref), None)

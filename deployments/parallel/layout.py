@@ -4,7 +4,7 @@ A replica with ``degree`` N > 1 owns N GPUs, one process (rank) each, and runs e
 of them: the conditional and unconditional passes of classifier-free guidance on different ranks
 (``cfg_degree`` 2), times sequence parallelism inside each pass (``ulysses_degree`` x
 ``ring_degree``, diffusers' context parallelism). Ranks are laid out row-major over
-(cfg, ring, ulysses), the order of the device mesh ``deployments/ranks.py`` builds.
+(cfg, ring, ulysses), the order of the device mesh ``deployments/parallel/ranks.py`` builds.
 
 No torch here: the ingress validates the whole config too.
 """
