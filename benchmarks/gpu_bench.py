@@ -69,12 +69,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from deployments.speed import attention as attention_mod  # noqa: E402
-from deployments import pipeline as pipeline_mod  # noqa: E402
+from deployments.engine import pipeline as pipeline_mod  # noqa: E402
 from deployments.speed import exact as speed_mod  # noqa: E402
 from deployments.config import ModelConfig, SpeedConfig  # noqa: E402
 from deployments.lora.files import linear_shapes  # noqa: E402
-from deployments.models import load_pipeline  # noqa: E402
-from deployments.pipeline import StageClock  # noqa: E402
+from deployments.engine.models import load_pipeline  # noqa: E402
+from deployments.engine.pipeline import StageClock  # noqa: E402
 from deployments.spec import GenerationSpec, LoraRef  # noqa: E402
 
 FLOP_ANCHOR = 665.5e12  # per forward at 832x480x41 (performance-anchors.md)
@@ -299,7 +299,7 @@ def reference_call(pipe, spec, steps: int | None = None):
     """The pipeline call exactly as the reference server (and ``WanGenerator.generate``) makes it."""
     from PIL import Image
 
-    from deployments.pipeline import MAX_SEQUENCE_LENGTH
+    from deployments.engine.pipeline import MAX_SEQUENCE_LENGTH
 
     image = Image.open(io.BytesIO(spec.image_png)).convert("RGB")
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)

@@ -537,7 +537,7 @@ def load_task(source: str, device: str, layers: int, work: str) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from deployments.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
+    from deployments.engine.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
 
     config = dict(FULL_TRANSFORMER_CONFIG if source == "random-full" else TINY_TRANSFORMER_CONFIG)
     config["num_layers"] = min(layers, config["num_layers"])
@@ -695,7 +695,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from deployments.models import ensure_tiny
+    from deployments.engine.models import ensure_tiny
 
     ensure_tiny(a.cache)  # the random-full build takes its tokenizer from here; the smoke its model
     own = not ray.is_initialized()

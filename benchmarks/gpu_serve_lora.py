@@ -39,7 +39,7 @@ def write_loras(root: Path, source: str, rank: int) -> list[str]:
 
     from benchmarks.gpu_bench import make_random_lora
     from deployments.lora.files import linear_shapes
-    from deployments.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
+    from deployments.engine.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
 
     config = FULL_TRANSFORMER_CONFIG if source == "random-full" else TINY_TRANSFORMER_CONFIG
     with torch.device("meta"):

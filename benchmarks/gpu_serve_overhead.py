@@ -70,9 +70,9 @@ def app_args(source: str, device: str, cache: Path, work: Path, num_gpus: float)
 def run_core(args) -> dict:
     import torch
 
-    from deployments.media_out import encode
-    from deployments.models import load_pipeline
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.media_out import encode
+    from deployments.engine.models import load_pipeline
+    from deployments.engine.pipeline import WanGenerator
     from serve_app.config import AppConfig
     from serve_app.normalize import to_specs
     from serve_app.schemas import InferenceRequest

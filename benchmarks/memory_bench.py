@@ -67,7 +67,7 @@ def architecture_shapes(source: str) -> tuple[dict, int]:
     from diffusers import WanTransformer3DModel
 
     from deployments.lora.files import linear_shapes
-    from deployments.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
+    from deployments.engine.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
 
     config = TINY_TRANSFORMER_CONFIG if source == "tiny" else FULL_TRANSFORMER_CONFIG
     with torch.device("meta"):
@@ -93,8 +93,8 @@ def make_spec(a, loras=()):
 
 def child(a) -> int:
     from deployments.config import ModelConfig, SpeedConfig
-    from deployments.models import load_pipeline, pipeline_loads
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.models import load_pipeline, pipeline_loads
+    from deployments.engine.pipeline import WanGenerator
     from deployments.spec import LoraRef
 
     mode, work = a.child, Path(a.work)

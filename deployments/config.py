@@ -347,7 +347,7 @@ class GpuConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     memory: MemoryMode = Field(
         "full",
-        description="where the weights live (deployments/memory.py): full (bf16 on the GPU, an 80 GB card), fp8 "
+        description="where the weights live (deployments/engine/memory.py): full (bf16 on the GPU, an 80 GB card), fp8 "
         "(the transformer's block linears stored in FP8: a 48 GB card), offload (fp8, and the blocks and encoders in "
         "pinned host memory, copied to the GPU just ahead of use: a 24 GB card; runs the transformer eagerly). A "
         "replica whose card is too small for its mode refuses to start and names the mode that fits",

@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from .spec import GenerationSpec, Progress
 
-DEFAULT_GENERATOR_FACTORY = "deployments.pipeline:WanGenerator"
+DEFAULT_GENERATOR_FACTORY = "deployments.engine.pipeline:WanGenerator"
 
 
 @runtime_checkable

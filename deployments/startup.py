@@ -65,7 +65,7 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
         (loaded model, generator, startup report).
     """
     from .speed import attention, compile_cache
-    from .models import load_pipeline
+    from .engine.models import load_pipeline
 
     factory = factory or cfg.replica.make_generator_factory()
     clock = clock or StartupClock()

@@ -119,8 +119,8 @@ class WanI2VReplica:
             GpuTooSmall: the card's free memory is under what ``gpu.memory``'s mode needs (checked before
                 anything loads, so a too-small card fails here and never in a job).
         """
-        from .memory import check_replica
-        from .models import resolve_device
+        from .engine.memory import check_replica
+        from .engine.models import resolve_device
         from .startup import build_generator
 
         check_replica(cfg.memory, cfg.model.source, resolve_device(cfg.model))
@@ -273,7 +273,7 @@ class WanI2VReplica:
             await stream.aclose()
 
     async def _generate(self, spec: GenerationSpec, caller, where: dict) -> AsyncIterator[dict]:
-        from .media_out import CONTENT_TYPES, encode
+        from .engine.media_out import CONTENT_TYPES, encode
 
         async with self._lock:
             log.info("generating %dx%d, %d frames, %d steps, %s, %d LoRAs", spec.width, spec.height,
@@ -374,7 +374,7 @@ class WanI2VReplica:
 
     def stats(self) -> dict:
         from .speed.compile_cache import compiled_graphs
-        from .models import pipeline_loads
+        from .engine.models import pipeline_loads
 
         return {
             "replica": self.replica_id,

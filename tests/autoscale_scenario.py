@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from deployments.models import ensure_tiny
+    from deployments.engine.models import ensure_tiny
     from serve_app.app import build_app
     from tests.conftest import small_request
 

@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from torch._dynamo.utils import counters
 
-    from deployments import pipeline as pipeline_mod
+    from deployments.engine import pipeline as pipeline_mod
     from deployments.speed import exact as speed_mod
     from deployments.config import GpuConfig
     from deployments.startup import build_generator

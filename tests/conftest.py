@@ -35,7 +35,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """A cache dir holding the tiny checkpoint, built once per session."""
-    from deployments.models import ensure_tiny
+    from deployments.engine.models import ensure_tiny
 
     cache = tmp_path_factory.mktemp("models")
     ensure_tiny(cache)
@@ -50,7 +50,7 @@ def tiny_dir(model_cache):
 def load_tiny(model_cache):
     """A pipeline of the tiny source of its own (fp32, CPU), for tests that need pristine weights."""
     from deployments.config import ModelConfig
-    from deployments.models import load_pipeline
+    from deployments.engine.models import load_pipeline
 
     return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"))
 
@@ -76,7 +76,7 @@ def tiny_shapes(loaded_model):
 @pytest.fixture(scope="session")
 def generator(loaded_model, tiny_shapes):
     """A WanGenerator over the session's tiny pipeline (shared: tests must not leave adapters active)."""
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
 
     return WanGenerator(loaded_model)
 

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.pipeline import WanGenerator
+from deployments.engine.pipeline import WanGenerator
 from deployments.spec import GenerationSpec, Progress
 
 FACTORY = "tests.fakes:FaultyGenerator"

@@ -66,7 +66,7 @@ def main() -> None:
     import diffusers.models.attention_dispatch as dispatch
 
     from deployments.parallel.layout import ParallelConfig
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
     from deployments.parallel.ranks import Ranks, adapter_fingerprint, apply_parallel
     from deployments.spec import LoraRef
     from tests.conftest import load_tiny, tiny_spec
@@ -81,7 +81,7 @@ def main() -> None:
         dispatch._native_attention_forward_op = cpu_attention_with_lse if cfg.ring_degree > 1 else native_op
         ranks = Ranks(cfg, a.rank, a.init, torch.device("cpu"))
         if a.compile:
-            from deployments import pipeline as pipeline_mod
+            from deployments.engine import pipeline as pipeline_mod
             from deployments.speed import exact as speed_mod
             from deployments.config import SpeedConfig
 

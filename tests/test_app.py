@@ -24,7 +24,7 @@ def _download(app, result: dict, n: int = 0):
 
 def _core_bytes(app, generator, request: dict, index: int = 0, lora_paths: dict | None = None) -> bytes:
     """What the generation core alone makes of the same request: normalise, generate, encode."""
-    from deployments.media_out import encode
+    from deployments.engine.media_out import encode
     from serve_app.config import AppConfig
     from serve_app.normalize import to_specs
     from serve_app.schemas import InferenceRequest

@@ -84,8 +84,8 @@ def test_switching_modes_reloads_nothing_and_turbo_matches_the_core(turbo_app, m
     the distillation LoRA loaded once, the user's once; each mode gives the same bytes every time, and
     turbo's are what the generation core makes with the same settings."""
     from deployments.config import SpeedConfig
-    from deployments.media_out import encode
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.media_out import encode
+    from deployments.engine.pipeline import WanGenerator
     from serve_app.config import AppConfig
     from serve_app.normalize import to_specs
     from serve_app.schemas import InferenceRequest

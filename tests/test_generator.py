@@ -23,15 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_default_factory_is_the_real_generator_and_naming_it_imports_no_torch():
     code = ("import sys; from deployments.config import GpuConfig; f = GpuConfig().replica.make_generator_factory(); "
-            "assert f.path == 'deployments.pipeline:WanGenerator', f; assert 'torch' not in sys.modules, 'torch'")
+            "assert f.path == 'deployments.engine.pipeline:WanGenerator', f; assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
 
     assert ImportedFactory().resolve() is WanGenerator and DEFAULT_GENERATOR_FACTORY.endswith(":WanGenerator")
 
 
-@pytest.mark.parametrize("path", ["deployments.pipeline.WanGenerator", "deployments.pipeline:", ":WanGenerator",
-                                  "deployments pipeline:WanGenerator", "deployments.pipeline:Wan-Generator"])
+@pytest.mark.parametrize("path", ["deployments.engine.pipeline.WanGenerator", "deployments.engine.pipeline:", ":WanGenerator",
+                                  "deployments pipeline:WanGenerator", "deployments.engine.pipeline:Wan-Generator"])
 def test_a_factory_that_is_not_module_colon_name_is_refused_at_config_time(path):
     with pytest.raises(ValidationError, match="generator factory is 'module:name'") as e:
         GpuConfig.model_validate({"replica": {"generator_factory": path}})

@@ -1,4 +1,4 @@
-"""Frames -> MP4 / WebP (deployments/media_out.py), checked by decoding the bytes back with
+"""Frames -> MP4 / WebP (deployments/engine/media_out.py), checked by decoding the bytes back with
 independent readers (ffmpeg through imageio, PIL) rather than by trusting the writer."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.media_out import CONTENT_TYPES, Mp4Stream, encode, encode_mp4, encode_webp
+from deployments.engine.media_out import CONTENT_TYPES, Mp4Stream, encode, encode_mp4, encode_webp
 
 
 def make_frames(n: int = 5, width: int = 64, height: int = 48) -> np.ndarray:

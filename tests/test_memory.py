@@ -12,8 +12,8 @@ import torch
 
 from deployments.config import GpuConfig
 from deployments.errors import GpuTooSmall
-from deployments.memory import NEED_GIB, check_card, need_gib
-from deployments.pipeline import WanGenerator
+from deployments.engine.memory import NEED_GIB, check_card, need_gib
+from deployments.engine.pipeline import WanGenerator
 from deployments.spec import LoraRef
 from tests.conftest import tiny_spec
 from tests.lora_factory import make_layout
@@ -33,7 +33,7 @@ def fp8_round(linear: torch.nn.Linear) -> torch.nn.Linear:
 
 def _load(model_cache, memory: str, convert=None):
     from deployments.config import ModelConfig
-    from deployments.models import load_pipeline
+    from deployments.engine.models import load_pipeline
 
     return load_pipeline(ModelConfig(source="tiny", cache_dir=str(model_cache), device="cpu"), memory=memory,
                          convert=convert)
@@ -73,7 +73,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_offload_gives_full_modes_frames_and_keeps_two_blocks_resident(model_cache, lora, full_frames):
-    from deployments.models import pipeline_loads
+    from deployments.engine.models import pipeline_loads
 
     loaded = _load(model_cache, "offload")
     plan = loaded.memory

@@ -1,4 +1,4 @@
-"""Model sources (deployments/models.py): the tiny checkpoint is deterministic, is a miniature of the
+"""Model sources (deployments/engine/models.py): the tiny checkpoint is deterministic, is a miniature of the
 real Wan 2.1 I2V checkpoint (same classes, same image cross-attention path, same scheduler), and
 loads through the one ``from_pretrained`` path whether named ``tiny`` or given as a directory."""
 
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from deployments.config import ModelConfig
-from deployments.models import build_tiny, ensure_tiny, load_pipeline, pipeline_loads
+from deployments.engine.models import build_tiny, ensure_tiny, load_pipeline, pipeline_loads
 
 from .conftest import load_tiny
 
@@ -263,7 +263,7 @@ def test_loading_logs_no_torchvision_fallback_warning_and_other_transformers_war
     code = (
         "import logging\n"
         "from deployments.config import ModelConfig\n"
-        "from deployments.models import load_pipeline\n"
+        "from deployments.engine.models import load_pipeline\n"
         f"load_pipeline(ModelConfig(source='tiny', cache_dir={str(model_cache)!r}, device='cpu'))\n"
         "logging.getLogger('transformers.utils.import_utils').warning('another warning of that logger')\n"
     )

@@ -1,4 +1,4 @@
-"""Speed modes in one pipeline (deployments/speed/modes.py, and their use in deployments/pipeline.py).
+"""Speed modes in one pipeline (deployments/speed/modes.py, and their use in deployments/engine/pipeline.py).
 
 On CPU there is no FP8: the kernel swap is exercised with a stand-in conversion (weights rounded to
 bfloat16), which is enough to check that a mode's copies are used in that mode only, under LoRAs,
@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from deployments import pipeline as pipeline_mod
+from deployments.engine import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
 from deployments.errors import SpeedModeNotSupported, SpeedModeUnavailable
-from deployments.models import pipeline_loads
+from deployments.engine.models import pipeline_loads
 from deployments.speed.modes import SpeedModes, torchao_fp8_converter
 from deployments.spec import LoraRef
 from deployments.speed.exact import LoraSlots

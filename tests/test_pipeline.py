@@ -1,4 +1,4 @@
-"""Generation (deployments/pipeline.py) on the tiny checkpoint, fp32 on CPU.
+"""Generation (deployments/engine/pipeline.py) on the tiny checkpoint, fp32 on CPU.
 
 Parity: the core's frames equal a direct ``WanImageToVideoPipeline(...)`` call with the same inputs,
 made exactly as the reference server makes it, bit for bit, for both samplers. The direct call
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from deployments.errors import Canceled
-from deployments.pipeline import frames_to_uint8, make_scheduler
+from deployments.engine.pipeline import frames_to_uint8, make_scheduler
 from deployments.spec import GenerationSpec
 
 from .conftest import make_image, stock_frames
@@ -309,7 +309,7 @@ def test_frames_to_uint8_rounds_like_numpy_to_pil():
 
 
 def test_mp4_encoded_while_decoding_is_the_same_file_as_encoding_after(spec, generator):
-    from deployments.media_out import encode
+    from deployments.engine.media_out import encode
 
     spec = spec(num_frames=9)  # three decoder chunks
     streamed = generator.generate(spec, stream_video=True)
@@ -322,7 +322,7 @@ def test_mp4_encoded_while_decoding_is_the_same_file_as_encoding_after(spec, gen
 
 
 def test_streamed_chunks_that_differ_from_the_output_fall_back_to_encoding_after(spec, generator, monkeypatch):
-    from deployments import pipeline
+    from deployments.engine import pipeline
 
     real = pipeline.frames_to_uint8
     calls = []

@@ -59,7 +59,7 @@ def keyed(serve_env):
 @pytest.fixture(scope="module")
 def lora(serve_env) -> str:
     """A small valid LoRA in the shared LoRA root; returns its root-relative path."""
-    from deployments.models import TINY_TRANSFORMER_CONFIG as T
+    from deployments.engine.models import TINY_TRANSFORMER_CONFIG as T
     from tests.lora_factory import make_lora
 
     d = serve_env.lora_root / "playground"

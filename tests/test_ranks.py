@@ -58,7 +58,7 @@ def test_fast_mode_split_over_ranks_gives_the_one_rank_result(tmp_path, model_ca
     """Fast mode's step cache keeps and reuses the blocks' residual: under Ulysses on this rank's
     tokens only (a residual of the whole sequence failed with a size mismatch on 4 H100s), under CFG
     on this rank's branch."""
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
     from deployments.spec import LoraRef
     from tests.conftest import load_tiny
     from tests.rank_scenario import FAST_SPEC, fast_mode

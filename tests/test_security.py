@@ -130,7 +130,7 @@ def lora_dir(serve_env):
 
 def tiny_shapes(*, bad_in: int = 0) -> dict:
     """Linear shapes of the tiny transformer's first q projection (optionally wrong on purpose)."""
-    from deployments.models import TINY_TRANSFORMER_CONFIG as T
+    from deployments.engine.models import TINY_TRANSFORMER_CONFIG as T
 
     dim = T["num_attention_heads"] * T["attention_head_dim"]
     return {"blocks.0.attn1.to_q": (dim + bad_in, dim)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments import pipeline as pipeline_mod
+from deployments.engine import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
 from deployments.errors import LoraIncompatible
 from deployments.spec import LoraRef

@@ -162,7 +162,7 @@ def test_a_schedule_shorter_than_the_run_is_an_error(transformer, cache):
 def test_fast_generation_computes_exactly_the_scheduled_forwards(model_cache, small_spec, threshold, max_skips):
     """A schedule skipping k of N forwards runs the blocks N - k times (counted on the blocks), and the
     result reports the same numbers."""
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
 
     speed = SpeedConfig(fast={"step_cache": {"threshold": threshold, "max_skips": max_skips, "retention_ratio": 0.2}})
     gen = WanGenerator(load_tiny(model_cache), speed)

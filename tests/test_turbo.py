@@ -56,7 +56,7 @@ def test_turbo_on_the_tiny_model_feeds_the_distilled_timesteps_without_cfg(model
     """The transformer sees exactly 4 forwards (no CFG) at timesteps 1000 * sigma, whatever the request asked."""
     from deployments.config import SpeedConfig
     from deployments.lora.files import linear_shapes
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
 
     from .lora_factory import make_layout
 
@@ -87,7 +87,7 @@ def test_turbo_lora_under_an_object_root_is_fetched_into_the_node_cache_and_load
 
     from deployments.config import GpuConfig, SpeedConfig
     from deployments.errors import LoraNotFound
-    from deployments.pipeline import WanGenerator
+    from deployments.engine.pipeline import WanGenerator
     from deployments.startup import build_generator
 
     from .lora_factory import make_layout

@@ -124,7 +124,7 @@ def tiny_shapes() -> dict[str, tuple[int, int]]:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from ..models import TINY_TRANSFORMER_CONFIG
+    from ..engine.models import TINY_TRANSFORMER_CONFIG
     from .files import linear_shapes
 
     with torch.device("meta"):

@@ -231,7 +231,7 @@ class RankWorker:
 
     def stats(self) -> dict:
         from ..speed.compile_cache import compiled_graphs
-        from ..models import pipeline_loads
+        from ..engine.models import pipeline_loads
 
         return {"rank": self.rank, "pid": os.getpid(), "pipeline_loads": pipeline_loads(),
                 "adapter_loads": self.generator.adapter_loads, "compiled_graphs": compiled_graphs(),
@@ -253,7 +253,7 @@ class RankGroup(Generator):
         import torch
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from ..models import LoadedModel
+        from ..engine.models import LoadedModel
 
         self.cfg = cfg
         self.on_broken = on_broken

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .errors import GpuTooSmall
+from ..errors import GpuTooSmall
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def apply_memory_mode(pipe, mode: str, device: torch.device, convert: Callable |
         pipe.to(device)
         return plan
     if convert is None and device.type == "cuda":
-        from .speed.modes import torchao_fp8_converter
+        from ..speed.modes import torchao_fp8_converter
 
         convert = torchao_fp8_converter(device, setting="gpu.memory: fp8/offload", weight_only_fallback=True)
     if convert is None:
