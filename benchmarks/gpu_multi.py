@@ -369,7 +369,7 @@ def replica_startups() -> list[dict]:
 def serve_section(a, s: dict, n: int, bench: Bench) -> dict:
     from ray import serve
 
-    from deployments.deployment import make_deployment
+    from deployments.replica.deployment import make_deployment
     from serve_app.config import AppConfig
     from serve_app.ingress import Ingress
 

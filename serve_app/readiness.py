@@ -2,7 +2,7 @@
 
 ``/health`` answers for the ingress alone. A GPU replica reports RUNNING to Serve only once its
 constructor has returned, and the constructor loads the pipeline and compiles/warms it up
-(``deployments/wan_i2v.py``), so RUNNING replicas of the model deployment are ready ones. The
+(``deployments/replica/wan_i2v.py``), so RUNNING replicas of the model deployment are ready ones. The
 count comes from Serve's controller (``serve.status()``), not from calling a replica: a replica
 runs one generation at a time, and a busy one is still ready.
 """

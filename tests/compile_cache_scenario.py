@@ -33,7 +33,7 @@ def main() -> None:
     from deployments.engine import pipeline as pipeline_mod
     from deployments.speed import exact as speed_mod
     from deployments.config import GpuConfig
-    from deployments.startup import build_generator
+    from deployments.replica.startup import build_generator
 
     pipeline_mod.apply_speed_modes = lambda pipe, speed, device: speed_mod._apply(pipe, speed)
     cfg = GpuConfig.model_validate({

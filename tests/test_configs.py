@@ -105,7 +105,7 @@ def test_multi_gpu_configs_are_production_plus_a_parallel_section(gpus, split, m
     p = cfg.gpu.parallel
     assert (p.degree, (p.cfg_degree, p.ulysses_degree, p.ring_degree)) == (gpus, split)
     assert cfg.gpu.replica.num_gpus == 1  # per rank
-    from deployments.deployment import make_deployment
+    from deployments.replica.deployment import make_deployment
 
     options = make_deployment(cfg.gpu)._deployment_config, make_deployment(cfg.gpu)._replica_config
     replica = options[1]

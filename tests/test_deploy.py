@@ -601,7 +601,7 @@ def _known_metric_names() -> set[str]:
     import ray
     from ray.util import metrics
 
-    from deployments.metrics import LoraCacheMetrics, ReplicaMetrics
+    from deployments.replica.metrics import LoraCacheMetrics, ReplicaMetrics
     from serve_app.metrics import JobMetrics
 
     names = set()

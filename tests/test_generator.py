@@ -57,6 +57,6 @@ def test_the_configured_factory_and_its_options_make_each_process_generator(mode
 
 
 def test_the_replica_module_does_not_import_the_rank_group():
-    code = ("import sys, deployments.wan_i2v; assert 'deployments.parallel.rank_group' not in sys.modules; "
+    code = ("import sys, deployments.replica.wan_i2v; assert 'deployments.parallel.rank_group' not in sys.modules; "
             "import deployments.parallel.rank_group")  # the other way round is the one arrow
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

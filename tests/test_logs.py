@@ -1,4 +1,4 @@
-"""The replica's log policy (deployments/logs.py) on Serve's logger: client errors as one warning line."""
+"""The replica's log policy (deployments/replica/logs.py) on Serve's logger: client errors as one warning line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraNotFound
 from deployments.joblog import JOB_ID
-from deployments.logs import ClientErrorsAsWarnings, said
+from deployments.replica.logs import ClientErrorsAsWarnings, said
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.metrics import STAGE_NAMES, gpu_memory
+from deployments.replica.metrics import STAGE_NAMES, gpu_memory
 from tests.conftest import FAIL_PROMPT, METRICS_PUSH_MS, SLOW_PROMPT, small_request, wait_for
 from tests.http_server import LocalServer
 

@@ -88,7 +88,7 @@ def test_turbo_lora_under_an_object_root_is_fetched_into_the_node_cache_and_load
     from deployments.config import GpuConfig, SpeedConfig
     from deployments.errors import LoraNotFound
     from deployments.engine.pipeline import WanGenerator
-    from deployments.startup import build_generator
+    from deployments.replica.startup import build_generator
 
     from .lora_factory import make_layout
 

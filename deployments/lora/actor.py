@@ -29,7 +29,7 @@ class LoraCacheActor:
     """
 
     def __init__(self, lora_cfg: LoraCacheConfig | dict, fetch_cfg: FetchConfig | dict):
-        from ..metrics import LoraCacheMetrics
+        from ..replica.metrics import LoraCacheMetrics
 
         self._lora_cfg = LoraCacheConfig.model_validate(lora_cfg)
         self._fetch_cfg = FetchConfig.model_validate(fetch_cfg)

@@ -33,7 +33,7 @@ from ..generator import Generator, GeneratorFactory
 from ..joblog import job_logger
 from .layout import check_splittable
 from ..spec import GenerationSpec, Progress
-from ..wan_i2v import WanI2VReplica
+from ..replica.wan_i2v import WanI2VReplica
 
 # generate() runs in the replica's job context: its lines name the job, as WanI2VReplica's do.
 log = job_logger("ray.serve")
@@ -116,7 +116,7 @@ class RankWorker:
     def setup(self, init_method: str) -> dict:
         """Join the group, load, split, warm up (compile cache around it); returns the startup account."""
         from .ranks import Ranks, apply_parallel, check_same_weights
-        from ..startup import StartupClock, build_generator
+        from ..replica.startup import StartupClock, build_generator
 
         clock = StartupClock()
         with clock.part("process_group_s"):
@@ -220,7 +220,7 @@ class RankWorker:
         """Raises if this rank's GPU is unusable; its memory figures (None off CUDA)."""
         import torch
 
-        from ..metrics import gpu_memory
+        from ..replica.metrics import gpu_memory
 
         self._here()
         if self.generator is not None and self.generator.device.type == "cuda":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from .config import GpuConfig
+from ..config import GpuConfig
 from .wan_i2v import LoraSet, WanI2VReplica
 
 
@@ -20,7 +20,7 @@ def make_deployment(cfg: GpuConfig):
     r = cfg.replica
     base, placement = WanI2VReplica, {"ray_actor_options": {"num_gpus": r.num_gpus, "num_cpus": r.num_cpus}}
     if cfg.parallel.degree > 1:  # one replica owns N GPUs through N rank processes
-        from .parallel.rank_group import ParallelWanI2VReplica, placement_options
+        from ..parallel.rank_group import ParallelWanI2VReplica, placement_options
 
         base, placement = ParallelWanI2VReplica, placement_options(cfg)
 

@@ -20,8 +20,8 @@ import threading
 from typing import AsyncIterator
 
 from . import logs
-from .config import GpuConfig
-from .errors import (
+from ..config import GpuConfig
+from ..errors import (
     GenerationFailed,
     LoraFetchFailed,
     OutOfMemory,
@@ -31,10 +31,10 @@ from .errors import (
     is_client_error,
     jsonable,
 )
-from .generator import Generator, GeneratorFactory
-from .joblog import JOB_ID, in_job_context, job_logger
+from ..generator import Generator, GeneratorFactory
+from ..joblog import JOB_ID, in_job_context, job_logger
 from .metrics import ReplicaMetrics
-from .spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
+from ..spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
 
 # Every line logged while a generation runs names its job (the caller passes the job id along).
 log = job_logger("ray.serve")
@@ -119,8 +119,8 @@ class WanI2VReplica:
             GpuTooSmall: the card's free memory is under what ``gpu.memory``'s mode needs (checked before
                 anything loads, so a too-small card fails here and never in a job).
         """
-        from .engine.memory import check_replica
-        from .engine.models import resolve_device
+        from ..engine.memory import check_replica
+        from ..engine.models import resolve_device
         from .startup import build_generator
 
         check_replica(cfg.memory, cfg.model.source, resolve_device(cfg.model))
@@ -134,7 +134,7 @@ class WanI2VReplica:
     # -- LoRA sets (multiplexed) ----------------------------------------------------------------
 
     def _lora_cache(self):
-        from .lora.actor import get_or_create_cache_actor
+        from ..lora.actor import get_or_create_cache_actor
 
         if self._cache is None:
             self._cache = get_or_create_cache_actor(self.cfg.lora, self.cfg.fetch)
@@ -273,7 +273,7 @@ class WanI2VReplica:
             await stream.aclose()
 
     async def _generate(self, spec: GenerationSpec, caller, where: dict) -> AsyncIterator[dict]:
-        from .engine.media_out import CONTENT_TYPES, encode
+        from ..engine.media_out import CONTENT_TYPES, encode
 
         async with self._lock:
             log.info("generating %dx%d, %d frames, %d steps, %s, %d LoRAs", spec.width, spec.height,
@@ -373,8 +373,8 @@ class WanI2VReplica:
                 raise ReplicaUnavailable(f"GPU is not usable: {e}") from e
 
     def stats(self) -> dict:
-        from .speed.compile_cache import compiled_graphs
-        from .engine.models import pipeline_loads
+        from ..speed.compile_cache import compiled_graphs
+        from ..engine.models import pipeline_loads
 
         return {
             "replica": self.replica_id,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from .errors import is_client_error
-from .joblog import JOB_ID
+from ..errors import is_client_error
+from ..joblog import JOB_ID
 
 SERVE_LOGGER = "ray.serve"
 LOGGED = "_logged_as_warning"  # set on an exception once a line about it has been logged

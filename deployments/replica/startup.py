@@ -13,8 +13,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable
 
-from .config import GpuConfig
-from .generator import GeneratorFactory
+from ..config import GpuConfig
+from ..generator import GeneratorFactory
 
 log = logging.getLogger("ray.serve")
 
@@ -64,15 +64,15 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     Returns:
         (loaded model, generator, startup report).
     """
-    from .speed import attention, compile_cache
-    from .engine.models import load_pipeline
+    from ..speed import attention, compile_cache
+    from ..engine.models import load_pipeline
 
     factory = factory or cfg.replica.make_generator_factory()
     clock = clock or StartupClock()
     compile_cache.CompileCache.use_inductor_dir(cfg.compile_cache)
     turbo_lora = None
     if cfg.model.speed.turbo.enabled:  # before the model: a missing file stops the replica at once
-        from .speed.turbo import distill_lora_file
+        from ..speed.turbo import distill_lora_file
 
         with clock.part("distill_lora_s"):
             turbo_lora = distill_lora_file(cfg)
