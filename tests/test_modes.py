@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from deployments.engine import compat
 from deployments.engine import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
 from deployments.errors import SpeedModeNotSupported, SpeedModeUnavailable
@@ -256,17 +257,21 @@ def test_a_mode_attention_backend_is_undone_exactly(model_cache, small_spec, inp
     """fast with its own attention backend, then exact: exact's processors are as they were, bit for bit."""
     gen = pipeline_mod.WanGenerator(load_tiny(model_cache), SpeedConfig(fast={"attention_backend": "_native_math"}))
     before = forward(gen.pipe.transformer, inputs)
-    states = [p._attention_backend for p in gen.modes.attention._processors()]
+
+    def backends():
+        return [compat.processor_backend(p) for p in compat.attention_processors(gen.pipe.transformer)]
+
+    states = backends()
     seen = set()
     hook = gen.pipe.transformer.register_forward_pre_hook(lambda *a: seen.update(
-        getattr(p._attention_backend, "value", None) for p in gen.modes.attention._processors()))
+        getattr(backend, "value", None) for backend in backends()))
     try:
         fast = gen.generate(_spec(small_spec, "fast"))
     finally:
         hook.remove()
     assert seen == {"_native_math"} and fast.speed["attention_backend"] == "_native_math"
     gen.generate(_spec(small_spec, "exact"))
-    assert [p._attention_backend for p in gen.modes.attention._processors()] == states
+    assert backends() == states
     assert torch.equal(forward(gen.pipe.transformer, inputs), before)
 
 

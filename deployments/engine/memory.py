@@ -29,7 +29,6 @@ peak each mode was measured to need (``NEED_GIB``), never by an out-of-memory ha
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -245,32 +244,6 @@ class StageResidency:
     def release(self) -> None:
         for i in self.ids:
             self.offloader.evict(i)
-
-
-@contextmanager
-def plain_lora_layers(active: bool = True):
-    """While active, peft wraps an FP8 (torchao) Linear in its plain ``lora.Linear``, as it wraps a bf16 one.
-
-    Left alone, peft picks ``TorchaoLoraLinear`` for a torchao weight, which refuses a LoRA bias (the
-    compiled LoRA slot has one; LightX2V-style adapters bring one) and differs only in merging, which
-    nothing here does: adapters stay unmerged beside the base layer. The plain layer over an FP8 base
-    layer is what fast mode has always run (its FP8 copies are swapped in under peft's wrappers).
-    """
-    module = None
-    if active:
-        try:
-            import peft.tuners.lora.torchao as module
-        except ImportError:
-            module = None
-    if module is None or not hasattr(module, "is_torchao_available"):
-        yield
-        return
-    saved = module.is_torchao_available
-    module.is_torchao_available = lambda: False
-    try:
-        yield
-    finally:
-        module.is_torchao_available = saved
 
 
 # ---------------------------------------------------------------------------------------------

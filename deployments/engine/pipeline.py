@@ -22,7 +22,9 @@ from ..errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from ..generator import Generator
 from ..lora.files import linear_shapes, read_lora
 from .media_out import Mp4Stream
-from .memory import MemoryPlan, plain_lora_layers
+from . import compat
+from .compat import plain_lora_layers
+from .memory import MemoryPlan
 from .models import LoadedModel
 from ..speed.modes import SpeedModes
 from ..spec import GenerationSpec, Progress, adapter_name
@@ -315,10 +317,8 @@ class WanGenerator(Generator):
         it has none and applies every layer at scale 1. So this is the rest of its body, with the
         metadata it would have read.
         """
-        from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
-
         pipe = self.pipe
-        state_dict = pipe._maybe_expand_t2v_lora_for_i2v(transformer=pipe.transformer, state_dict=dict(lora.state_dict))
+        state_dict = compat.expand_t2v_lora_for_i2v(pipe, dict(lora.state_dict))
         with plain_lora_layers(self.memory.fp8):
             pipe.load_lora_into_transformer(
                 state_dict,
@@ -326,7 +326,7 @@ class WanGenerator(Generator):
                 adapter_name=name,
                 metadata=lora.metadata,
                 _pipeline=pipe,
-                low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+                low_cpu_mem_usage=compat.default_low_cpu_mem_usage_lora(),
                 hotswap=False,
             )
         # peft makes a file's lora_dropout (p > 0 in some training metadata) in training mode, so

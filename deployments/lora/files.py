@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from ..engine import compat
 from ..errors import LoraIncompatible, LoraInvalid, LoraNotFound
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -115,12 +116,12 @@ def load_adapter_metadata(path: str | os.PathLike) -> dict | None:
     Raises:
         LoraInvalid: the metadata entry is not a JSON object.
     """
-    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
-
     try:
-        metadata = _load_sft_state_dict_metadata(str(path))
+        metadata = compat.load_sft_metadata(str(path))
     except json.JSONDecodeError as e:
         raise LoraInvalid(f"lora_adapter_metadata is not valid JSON: {e}", {"file": Path(path).name}) from e
+    except ImportError:  # diffusers moved its reader: an upgrade to port (engine/compat.py), not a bad file
+        raise
     except Exception as e:  # safetensors' own errors for a header it cannot parse
         raise LoraInvalid(f"cannot read safetensors metadata: {e}", {"file": Path(path).name}) from e
     if metadata is not None and not isinstance(metadata, dict):
@@ -191,14 +192,14 @@ def adapter_config(converted: Mapping, metadata: Mapping | None):
     Raises:
         LoraIncompatible: metadata stock could not turn into a config, or options we do not apply.
     """
-    from diffusers.utils.peft_utils import _create_lora_config
-
     state_dict = {k[len(PREFIX) :]: v for k, v in converted.items() if k.startswith(PREFIX)}
     if metadata is not None:
         metadata = {k[len(PREFIX) :]: v for k, v in metadata.items() if k.startswith(PREFIX)}
     rank = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
     try:
-        config = _create_lora_config(state_dict, None, metadata, rank, model_state_dict=None, adapter_name="check")
+        config = compat.create_lora_config(state_dict, metadata, rank, adapter_name="check")
+    except ImportError:  # diffusers moved it: an upgrade to port (engine/compat.py), not a bad file
+        raise
     except Exception as e:  # TypeError for unknown fields, ValueError from LoraConfig's own checks
         cause = e.__cause__ or e
         raise LoraIncompatible(

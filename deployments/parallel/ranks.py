@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..engine import compat
 from .layout import ParallelConfig, RankLayout
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def context_parallel_plan(transformer) -> dict:
     and would add its own (still split) output to the gathered one; ``norm_out`` is never a LoRA
     target, and the output head then runs on the whole sequence (a 5120 -> 64 projection, cheap).
     """
-    plan = dict(type(transformer)._cp_plan)
+    plan = compat.context_parallel_plan(transformer)
     gather = plan.pop("proj_out")
     plan["norm_out"] = gather
     return plan
@@ -163,30 +164,6 @@ class Applied:
                 "passes": self.cfg_parallel.passes if self.cfg_parallel is not None else None}
 
 
-def _resolve_split_arguments(transformer, plan: dict) -> None:
-    """Work out now, eagerly, where each split hook finds its arguments.
-
-    A hook does it at its module's first call, with ``inspect.signature``; on ``blocks.0`` that call
-    is inside a compiled block, where dynamo cannot trace ``inspect`` and ``fullgraph=True`` fails.
-    """
-    import inspect
-
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.context_parallel import _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE, _get_submodule_by_name
-
-    for module_id, entry in plan.items():
-        if not isinstance(entry, dict):
-            continue
-        modules = _get_submodule_by_name(transformer, module_id)
-        for module in modules if isinstance(modules, list) else [modules]:
-            hook = HookRegistry.check_if_exists_or_initialize(module).get_hook(
-                _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE.format(module_id))
-            meta = getattr(hook, "module_forward_metadata", None)
-            if meta is not None and meta.cached_parameter_indices is None:
-                names = list(inspect.signature(meta._cls.forward).parameters)[1:]  # without self
-                meta.cached_parameter_indices = {name: i for i, name in enumerate(names)}
-
-
 def apply_parallel(pipe, ranks: Ranks) -> Applied:
     """Split ``pipe``'s transformer over the group (after speed modes; before the first forward).
 
@@ -198,25 +175,9 @@ def apply_parallel(pipe, ranks: Ranks) -> Applied:
     cfg.check_heads(transformer.config.num_attention_heads)
     applied = Applied()
     if cfg.sequence_degree > 1:
-        from diffusers.models._modeling_parallel import ContextParallelConfig
-        from diffusers.models._modeling_parallel import ParallelConfig as DiffusersParallel
-
-        cp = ContextParallelConfig(ring_degree=cfg.ring_degree, ulysses_degree=cfg.ulysses_degree,
-                                   mesh=ranks.mesh["ring", "ulysses"])
-        resolved = DiffusersParallel(context_parallel_config=cp)
-        resolved.setup(ranks.rank, cfg.degree, ranks.device, mesh=cp.mesh)
-
-        # diffusers derives the device as rank % accelerator count (a division by zero on CPU, and
-        # not the GPU Ray gave a rank) and builds a mesh over the whole world (ours has a cfg axis):
-        # hand it the config resolved on our mesh instead.
-        def resolve(_config):
-            transformer._parallel_config = resolved
-            return resolved
-
-        transformer._resolve_parallel_config = resolve
-        plan = context_parallel_plan(transformer)
-        transformer.enable_parallelism(config=resolved, cp_plan=plan)
-        _resolve_split_arguments(transformer, plan)
+        compat.enable_context_parallel(transformer, context_parallel_plan(transformer), ring_degree=cfg.ring_degree,
+                                       ulysses_degree=cfg.ulysses_degree, mesh=ranks.mesh["ring", "ulysses"],
+                                       rank=ranks.rank, world_size=cfg.degree, device=ranks.device)
         applied.context_parallel = {"ulysses": cfg.ulysses_degree, "ring": cfg.ring_degree}
         from ..speed.step_cache import CachedBlocks
 

@@ -27,6 +27,8 @@ import threading
 
 import torch
 
+from ..engine import compat
+
 FLASH4 = "flash4"
 AUTO = "auto"
 CUDNN = "_native_cudnn"
@@ -130,10 +132,7 @@ def _kernel(q, k, v, softmax_scale=None, causal=False):
 
 @functools.cache
 def _install() -> None:
-    from diffusers.models.attention_dispatch import _HUB_KERNELS_REGISTRY, AttentionBackendName
-
-    # A kernel already in the slot is never downloaded (``_maybe_download_kernel_for_backend``).
-    _HUB_KERNELS_REGISTRY[AttentionBackendName(_DIFFUSERS_FLASH4)].kernel_fn = _kernel
+    compat.install_hub_kernel(_DIFFUSERS_FLASH4, _kernel)  # never downloaded once a kernel is in the slot
 
 
 def set_backend(transformer: torch.nn.Module, backend: str) -> None:
@@ -141,15 +140,10 @@ def set_backend(transformer: torch.nn.Module, backend: str) -> None:
     if backend != FLASH4:
         transformer.set_attention_backend(backend)
         return
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
     _install()
-    name = AttentionBackendName(_DIFFUSERS_FLASH4)
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if processor is None or not hasattr(processor, "_attention_backend"):
-            continue
-        if getattr(processor, "_parallel_config", None) is not None:
+    name = compat.attention_backend_name(_DIFFUSERS_FLASH4)
+    for processor in compat.attention_processors(transformer):
+        if compat.processor_is_context_parallel(processor):
             raise ValueError("flash4 attention on a context-parallel transformer (it has no context-parallel path)")
-        processor._attention_backend = name
-    _AttentionBackendRegistry.set_active_backend(name)
+        compat.set_processor_backend(processor, name)
+    compat.set_active_attention_backend(name)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import compat
 from . import attention
 from ..config import SpeedConfig
 from ..errors import LoraIncompatible
@@ -165,7 +166,7 @@ class LoraSlots:
         self.transformer = transformer
         # What peft made each layer's active adapter: restored as is whenever the fixed adapter is off,
         # so the slot's own graphs see the same attributes as before one was installed.
-        self._slot_active = {name: layer._active_adapter for name, layer in self.layers.items()}
+        self._slot_active = {name: compat.active_adapter(layer) for name, layer in self.layers.items()}
         self.fixed: FixedAdapter | None = None
         self.fixed_on = False
         self.enable(False)
@@ -186,11 +187,9 @@ class LoraSlots:
         for name, layer in self.layers.items():
             with_fixed = fixed is not None and name in fixed.layers
             if not with_fixed:
-                layer._active_adapter = self._slot_active[name]
-                layer._disable_adapters = not self.enabled
+                compat.set_adapter_switches(layer, self._slot_active[name], disabled=not self.enabled)
             else:
-                layer._active_adapter = ([SLOT] if self.enabled else []) + [fixed.name]
-                layer._disable_adapters = False
+                compat.set_adapter_switches(layer, ([SLOT] if self.enabled else []) + [fixed.name], disabled=False)
 
     def add_fixed(self, name: str, lora, strength: float = 1.0) -> "FixedAdapter":
         """Install a LoRA that never changes (turbo's distillation LoRA) as a peft adapter of its own,

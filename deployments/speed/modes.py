@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import compat
 from . import attention
 from ..config import SpeedConfig
 from ..errors import SpeedModeNotSupported, SpeedModeUnavailable
@@ -144,27 +145,18 @@ class AttentionSwitch:
     """
 
     def __init__(self, transformer: torch.nn.Module):
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        self.registry = _AttentionBackendRegistry
         self.transformer = transformer
-        self.saved = {id(p): (p, p._attention_backend) for p in self._processors()}
-        self.saved_active = self.registry._active_backend
+        self.saved = {id(p): (p, compat.processor_backend(p)) for p in compat.attention_processors(transformer)}
+        self.saved_active = compat.active_attention_backend()
         self.current: str | None = None  # None: exact mode's
-
-    def _processors(self):
-        for module in self.transformer.modules():
-            processor = getattr(module, "processor", None)
-            if processor is not None and hasattr(processor, "_attention_backend"):
-                yield processor
 
     def use(self, backend: str | None) -> None:
         if backend == self.current:
             return
         if backend is None:
             for processor, value in self.saved.values():
-                processor._attention_backend = value
-            self.registry.set_active_backend(self.saved_active)
+                compat.set_processor_backend(processor, value)
+            compat.set_active_attention_backend(self.saved_active)
         else:
             attention.set_backend(self.transformer, backend)
         self.current = backend
