@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from deployments.replica.deployment import make_deployment
+from deployments.contract import make_deployment
 
 from .config import AppConfig
 from .ingress import Ingress

@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from deployments.engine.models import build_tiny  # torch and diffusers: only for this command
+    from deployments.contract import build_tiny  # torch and diffusers, when called: only for this command
 
     print(build_tiny(args.out).resolve())
     return EXIT_OK

@@ -11,8 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from deployments.config import GpuConfig, StrictModel, url_scheme
-from deployments.spec import OutputFormat, Sampler, SpeedMode
+from deployments.contract import GpuConfig, OutputFormat, Sampler, SpeedMode, StrictModel, url_scheme
 
 
 # The placeholders of deploy/secrets.env.example: a key or password still starting with this was copied

@@ -32,9 +32,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from deployments.errors import ServiceError, first_line, is_client_error, jsonable
-from deployments.joblog import JOB_ID, job_logger
-from deployments.spec import GenerationResult, GenerationSpec
+from deployments.contract import (
+    JOB_ID,
+    GenerationResult,
+    GenerationSpec,
+    ServiceError,
+    first_line,
+    is_client_error,
+    job_logger,
+    jsonable,
+)
 
 from .config import AppConfig
 from .jobs import AsyncJobStore, Job, StoredSpec

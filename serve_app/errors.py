@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import InvalidRequest, ServiceError, jsonable
+from deployments.contract import InvalidRequest, ServiceError, jsonable
 
 from .state_errors import OutputWriteFailed, RangeNotSatisfiable, StoreUnavailable
 

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi_offline import FastAPIOffline
 from ray import serve
 
-from deployments.spec import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
+from deployments.contract import MAX_LORAS, OUTPUT_FORMATS, SAMPLERS, GenerationSpec
 
 from . import errors, events, playground, retention, views, webhooks
 from .config import AppConfig

@@ -15,8 +15,7 @@ import warnings
 
 from PIL import Image
 
-from deployments.config import FetchConfig
-from deployments.errors import InvalidRequest
+from deployments.contract import FetchConfig, FetchError, FetchFailed, FetchTooLarge, InvalidRequest, fetch_bytes
 
 from .config import LimitsConfig
 
@@ -41,8 +40,6 @@ def fetch_image(url: str, index: int, limits: LimitsConfig, fetch: FetchConfig) 
     picture; an upstream 4xx is IMAGE_NOT_FOUND (400); everything else the remote did wrong stays
     FETCH_FAILED (502, or 504 for a timeout).
     """
-    from deployments.fetch import FetchError, FetchFailed, FetchTooLarge, fetch_bytes
-
     try:
         return fetch_bytes(url, fetch, limits.max_image_bytes, total_timeout_s=limits.image_fetch_timeout_s)
     except FetchTooLarge as e:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import secrets
 
-from deployments.config import FetchConfig
-from deployments.errors import InvalidRequest
-from deployments.parallel.layout import check_splittable
-from deployments.spec import (
+from deployments.contract import (
     OUTPUT_FORMATS,
     SAMPLERS,
     SPEED_MODES,
+    FetchConfig,
     GenerationSpec,
+    InvalidRequest,
     LoraRef,
+    check_in_root,
+    check_splittable,
+    is_root_relative,
     snap_frames,
     snap_size,
+    validate_ref,
 )
 
 from .config import AppConfig
@@ -46,8 +49,6 @@ def check_model(req: InferenceRequest, cfg: AppConfig) -> None:
 
 def lora_refs(req: InferenceRequest, cfg: AppConfig) -> tuple[LoraRef, ...]:
     """The request's LoRAs, checked (count, MoE field, duplicates, syntax; files in a root the ingress sees)."""
-    from deployments.lora.refs import check_in_root, is_root_relative, validate_ref
-
     if len(req.loras) > cfg.limits.max_loras:
         raise _limit("TOO_MANY_LORAS", f"at most {cfg.limits.max_loras} LoRAs per request, got {len(req.loras)}",
                      limit=cfg.limits.max_loras, value=len(req.loras))

@@ -49,7 +49,7 @@ def sample_lora_bytes() -> bytes:
     """The sample LoRA file: ai-toolkit layout, rank 4, for the tiny checkpoint's transformer."""
     from safetensors.torch import save
 
-    from deployments.lora.writer import sample_lora
+    from deployments.contract import sample_lora
 
     return save({k: v.contiguous() for k, v in sample_lora().items()})
 

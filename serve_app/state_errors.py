@@ -6,7 +6,7 @@ The job stores, the output store and the job runner raise these; only the HTTP l
 
 from __future__ import annotations
 
-from deployments.errors import ServiceError
+from deployments.contract import ServiceError
 
 
 class StoreUnavailable(ServiceError):

@@ -27,8 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from deployments.errors import first_line
-from deployments.fetch import object_fs
+from deployments.contract import first_line, object_fs
 
 from .config import StorageConfig
 from .state_errors import OutputStoreUnavailable, OutputWriteFailed, RangeNotSatisfiable, StoreUnavailable

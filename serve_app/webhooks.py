@@ -36,8 +36,7 @@ from typing import Callable
 
 from tenacity import RetryCallState, wait_random_exponential
 
-from deployments import fetch
-from deployments.config import FetchConfig
+from deployments.contract import FetchConfig, FetchError, FetchFailed, UrlNotAllowed, fetch_post, vet_url
 
 from .client import WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER, sign_webhook
 from .config import AppConfig, WebhooksConfig
@@ -75,10 +74,10 @@ def check_webhook_url(url: str, cfg: FetchConfig) -> None:
         UrlNotAllowed: 400 ``URL_NOT_ALLOWED``.
     """
     try:
-        fetch.vet_url(url, cfg)
-    except fetch.UrlNotAllowed:
+        vet_url(url, cfg)
+    except UrlNotAllowed:
         raise
-    except fetch.FetchFailed:
+    except FetchFailed:
         pass
 
 
@@ -180,12 +179,12 @@ class WebhookSender:
         refused = False
         try:
             status = await asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: fetch.post(job.webhook_url, self.cfg.gpu.fetch, body, headers,
+                self._pool, lambda: fetch_post(job.webhook_url, self.cfg.gpu.fetch, body, headers,
                                                timeout_s=self.wcfg.timeout_s))
             attempt["status_code"] = status
-        except fetch.FetchError as e:  # messages name the URL without its query or userinfo
+        except FetchError as e:  # messages name the URL without its query or userinfo
             attempt["error"] = f"{e.code}: {e.message}"
-            refused = isinstance(e, fetch.UrlNotAllowed)
+            refused = isinstance(e, UrlNotAllowed)
         retry_in = None
         if 200 <= attempt.get("status_code", 0) < 300:
             state = "delivered"

@@ -30,8 +30,9 @@ def test_the_default_factory_is_the_real_generator_and_naming_it_imports_no_torc
     assert ImportedFactory().resolve() is WanGenerator and DEFAULT_GENERATOR_FACTORY.endswith(":WanGenerator")
 
 
-@pytest.mark.parametrize("path", ["deployments.engine.pipeline.WanGenerator", "deployments.engine.pipeline:", ":WanGenerator",
-                                  "deployments pipeline:WanGenerator", "deployments.engine.pipeline:Wan-Generator"])
+@pytest.mark.parametrize("path", ["deployments.engine.pipeline.WanGenerator", "deployments.engine.pipeline:",
+                                  ":WanGenerator", "deployments pipeline:WanGenerator",
+                                  "deployments.engine.pipeline:Wan-Generator"])
 def test_a_factory_that_is_not_module_colon_name_is_refused_at_config_time(path):
     with pytest.raises(ValidationError, match="generator factory is 'module:name'") as e:
         GpuConfig.model_validate({"replica": {"generator_factory": path}})

@@ -240,4 +240,9 @@ def test_an_installed_package_ships_the_playground(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"serve_app/static/{name}" for name in ("playground.html", *playground.ASSETS)}
     assert expected <= names, expected - names
+    # and every module, the deployments rooms' subpackages included (package discovery in pyproject.toml)
+    modules = {p.relative_to(src).as_posix() for package in ("serve_app", "deployments")
+               for p in (src / package).rglob("*.py")}
+    assert {"deployments/engine/compat.py", "deployments/lora/refs.py"} <= modules
+    assert modules <= names, sorted(modules - names)
 

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from deployments.errors import first_line
+from deployments.contract import first_line
 
 from ..state_errors import StoreUnavailable
 from .records import (

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from deployments.spec import GenerationSpec
+from deployments.contract import GenerationSpec
 
 ACTIVE = ("in_queue", "in_progress")
 FINAL = ("succeeded", "failed", "canceled")
