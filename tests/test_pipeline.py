@@ -338,3 +338,24 @@ def test_streamed_chunks_that_differ_from_the_output_fall_back_to_encoding_after
     monkeypatch.setattr(pipeline, "frames_to_uint8", off_by_one_in_the_hook)
     result = generator.generate(spec(num_frames=9), stream_video=True)
     assert len(calls) > 2 and result.video is None  # checked against the output, and given up
+
+
+def test_the_readmes_python_sample_runs_as_written(model_cache, tmp_path, monkeypatch):
+    """The README's "Generate from Python" block, with a real ctrl_img and the session's tiny checkpoint."""
+    import base64
+    import re
+    from pathlib import Path
+
+    from .conftest import png_bytes
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(r"^## Generate from Python.*?```python\n(.*?)```", readme, flags=re.S | re.M)
+    assert section, "README section 'Generate from Python' with a python block"
+    code = section.group(1)
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(make_image())).decode()
+    for old, new in (('"data:image/png;base64,..."', repr(image)), ('"./outputs/models"', repr(str(model_cache)))):
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"print": lambda *_: None})
+    assert (tmp_path / "out.mp4").read_bytes()[4:8] == b"ftyp"
