@@ -1,7 +1,7 @@
 """The generator contract: what a GPU replica calls on the thing that turns specs into frames.
 
-Two generators implement it: ``pipeline.WanGenerator`` (one pipeline in this process) and
-``rank_group.RankGroup`` (the same calls, run by N rank processes together). The replica is given a
+Two generators implement it: ``engine.pipeline.WanGenerator`` (one pipeline in this process) and
+``parallel.rank_group.RankGroup`` (the same calls, run by N rank processes together). The replica is given a
 ``GeneratorFactory`` (``WanI2VReplica(cfg, generator_factory)``), which makes one process's
 ``WanGenerator``-like generator from a loaded model; which factory is named in the config
 (``gpu.replica.generator_factory``), so tests can put a fake that wraps the real one (``tests/fakes.py``)
@@ -48,7 +48,7 @@ class Generator(Protocol):
 
     def generate(self, spec: GenerationSpec, on_progress: Callable[[Progress], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None, stream_video: bool = False) -> Any:
-        """Run ``spec`` to ``pipeline.Frames``. Raises typed errors (``Canceled``, ``OutOfMemory``, ...)."""
+        """Run ``spec`` to ``engine.pipeline.Frames``. Raises typed errors (``Canceled``, ``OutOfMemory``, ...)."""
         ...
 
 

@@ -2,7 +2,7 @@
 
 - ``full``: every weight in the model dtype on the GPU (what the speed figures are measured on).
 - ``fp8``: the transformer's block linears (16.2 of its 16.4 B parameters) stored in FP8, in place,
-  made by the fast mode's converter (``modes.torchao_fp8_converter``: torchao float8, dynamic per-row
+  made by the fast mode's converter (``speed.modes.torchao_fp8_converter``: torchao float8, dynamic per-row
   activation scales; weight-only FP8 on cards without float8 matmuls). Nothing else changes: LoRA
   adapters stay bf16 beside the FP8 base layer (peft wraps the quantized ``Linear``; adapters are never
   merged into it, so a LoRA switch touches only adapter tensors), compiled blocks and the LoRA slot work

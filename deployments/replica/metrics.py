@@ -16,7 +16,7 @@ from typing import Mapping
 
 # Seconds per stage of one generation: a text encode takes tens of ms, a denoise of 41 frames a minute.
 STAGE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
-# The generation stages the replica times (``pipeline.STAGES`` and the video encode), in their order.
+# The generation stages the replica times (``engine.pipeline.STAGES`` and the video encode), in their order.
 STAGE_NAMES = ("text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "encode_video")
 
 
@@ -51,7 +51,7 @@ class ReplicaMetrics:
         self.memory_figures(gpu_memory(device))
 
     def memory_figures(self, values: Mapping[str, int] | None) -> None:
-        """Report figures read elsewhere (a multi-GPU replica's ranks: ``rank_group.largest_memory``)."""
+        """Report figures read elsewhere (a multi-GPU replica's ranks: ``parallel.rank_group.largest_memory``)."""
         for kind, value in (values or {}).items():
             self.gpu_memory.set(value, tags={"kind": kind})
 

@@ -15,7 +15,7 @@ Every mode uses the same loaded base model; switching changes only references, n
   generator owns adapters), and the distillation's scheduler (``turbo.DistillScheduler``).
 
 With compiled blocks each kernel/adapter combination is a graph of its own; the warm-up compiles
-all of them (``speed.warmup``), so alternating modes afterwards never recompiles.
+all of them (``exact.warmup``), so alternating modes afterwards never recompiles.
 """
 
 from __future__ import annotations
