@@ -68,14 +68,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from deployments.speed import attention as attention_mod  # noqa: E402
-from deployments.engine import pipeline as pipeline_mod  # noqa: E402
-from deployments.speed import exact as speed_mod  # noqa: E402
 from deployments.config import ModelConfig, SpeedConfig  # noqa: E402
-from deployments.lora.files import linear_shapes  # noqa: E402
+from deployments.engine import pipeline as pipeline_mod  # noqa: E402
 from deployments.engine.models import load_pipeline  # noqa: E402
 from deployments.engine.pipeline import StageClock  # noqa: E402
+from deployments.lora.files import linear_shapes  # noqa: E402
 from deployments.spec import GenerationSpec, LoraRef  # noqa: E402
+from deployments.speed import attention as attention_mod  # noqa: E402
+from deployments.speed import exact as speed_mod  # noqa: E402
 
 FLOP_ANCHOR = 665.5e12  # per forward at 832x480x41 (performance-anchors.md)
 

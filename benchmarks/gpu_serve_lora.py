@@ -38,8 +38,8 @@ def write_loras(root: Path, source: str, rank: int) -> list[str]:
     from diffusers import WanTransformer3DModel
 
     from benchmarks.gpu_bench import make_random_lora
-    from deployments.lora.files import linear_shapes
     from deployments.engine.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
+    from deployments.lora.files import linear_shapes
 
     config = FULL_TRANSFORMER_CONFIG if source == "random-full" else TINY_TRANSFORMER_CONFIG
     with torch.device("meta"):

@@ -66,8 +66,8 @@ def architecture_shapes(source: str) -> tuple[dict, int]:
     """Linear shapes and block count of a source's transformer, built on the meta device (no memory)."""
     from diffusers import WanTransformer3DModel
 
-    from deployments.lora.files import linear_shapes
     from deployments.engine.models import FULL_TRANSFORMER_CONFIG, TINY_TRANSFORMER_CONFIG
+    from deployments.lora.files import linear_shapes
 
     config = TINY_TRANSFORMER_CONFIG if source == "tiny" else FULL_TRANSFORMER_CONFIG
     with torch.device("meta"):

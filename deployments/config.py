@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from .speed.compile_cache import CompileCacheConfig
 from .generator import DEFAULT_GENERATOR_FACTORY, ImportedFactory, parse_factory_path
 from .parallel.layout import ParallelConfig
+from .speed.compile_cache import CompileCacheConfig
 
 DEFAULT_CHECKPOINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 

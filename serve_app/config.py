@@ -13,7 +13,6 @@ from pydantic import Field, model_validator
 
 from deployments.contract import GpuConfig, OutputFormat, Sampler, SpeedMode, StrictModel, url_scheme
 
-
 # The placeholders of deploy/secrets.env.example: a key or password still starting with this was copied
 # from the example unchanged.
 PLACEHOLDER_PREFIX = "change-me"

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scenarios import alive_replicas, log  # noqa: E402 (first: sets Ray's environment)
+
 from tests.services import free_port  # noqa: E402
 
 # Before Ray is imported: Serve's defaults push request metrics every 10 s, fine for minute-long

@@ -30,10 +30,10 @@ def main() -> None:
     torch.set_num_threads(1)
     from torch._dynamo.utils import counters
 
-    from deployments.engine import pipeline as pipeline_mod
-    from deployments.speed import exact as speed_mod
     from deployments.config import GpuConfig
+    from deployments.engine import pipeline as pipeline_mod
     from deployments.replica.startup import build_generator
+    from deployments.speed import exact as speed_mod
 
     pipeline_mod.apply_speed_modes = lambda pipe, speed, device: speed_mod._apply(pipe, speed)
     cfg = GpuConfig.model_validate({

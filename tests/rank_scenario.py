@@ -65,8 +65,8 @@ def main() -> None:
     torch.set_num_threads(1)
     import diffusers.models.attention_dispatch as dispatch
 
-    from deployments.parallel.layout import ParallelConfig
     from deployments.engine.pipeline import WanGenerator
+    from deployments.parallel.layout import ParallelConfig
     from deployments.parallel.ranks import Ranks, adapter_fingerprint, apply_parallel
     from deployments.spec import LoraRef
     from tests.conftest import load_tiny, tiny_spec
@@ -81,9 +81,9 @@ def main() -> None:
         dispatch._native_attention_forward_op = cpu_attention_with_lse if cfg.ring_degree > 1 else native_op
         ranks = Ranks(cfg, a.rank, a.init, torch.device("cpu"))
         if a.compile:
+            from deployments.config import SpeedConfig
             from deployments.engine import pipeline as pipeline_mod
             from deployments.speed import exact as speed_mod
-            from deployments.config import SpeedConfig
 
             speed = SpeedConfig(attention_backend=None, warmup=False, warmup_width=64, warmup_height=48,
                                 warmup_frames=5, lora_hotswap_rank=8)

@@ -316,8 +316,8 @@ class ServeLogs:
 
 def test_lora_errors_fail_the_job_clearly(app, serve_env, loras):
     bad = serve_env.lora_root / "wrong_blocks.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"diffusion_model.blocks.39.self_attn.q.lora_A.weight": torch.zeros(4, 16),
                "diffusion_model.blocks.39.self_attn.q.lora_B.weight": torch.zeros(16, 4)}, str(bad))

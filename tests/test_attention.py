@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deployments.config import CompileCacheConfig, SpeedConfig
 from deployments.speed import attention
 from deployments.speed.compile_cache import for_generator
-from deployments.config import CompileCacheConfig, SpeedConfig
 
 from .conftest import load_tiny
 from .lora_factory import forward, transformer_inputs

@@ -455,8 +455,8 @@ def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fa
     from diffusers import WanTransformer3DModel
 
     from deployments.lora.cache import TEMP_PREFIX
-    from deployments.lora.refs import SUFFIX
     from deployments.lora.files import linear_shapes
+    from deployments.lora.refs import SUFFIX
     from tests.lora_factory import make_lora
 
     # A fresh transformer: the session's shared pipeline may carry adapter wrappers by now.

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from deployments.engine import models
 from deployments.engine import pipeline as pipeline_mod
+from deployments.engine.pipeline import WanGenerator
 from deployments.errors import GenerationFailed, LoraIncompatible, LoraInvalid, LoraNotFound
 from deployments.lora.files import detect_format, load_state_dict, read_header
-from deployments.engine.pipeline import WanGenerator
 from deployments.spec import LoraRef, adapter_name
 
 from .conftest import load_tiny, stock_frames, tiny_spec

@@ -13,9 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from safetensors.numpy import save
-
 from pydantic import SecretStr
+from safetensors.numpy import save
 
 from deployments.config import FetchConfig, LoraCacheConfig, RetryConfig
 from deployments.errors import LoraFetchFailed, LoraInvalid, LoraNotFound

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from deployments.config import GpuConfig
-from deployments.errors import GpuTooSmall
 from deployments.engine.memory import NEED_GIB, check_card, need_gib
 from deployments.engine.pipeline import WanGenerator
+from deployments.errors import GpuTooSmall
 from deployments.spec import LoraRef
 from tests.conftest import tiny_spec
 from tests.lora_factory import make_layout

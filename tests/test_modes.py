@@ -16,14 +16,14 @@ import sys
 import pytest
 import torch
 
+from deployments.config import SpeedConfig
 from deployments.engine import compat
 from deployments.engine import pipeline as pipeline_mod
-from deployments.config import SpeedConfig
-from deployments.errors import SpeedModeNotSupported, SpeedModeUnavailable
 from deployments.engine.models import pipeline_loads
-from deployments.speed.modes import SpeedModes, torchao_fp8_converter
+from deployments.errors import SpeedModeNotSupported, SpeedModeUnavailable
 from deployments.spec import LoraRef
 from deployments.speed.exact import LoraSlots
+from deployments.speed.modes import SpeedModes, torchao_fp8_converter
 
 from .conftest import load_tiny
 from .lora_factory import (  # noqa: F401 (base, base_out, inputs, shapes are fixtures)

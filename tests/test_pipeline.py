@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.errors import Canceled
 from deployments.engine.pipeline import frames_to_uint8, make_scheduler
+from deployments.errors import Canceled
 from deployments.spec import GenerationSpec
 
 from .conftest import make_image, stock_frames

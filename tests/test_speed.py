@@ -8,12 +8,11 @@ multiplier changes) takes minutes on a small CPU: it runs in the full tier (``-m
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from deployments.engine import pipeline as pipeline_mod
 from deployments.config import SpeedConfig
+from deployments.engine import pipeline as pipeline_mod
 from deployments.errors import LoraIncompatible
 from deployments.spec import LoraRef
 from deployments.speed.exact import SLOT, LoraSlots, apply_speed_modes

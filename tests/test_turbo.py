@@ -55,8 +55,8 @@ def test_step_is_clean_estimate_then_fresh_noise_at_the_next_sigma():
 def test_turbo_on_the_tiny_model_feeds_the_distilled_timesteps_without_cfg(model_cache, small_spec, tmp_path):
     """The transformer sees exactly 4 forwards (no CFG) at timesteps 1000 * sigma, whatever the request asked."""
     from deployments.config import SpeedConfig
-    from deployments.lora.files import linear_shapes
     from deployments.engine.pipeline import WanGenerator
+    from deployments.lora.files import linear_shapes
 
     from .lora_factory import make_layout
 
@@ -86,8 +86,8 @@ def test_turbo_lora_under_an_object_root_is_fetched_into_the_node_cache_and_load
     import fsspec
 
     from deployments.config import GpuConfig, SpeedConfig
-    from deployments.errors import LoraNotFound
     from deployments.engine.pipeline import WanGenerator
+    from deployments.errors import LoraNotFound
     from deployments.replica.startup import build_generator
 
     from .lora_factory import make_layout

@@ -21,15 +21,15 @@ from ..config import SpeedConfig
 from ..errors import Canceled, GenerationFailed, LoraIncompatible, OutOfMemory
 from ..generator import Generator
 from ..lora.files import linear_shapes, read_lora
-from .media_out import Mp4Stream
-from . import compat
-from .compat import plain_lora_layers
-from .memory import MemoryPlan
-from .models import LoadedModel
-from ..speed.modes import SpeedModes
 from ..spec import GenerationSpec, Progress, adapter_name
 from ..speed.exact import apply_speed_modes
 from ..speed.exact import warmup as speed_warmup
+from ..speed.modes import SpeedModes
+from . import compat
+from .compat import plain_lora_layers
+from .media_out import Mp4Stream
+from .memory import MemoryPlan
+from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from ..config import GpuConfig
 from ..errors import GenerationFailed, InvalidRequest, ReplicaUnavailable, ServiceError
 from ..generator import Generator, GeneratorFactory
 from ..joblog import job_logger
-from .layout import check_splittable
-from ..spec import GenerationSpec, Progress
 from ..replica.wan_i2v import WanI2VReplica
+from ..spec import GenerationSpec, Progress
+from .layout import check_splittable
 
 # generate() runs in the replica's job context: its lines name the job, as WanI2VReplica's do.
 log = job_logger("ray.serve")
@@ -115,8 +115,8 @@ class RankWorker:
 
     def setup(self, init_method: str) -> dict:
         """Join the group, load, split, warm up (compile cache around it); returns the startup account."""
-        from .ranks import Ranks, apply_parallel, check_same_weights
         from ..replica.startup import StartupClock, build_generator
+        from .ranks import Ranks, apply_parallel, check_same_weights
 
         clock = StartupClock()
         with clock.part("process_group_s"):
@@ -230,8 +230,8 @@ class RankWorker:
         return None
 
     def stats(self) -> dict:
-        from ..speed.compile_cache import compiled_graphs
         from ..engine.models import pipeline_loads
+        from ..speed.compile_cache import compiled_graphs
 
         return {"rank": self.rank, "pid": os.getpid(), "pipeline_loads": pipeline_loads(),
                 "adapter_loads": self.generator.adapter_loads, "compiled_graphs": compiled_graphs(),

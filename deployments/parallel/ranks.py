@@ -20,7 +20,6 @@ No Ray here: ``deployments/parallel/rank_group.py`` starts the processes; tests 
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import logging
 from dataclasses import dataclass

@@ -64,8 +64,8 @@ def build_generator(cfg: GpuConfig, split: Callable | None = None, rank: int = 0
     Returns:
         (loaded model, generator, startup report).
     """
-    from ..speed import attention, compile_cache
     from ..engine.models import load_pipeline
+    from ..speed import attention, compile_cache
 
     factory = factory or cfg.replica.make_generator_factory()
     clock = clock or StartupClock()

@@ -19,7 +19,6 @@ import socket
 import threading
 from typing import AsyncIterator
 
-from . import logs
 from ..config import GpuConfig
 from ..errors import (
     GenerationFailed,
@@ -33,8 +32,9 @@ from ..errors import (
 )
 from ..generator import Generator, GeneratorFactory
 from ..joblog import JOB_ID, in_job_context, job_logger
-from .metrics import ReplicaMetrics
 from ..spec import GenerationResult, GenerationSpec, Progress, VideoOutput, refs_from_key
+from . import logs
+from .metrics import ReplicaMetrics
 
 # Every line logged while a generation runs names its job (the caller passes the job id along).
 log = job_logger("ray.serve")
@@ -373,8 +373,8 @@ class WanI2VReplica:
                 raise ReplicaUnavailable(f"GPU is not usable: {e}") from e
 
     def stats(self) -> dict:
-        from ..speed.compile_cache import compiled_graphs
         from ..engine.models import pipeline_loads
+        from ..speed.compile_cache import compiled_graphs
 
         return {
             "replica": self.replica_id,

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import compat
-from . import attention
 from ..config import SpeedConfig
+from ..engine import compat
 from ..errors import LoraIncompatible
+from . import attention
 
 log = logging.getLogger(__name__)
 

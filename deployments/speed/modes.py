@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import compat
-from . import attention
 from ..config import SpeedConfig
+from ..engine import compat
 from ..errors import SpeedModeNotSupported, SpeedModeUnavailable
+from . import attention
 from .step_cache import StepCache, magcache_schedule
 from .turbo import DistillScheduler
 
