@@ -246,6 +246,17 @@ def test_image_pins_equal_pyprojects_and_the_benchmarked_stack():
     assert f"torchao=={cuda['torchao']}" in (ROOT / "benchmarks" / "README.md").read_text()
 
 
+def test_the_images_import_check_names_our_modules_where_they_are():
+    """The build's ``python -c "import ..."`` check names modules that exist (a module moved into a room
+    would otherwise fail the image build, long after the move)."""
+    names = re.search(r'python -c "import ([^"]+)"', _dockerfile()).group(1).split(", ")
+    ours = [n for n in names if n.split(".")[0] in ("serve_app", "deployments")]
+    assert "deployments.engine.pipeline" in ours
+    missing = [n for n in ours if not (ROOT.joinpath(*n.split(".")).with_suffix(".py").is_file()
+                                       or ROOT.joinpath(*n.split("."), "__init__.py").is_file())]
+    assert missing == []
+
+
 def test_one_image_everywhere():
     launcher_image = yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]["image"]
     kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
