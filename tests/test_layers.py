@@ -36,7 +36,7 @@ def _private(name: str) -> bool:
 def test_the_contract_and_the_ingress_import_no_gpu_stack():
     code = ("import sys, deployments.contract, serve_app.app, serve_app.ingress, serve_app.cli, serve_app.samples; "
             f"loaded = [m for m in {GPU_STACK!r} if m in sys.modules]; assert not loaded, loaded")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
 
 

@@ -33,8 +33,9 @@ costs nothing.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 # ---------------------------------------------------------------------------------------------
 # LoRA files
