@@ -620,12 +620,10 @@ def test_database_lost_while_running_answers_503_fast_and_runs_every_job_once(se
 
 @contextmanager
 def _app_with_own_s3(serve_env, name: str, **storage):
-    """(app, its S3 server): jobs on PostgreSQL, videos on an S3 server of its own that the test takes down."""
+    """(app, its S3 endpoint): jobs on PostgreSQL, videos behind an endpoint of its own that the test takes down."""
     from ray import serve
 
-    from tests.services import S3Server
-
-    s3 = S3Server().start()
+    s3 = serve_env.s3.front()
     try:
         args = serve_env.args_for(name, "postgres", storage={
             "outputs_dir": f"s3://{s3.create_bucket()}/videos", "outputs_options": s3.options(), **storage})
