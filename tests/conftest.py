@@ -423,11 +423,15 @@ def _poll_serve_often() -> None:
 
     Its own interval is 1 s, a constant with no setting: each deploy and each delete (a delete takes
     about 2 s, Serve's graceful-shutdown loop) ended up to a second after the app had, some 70 times
-    in the full tier. Only the client's waiting changes, not what Serve does.
+    in the full tier. Only the client's waiting changes, not what Serve does; where a Ray version has
+    no such constant, nothing changes.
     """
-    from ray.serve._private import client
-
-    client.CLIENT_POLLING_INTERVAL_S = 0.1
+    try:
+        from ray.serve._private import client
+    except ImportError:
+        return
+    if hasattr(client, "CLIENT_POLLING_INTERVAL_S"):
+        client.CLIENT_POLLING_INTERVAL_S = 0.1
 
 
 def _merge(base: dict, extra: dict) -> dict:
