@@ -360,6 +360,7 @@ def serve_env(request, tmp_path_factory, model_cache):
     ctx = ray.init(num_cpus=8, include_dashboard=False, namespace="wan-tests", log_to_driver=False,
                    _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": METRICS_PUSH_MS})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _poll_serve_often()
 
     def storage_for(name: str, backend: str) -> dict:
         if backend == "sqlite":
@@ -415,6 +416,22 @@ def loras(serve_env, tiny_shapes):
     a = make_lora(sub / "my_wan_job.safetensors", "ai-toolkit", tiny_shapes, seed=1)
     b = make_lora(serve_env.lora_root / "style_b.safetensors", "kohya", tiny_shapes, seed=2)
     return {"my_wan_job/my_wan_job.safetensors": a.path, "style_b.safetensors": b.path}
+
+
+def _poll_serve_often() -> None:
+    """This process's Serve client checks every 0.1 s whether a ``serve.run`` is up or a ``serve.delete`` done.
+
+    Its own interval is 1 s, a constant with no setting: each deploy and each delete (a delete takes
+    about 2 s, Serve's graceful-shutdown loop) ended up to a second after the app had, some 70 times
+    in the full tier. Only the client's waiting changes, not what Serve does; where a Ray version has
+    no such constant, nothing changes.
+    """
+    try:
+        from ray.serve._private import client
+    except ImportError:
+        return
+    if hasattr(client, "CLIENT_POLLING_INTERVAL_S"):
+        client.CLIENT_POLLING_INTERVAL_S = 0.1
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -242,6 +242,11 @@ class S3Server:
         """Connections closed unanswered while down: how often clients tried."""
         return self._front.rejected
 
+    def front(self) -> S3Front:
+        """Another endpoint to this moto, with a ``down()`` of its own: an outage seen by one app or store
+        only, without starting a moto of its own (1-3 s each). ``stop()`` it after use."""
+        return S3Front(self)
+
     def stop(self) -> None:
         """Stop moto itself (its data is lost)."""
         self._front.close()
@@ -266,3 +271,14 @@ class S3Server:
         boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
                      aws_secret_access_key="test").create_bucket(Bucket=name)
         return name
+
+
+class S3Front(S3Server):
+    """An endpoint of its own in front of a running ``S3Server``'s moto (see ``S3Server.front``); its
+    ``stop()`` closes the endpoint only (``proc`` is None: moto is the server's)."""
+
+    def __init__(self, server: S3Server):
+        self.port, self._moto_port, self.proc = free_port(), server._moto_port, None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._front = _Forwarder(self.port, self._moto_port)
+        self._front.open()

@@ -14,7 +14,10 @@ pytestmark = [pytest.mark.full, pytest.mark.cluster, pytest.mark.postgres]
 def test_fifty_jobs_exactly_once_across_nodes_that_share_no_disk(pg_server, s3_server, tmp_path):
     v, context, returncode = run_scenario(
         "cluster_scenario.py", ["--pg-url", pg_server.create_db(), "--s3-endpoint", s3_server.endpoint,
-                                "--bucket", s3_server.bucket, "--workdir", str(tmp_path), "--jobs", "50"], timeout=600)
+                                "--bucket", s3_server.bucket, "--workdir", str(tmp_path), "--jobs", "50",
+                                # 2 slow steps a job, not the script's 4: the ingress is still killed with
+                                # jobs in flight (4 retried in a run), and the 50 jobs end 7 s sooner
+                                "--steps", "2"], timeout=600)
     assert "error" not in v, context
     assert (v["nodes"], v["ingress_nodes"], v["gpu_nodes"]) == (5, 2, 2), context
     assert v["submitted"] == 50 and v["statuses"] == {"succeeded": 50, "failed": 0, "canceled": 0}, context

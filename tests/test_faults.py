@@ -141,13 +141,20 @@ def _cache_actor(cache_dir: str):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def fapp(request, serve_env):
-    """Two GPU replicas, a small queue, short leases (3 s) so recoveries are quick; once per state backend."""
+    """Two GPU replicas, a small queue, short leases (3 s) so recoveries are quick; once per state backend.
+
+    Serve notices a killed replica at its next health check (every ``health_check_period_s``, 10 s by
+    default): at 1 s the kill tests wait for a replacement about 5 s less each time.
+    """
     from ray import serve
 
     name = f"faults-{request.param}"
-    args = serve_env.args_for(name, request.param, gpu={"replica": {"min_replicas": 2, "max_replicas": 2}},
+    args = serve_env.args_for(name, request.param,
+                              gpu={"replica": {"min_replicas": 2, "max_replicas": 2, "health_check_period_s": 1}},
                               limits={"max_queue_total": QUEUE_LIMIT, "retry_after_s": 7},
-                              webhooks={"timeout_s": 5.0})  # a delivery's lease: 3 x 5 + 5 = 20 s
+                              # A delivery's lease, 3 x 3 + 5 = 14 s, is what the webhook-kill test waits
+                              # out; an attempt's 3 s outlast the moment between its arrival and the kill.
+                              webhooks={"timeout_s": 3.0})
     app = serve_env.deploy(name, f"/{name}", args)
     _wait_running(app, 2)
     yield app
@@ -614,12 +621,10 @@ def test_database_lost_while_running_answers_503_fast_and_runs_every_job_once(se
 
 @contextmanager
 def _app_with_own_s3(serve_env, name: str, **storage):
-    """(app, its S3 server): jobs on PostgreSQL, videos on an S3 server of its own that the test takes down."""
+    """(app, its S3 endpoint): jobs on PostgreSQL, videos behind an endpoint of its own that the test takes down."""
     from ray import serve
 
-    from tests.services import S3Server
-
-    s3 = S3Server().start()
+    s3 = serve_env.s3.front()
     try:
         args = serve_env.args_for(name, "postgres", storage={
             "outputs_dir": f"s3://{s3.create_bucket()}/videos", "outputs_options": s3.options(), **storage})

@@ -548,11 +548,9 @@ def test_an_object_root_checks_files_as_a_local_root_does(s3_root, dirs, tmp_pat
         assert store.stats()["misses"] == 0  # refused by its size before any byte was read
 
 
-def test_an_unreachable_store_serves_the_cached_copy_and_fails_what_it_never_had(dirs):
-    from tests.services import S3Server
-
+def test_an_unreachable_store_serves_the_cached_copy_and_fails_what_it_never_had(dirs, s3_server):
     _, cache, _ = dirs
-    server = S3Server().start()
+    server = s3_server.front()
     try:
         import fsspec
 

@@ -141,10 +141,8 @@ def test_presigned_redirect_needs_an_object_store(tmp_path):
 
 @pytest.mark.full  # stops its server for tens of seconds
 @pytest.mark.kills
-def test_object_store_down_fails_writes_with_a_code_and_reads_as_unavailable(tmp_path):
-    from tests.services import S3Server
-
-    server = S3Server().start()
+def test_object_store_down_fails_writes_with_a_code_and_reads_as_unavailable(tmp_path, s3_server):
+    server = s3_server.front()
     try:
         bucket = server.create_bucket()
         outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{bucket}/v", outputs_options=server.options(),
@@ -167,10 +165,8 @@ def test_object_store_down_fails_writes_with_a_code_and_reads_as_unavailable(tmp
         server.stop()
 
 
-def test_a_submit_with_the_object_store_down_gets_its_answer_without_the_jobs_retry_window(tmp_path):
-    from tests.services import S3Server
-
-    server = S3Server().start()
+def test_a_submit_with_the_object_store_down_gets_its_answer_without_the_jobs_retry_window(tmp_path, s3_server):
+    server = s3_server.front()
     try:
         outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{server.create_bucket()}/v",
                                             outputs_options=server.options(), write_retry_s=120))
@@ -185,14 +181,13 @@ def test_a_submit_with_the_object_store_down_gets_its_answer_without_the_jobs_re
 
 @pytest.mark.full  # stops its server for tens of seconds
 @pytest.mark.kills
-def test_an_output_write_outlasts_an_object_store_outage_within_its_retry_window(tmp_path):
+def test_an_output_write_outlasts_an_object_store_outage_within_its_retry_window(tmp_path, s3_server):
     """The store is down when the write starts and back after two failed tries: the write lands."""
     import threading
 
     from tests.conftest import wait_for
-    from tests.services import S3Server
 
-    server = S3Server().start()
+    server = s3_server.front()
     try:
         bucket = server.create_bucket()
         outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{bucket}/v", outputs_options=server.options(),
@@ -219,10 +214,8 @@ def test_an_output_write_outlasts_an_object_store_outage_within_its_retry_window
         server.stop()
 
 
-def test_an_output_write_gives_up_after_its_retry_window_with_the_tries_in_the_error(tmp_path):
-    from tests.services import S3Server
-
-    server = S3Server().start()
+def test_an_output_write_gives_up_after_its_retry_window_with_the_tries_in_the_error(tmp_path, s3_server):
+    server = s3_server.front()
     try:
         outputs = OutputStore(StorageConfig(outputs_dir=f"s3://{server.create_bucket()}/v",
                                             outputs_options=server.options(), write_retry_s=3, write_attempts=50))
