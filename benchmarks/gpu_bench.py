@@ -574,6 +574,7 @@ def ours_forward(c: BenchContext):
 
 def ours_request(c: BenchContext):
     g0 = unique_graphs()
+    c.gen.encodings.clear()  # a new picture, as the reference's request: its VAE encode is paid
     peak_reset(c.device)
     with StepCapture(c.gen.scheduler_for_spec(c.spec)) as cap:
         t = time.perf_counter()
@@ -689,6 +690,7 @@ def mode_spec(c: BenchContext, mode: str):
 def mode_run(c: BenchContext, mode: str):
     s = mode_spec(c, mode)
     g0 = unique_graphs()
+    c.gen.encodings.clear()  # a new picture, as the reference's request: its VAE encode is paid
     peak_reset(c.device)
     with StepCapture(c.gen.scheduler_for_spec(s)) as cap:
         frames = c.gen.generate(s)
@@ -707,6 +709,9 @@ def mode_run(c: BenchContext, mode: str):
         "peak_gib": peak_gib(c.device),
         "graphs_compiled": unique_graphs() - g0,
     }
+    if mode == "turbo":  # the same picture again (another seed): its kept VAE encoding is reused
+        again = c.gen.generate(s.model_copy(update={"seed": s.seed + 1}))
+        res["same_picture_again"] = {"timings": again.timings, "vae_encode_reused": again.speed["vae_encode_reused"]}
     if mode != "exact" and "exact_latents" in c.S:
         res["latents_rel_err_vs_exact"] = rel_l2(cap.last, c.S["exact_latents"])
         res["psnr_db_vs_exact"] = psnr_db(frames.frames, c.S["exact_frames"])
@@ -733,6 +738,94 @@ def mode_fast(c: BenchContext):
             "ratio_vs_ref": round(med / ref, 3) if ref else None,
             "rel_err_vs_ref": rel_l2(out, c.S["ref_out"]) if "ref_out" in c.S else None,
         }
+    return res
+
+
+def parse_magcache(name: str) -> dict:
+    """MagCache's own names for its settings: ``E024K6R02`` is threshold 0.24, K 6, retention ratio 0.2."""
+    import re
+
+    m = re.fullmatch(r"E(\d+)K(\d+)R(\d+)", name)
+    if not m:
+        raise ValueError(f"not a MagCache setting name (E..K..R..): {name!r}")
+    e, k, r = m.groups()
+    return {"threshold": int(e) / 100, "max_skips": int(k), "retention_ratio": int(r) / 10}
+
+
+def fast_alt(c: BenchContext):
+    """Fast mode under MagCache's other published Wan 2.1 I2V 480P settings (the schedule changes, nothing
+    recompiles: skipping happens around the compiled blocks), each against exact mode at the same seed."""
+    modes = c.gen.modes
+    saved = modes.speed
+    out = {}
+    try:
+        for name in c.a.fast_alt:
+            cache = saved.fast.step_cache.model_copy(update=parse_magcache(name))
+            modes.speed = saved.model_copy(update={"fast": saved.fast.model_copy(update={"step_cache": cache})})
+            out[name] = mode_run(c, "fast")
+    finally:
+        modes.speed = saved
+    return out
+
+
+KERNEL_KINDS = (  # the first pattern a kernel's name contains names its kind
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "matmul")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("copies", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p in low for p in patterns):
+            return kind
+    return "other"
+
+
+def profile_exact(c: BenchContext):
+    """Where one exact-mode forward's time goes (compiled, warmed up): device time per kernel kind, the
+    launches, and how much of the wall time the device is idle (the part CUDA graphs could remove)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args, kwargs = c.S["inputs"]
+    transformer = c.gen.pipe.transformer
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if c.device.type == "cuda" else [])
+    with torch.inference_mode():
+        transformer(*args, **kwargs)
+        sync(c.device)
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            transformer(*args, **kwargs)
+            sync(c.device)
+            wall = time.perf_counter() - t
+    kinds: dict = {}
+    launches, busy = 0, 0.0
+    top: dict = {}
+    for e in prof.events():
+        dt = getattr(e, "device_type", None)
+        if dt is None or "CUDA" not in str(dt):
+            continue
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if not us:
+            continue
+        launches += 1
+        busy += us / 1e6
+        k = kernel_kind(e.name)
+        kinds[k] = kinds.get(k, 0.0) + us / 1e6
+        top[e.name[:90]] = top.get(e.name[:90], 0.0) + us / 1e6
+    res = {
+        "wall_s": round(wall, 4),
+        "device_busy_s": round(busy, 4),
+        "device_idle_s": round(max(wall - busy, 0.0), 4),
+        "kernels": launches,
+        "by_kind_s": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels_s": {k: round(v, 4) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]},
+    }
+    if c.device.type != "cuda":  # CPU: no device events; the op table stands in so the section runs its code
+        res["note"] = "CPU: no device kernels; the profile's code ran"
+        res["cpu_ops"] = len(prof.key_averages())
     return res
 
 
@@ -767,6 +860,7 @@ def alt_casts(c: BenchContext):
 
 
 def noise_request(c: BenchContext):
+    c.gen.encodings.clear()  # the pipeline's own VAE encode, timed by the stage hooks, as the reference's
     if c.gen._slots is not None:
         c.gen._slots.apply([])
     backend = "_native_flash" if c.device.type == "cuda" else "_native_math"
@@ -814,6 +908,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="FP8 linears in fast/turbo (needs torchao on the card)")
     ap.add_argument("--distill-rank", type=int, default=64, help="rank of the random distillation LoRA (turbo)")
     ap.add_argument("--attention", default="auto", help="exact mode's speed.attention_backend (auto: FA4 if installed)")
+    ap.add_argument("--fast-alt", default="E012K4R02,E024K6R02",
+                    help="MagCache settings (its names) to run fast mode under too, after its default (fast_alt)")
     ap.add_argument("--long", action="store_true", help="81 frames and 40 steps (Wan's own defaults)")
     ap.add_argument("--only", default="", help="comma-separated sections to run (build always; ours_init as needed)")
     ap.add_argument(
@@ -828,6 +924,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "exact" not in a.modes:
         a.modes.insert(0, "exact")  # the baseline every mode is compared with
     a.only = sorted({x.strip() for x in a.only.split(",") if x.strip()})
+    a.fast_alt = [x.strip() for x in a.fast_alt.split(",") if x.strip()]
     if a.cpu_smoke:
         a.source, a.device = "tiny", "cpu"
         a.width, a.height, a.frames, a.steps = 64, 48, 5, 3
@@ -903,7 +1000,7 @@ def run_sections(c: BenchContext) -> int:
         c.B.section("truth_forward", truth_forward, c)
 
     # 4. ours -----------------------------------------------------------------------------------
-    later = ["ours_forward", "ours_request", "lora", *(f"mode_{m}" for m in c.a.modes), "noise_request", "alt_casts"]
+    later = ["ours_forward", "ours_request", "profile_exact", "lora", "fast_alt", *(f"mode_{m}" for m in c.a.modes), "noise_request", "alt_casts"]
     if not any(c.want(x) for x in later):
         c.R["total_s"] = round(c.B.elapsed(), 1)
         c.B.save()
@@ -920,6 +1017,9 @@ def run_sections(c: BenchContext) -> int:
     if c.want("ours_request"):
         c.B.section("ours_request", ours_request, c)
 
+    if c.want("profile_exact") and "inputs" in c.S:
+        c.B.section("profile_exact", profile_exact, c)
+
     # 5. LoRA on the compiled model ---------------------------------------------------------------
     if c.want("lora") and "inputs" in c.S:
         c.B.section("lora", lora, c)
@@ -929,6 +1029,8 @@ def run_sections(c: BenchContext) -> int:
         if c.want(f"mode_{mode}"):
             if mode == "fast":
                 c.B.section("mode_fast", mode_fast, c)
+                if c.want("fast_alt") and c.a.fast_alt and "exact_latents" in c.S:
+                    c.B.section("fast_alt", fast_alt, c)
             else:
                 c.B.section(f"mode_{mode}", mode_run, c, mode)
     # Back to exact mode's state for what follows (it calls the pipeline directly): no LoRA, the

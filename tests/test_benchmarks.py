@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every section gpu_bench.py runs on a GPU; the smoke forces the optional ones on.
 GPU_BENCH_SECTIONS = (
     "build", "ref_warm", "ref_request", "ref_forward", "noise_forward", "truth_forward",
-    "ours_init", "ours_forward", "ours_request", "lora", "mode_exact", "mode_fast", "mode_turbo",
+    "ours_init", "ours_forward", "ours_request", "profile_exact", "lora", "mode_exact", "mode_fast", "fast_alt",
+    "mode_turbo",
     "noise_request", "alt_casts",
 )
 STAGES = {"text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "total"}
@@ -88,6 +89,15 @@ def test_gpu_bench_smoke_runs_every_section(model_cache, tmp_path):
     for m in (modes["fast"], modes["turbo"]):  # (fast's tiny-model frames may round to exact's: PSNR "inf")
         assert m["latents_rel_err_vs_exact"] > 0 and m["psnr_db_vs_exact"] is not None
     assert isinstance(modes["turbo"]["psnr_db_vs_exact"], float)
+    # fast mode again under MagCache's other published settings: each schedule was the one asked for
+    for name, (threshold, k) in {"E012K4R02": (0.12, 4), "E024K6R02": (0.24, 6)}.items():
+        cache = r["fast_alt"][name]["speed"]["step_cache"]
+        assert (cache["threshold"], cache["max_skips"]) == (threshold, k), name
+        assert r["fast_alt"][name]["graphs_compiled"] == 0
+    assert r["profile_exact"]["wall_s"] > 0
+    # every timed request paid its VAE encode (a new picture); turbo's second one reused it
+    assert modes["turbo"]["speed"]["vae_encode_reused"] is False
+    assert modes["turbo"]["same_picture_again"]["vae_encode_reused"] is True
 
 
 def test_attention_bench_smoke_runs_every_section(tmp_path):
@@ -241,3 +251,21 @@ def test_memory_bench_smoke_runs_every_mode(model_cache, tmp_path):
         assert r[mode]["latents_rel_l2_vs_full"] == 0.0 and r[mode]["psnr_db_vs_full"] == "inf"
     moved = r["offload"]["memory_after"]
     assert moved["max_blocks_resident"] == 2 and moved["loads"] > 0 and moved["host_gib"] >= 0
+
+
+def test_vae_bench_smoke_runs_every_variant(model_cache, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vae_bench.py"), "--cpu-smoke", "--out", str(out),
+                           "--cache-dir", str(model_cache)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    results_file = out / "vae_bench.json"
+    assert results_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (size,) = json.loads(results_file.read_text())["sizes"]
+    assert "errors" not in size, size
+    for stage in ("decode", "encode"):
+        assert set(size[stage]) >= {"default", "cudnn_benchmark", "channels_last"}
+        # on CPU cuDNN plays no part and the layout changes only rounding
+        assert size[stage]["cudnn_benchmark"]["rel_l2_vs_default"] == 0.0
+        assert size[stage]["channels_last"]["rel_l2_vs_default"] < 1e-5
+    cache = size["encode"]["cache"]
+    assert (cache["misses"], cache["hits"]) == (1, 1) and cache["hit_bit_equal_to_miss"]

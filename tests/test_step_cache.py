@@ -60,12 +60,21 @@ def test_rule_never_skips_a_branch_first_forward_and_zero_threshold_skips_nothin
     assert all(all(row) for row in magcache_schedule(RATIOS, 4, 2, threshold=0, max_skips=9, retention_ratio=0))
 
 
-@pytest.mark.parametrize("steps, skipped", [(25, 26), (40, 42)])
+@pytest.mark.parametrize("steps, skipped", [(25, 32), (40, 50)])
 def test_default_config_schedule_from_the_calibrated_ratios(steps, skipped):
-    """The default (E 0.12, K 2, R 0.2 on MagCache's Wan 2.1 I2V 480P ratios) skips what MagCache's own
-    loop skips at these step counts (computed with a port of its loop)."""
+    """The default (E 0.24, K 6, R 0.2 on MagCache's Wan 2.1 I2V 480P ratios: its E024K6R02) skips what
+    MagCache's own loop skips at these step counts (computed with a port of its loop)."""
     c = StepCacheConfig()
+    assert (c.threshold, c.max_skips, c.retention_ratio) == (0.24, 6, 0.2)
     assert tuple(c.mag_ratios) == MAGCACHE_WAN21_I2V_480P and len(c.mag_ratios) == 80
+    schedule = magcache_schedule(c.mag_ratios, steps, 2, c.threshold, c.max_skips, c.retention_ratio)
+    assert sum(not x for row in schedule for x in row) == skipped
+
+
+@pytest.mark.parametrize("steps, skipped", [(25, 26), (40, 42)])
+def test_the_closer_setting_schedule_from_the_calibrated_ratios(steps, skipped):
+    """E 0.12, K 2 (the default before, for closer results): MagCache's loop's counts, from the same port."""
+    c = StepCacheConfig(threshold=0.12, max_skips=2)
     schedule = magcache_schedule(c.mag_ratios, steps, 2, c.threshold, c.max_skips, c.retention_ratio)
     assert sum(not x for row in schedule for x in row) == skipped
 

@@ -25,6 +25,7 @@ from ..spec import GenerationSpec, Progress, adapter_name
 from ..speed.exact import apply_speed_modes
 from ..speed.exact import warmup as speed_warmup
 from ..speed.modes import SpeedModes
+from ..speed.vae import EncodeCache, channels_last
 from . import compat
 from .compat import plain_lora_layers
 from .media_out import Mp4Stream
@@ -236,6 +237,9 @@ class WanGenerator(Generator):
         # Hooked once for the generator's life; a clock is set only while ``generate`` runs.
         self._clock: StageProgress | None = None
         self._hooks = hook_stages(self.pipe, lambda: self._clock)
+        if self.speed.vae_channels_last and self.device.type == "cuda":
+            channels_last(self.pipe.vae)
+        self.encodings = EncodeCache(self.pipe.vae, self.speed.vae_encode_cache, on_hit=self._encode_kept)
         # Speed modes (CUDA only; a no-op on CPU). With compiled blocks, adapters go through the
         # fixed LoRA slot (speed.LoraSlots) so that loads, switches and multipliers never recompile.
         with plain_lora_layers(self.memory.fp8):
@@ -255,6 +259,12 @@ class WanGenerator(Generator):
         if self.speed.warmup:
             self.warmup()
 
+    def _encode_kept(self) -> None:
+        """A kept first-frame encoding was used: the stage is announced and timed as if the VAE had run."""
+        if self._clock is not None:
+            self._clock.start("vae_encode")
+            self._clock.stop("vae_encode")
+
     @property
     def speed_modes(self) -> tuple[str, ...]:
         return self.modes.enabled
@@ -263,6 +273,7 @@ class WanGenerator(Generator):
         """Compile now, at replica start (idempotent; a no-op without speed modes, e.g. on CPU)."""
         if self.speed_report.get("applied") and "warmup" not in self.speed_report:
             self.speed_report["warmup"] = speed_warmup(self, self.speed)
+            self.encodings.clear()  # the warm-up's pictures are nobody's
         return self.speed_report.get("warmup", {})
 
     # -- adapters ----------------------------------------------------------------------------
@@ -426,6 +437,7 @@ class WanGenerator(Generator):
         self._activate(spec)
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         mode = self.modes.begin(spec, generator)
+        hits = self.encodings.hits
         self.pipe.scheduler = self.scheduler_for_spec(spec)
 
         # 2. Inputs exactly as the reference passes them.
@@ -452,6 +464,7 @@ class WanGenerator(Generator):
         report["memory"] = {**memory, "note": self.memory.note} if self.memory.note else memory
         report.setdefault("forwards_computed", spec.steps * mode.branches)
         report.setdefault("forwards_skipped", 0)
+        report["vae_encode_reused"] = self.encodings.hits > hits
         return Frames(frames=frames, seed=spec.seed, timings=timings, video=video, speed=report)
 
     def _call_pipeline(self, spec: GenerationSpec, image, generator, step_end, progress: StageProgress,
