@@ -49,7 +49,7 @@ def load_vae(a, device: torch.device):
     from diffusers import AutoencoderKLWan
 
     if a.source == "tiny":
-        from deployments.models import ensure_tiny
+        from deployments.engine.models import ensure_tiny
 
         return AutoencoderKLWan.from_pretrained(ensure_tiny(a.cache_dir) / "vae").to(device).eval()
     torch.manual_seed(0)
