@@ -42,10 +42,9 @@ MODES = ("full", "fp8", "offload")  # largest to smallest need
 
 # Peak GPU memory allocated by one default request (832x480, 41 frames, 25 steps, CFG 4, a rank-32 LoRA;
 # above what start-up and warm-up reach) on the 480P 14B model, per mode, measured on an H100 with
-# benchmarks/memory_bench.py (benchmarks/RESULTS.md, "Memory modes": full 48.36, offload 13.91 GiB), plus
-# MARGIN_GIB for the CUDA context and the allocator's slack. fp8 is full's peak less the FP8 saving on the
-# block linears (15.1 GiB of their 30.2), until measured.
-NEED_GIB = {"full": 48.4, "fp8": 33.5, "offload": 14.0}
+# benchmarks/memory_bench.py (benchmarks/RESULTS.md, "Memory modes", H100: full 48.36, fp8 33.34, offload
+# 13.91 GiB), plus MARGIN_GIB for the CUDA context and the allocator's slack.
+NEED_GIB = {"full": 48.4, "fp8": 33.4, "offload": 14.0}
 MARGIN_GIB = 1.5
 NEED_MODEL = "the Wan 2.1 I2V 14B model at 832x480, 41 frames"
 
