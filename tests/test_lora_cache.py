@@ -606,6 +606,8 @@ def test_a_lora_from_an_object_root_gives_the_frames_of_the_same_file_from_a_loc
     assert not np.array_equal(frames["s3"], generator.generate(small_spec()).frames)  # the LoRA was applied
 
 
+@pytest.mark.full
+@pytest.mark.postgres  # the S3 half of that backend, over HTTP (the roots' equality at store level: fast tier)
 def test_an_object_store_lora_root_over_http(serve_env, generator, tiny_shapes, tmp_path):
     """The Serve app with its LoRA root and turbo's distillation LoRA in S3, sharing the outputs' endpoint.
 
