@@ -1000,7 +1000,8 @@ def run_sections(c: BenchContext) -> int:
         c.B.section("truth_forward", truth_forward, c)
 
     # 4. ours -----------------------------------------------------------------------------------
-    later = ["ours_forward", "ours_request", "profile_exact", "lora", "fast_alt", *(f"mode_{m}" for m in c.a.modes), "noise_request", "alt_casts"]
+    later = ["ours_forward", "ours_request", "profile_exact", "lora", "fast_alt", *(f"mode_{m}" for m in c.a.modes),
+             "noise_request", "alt_casts"]
     if not any(c.want(x) for x in later):
         c.R["total_s"] = round(c.B.elapsed(), 1)
         c.B.save()

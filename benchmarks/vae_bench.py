@@ -26,9 +26,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.gpu_bench import rel_l2, sync  # noqa: E402
+from benchmarks.gpu_bench import rel_l2, time_call  # noqa: E402
 from deployments.speed.vae import EncodeCache, channels_last  # noqa: E402
 
 
@@ -56,17 +54,6 @@ def load_vae(a, device: torch.device):
     with torch.device(device):
         return AutoencoderKLWan().to(torch.bfloat16).eval()
 
-
-def timed(fn, device, reps: int) -> tuple[float, list[float], object]:
-    out = fn()  # warm-up: cuDNN's benchmark and compile happen here
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), [round(x, 4) for x in times], out
 
 
 class Variant:
@@ -112,9 +99,10 @@ def size_section(a, vae, device, frames: int) -> dict:
                 v.enter(vae)
                 for stage, fn in (("decode", lambda: vae.decode(z, return_dict=False)[0]),
                                   ("encode", lambda: vae.encode(video).latent_dist.mode())):
-                    med, times, out = timed(fn, device, a.reps)
+                    # one untimed call first: cuDNN's benchmark and compile happen in it
+                    med, times, out = time_call(fn, device, 1, a.reps)
                     out = out.float()
-                    rec = {"seconds": round(med, 4), "times": times, "rel_l2_vs_float32": rel_l2(out, truth[stage])}
+                    rec = {"seconds": round(med, 4), "times": [round(x, 4) for x in times], "rel_l2_vs_float32": rel_l2(out, truth[stage])}
                     if v.name == "default":
                         base[stage] = out
                     else:
@@ -147,18 +135,10 @@ def cache_section(a, vae, device, video, expected) -> dict:
     """The product's EncodeCache around this VAE: a miss, then hits on the same input."""
     cache = EncodeCache(vae, size=4)
     try:
-        sync(device)
-        t = time.perf_counter()
-        miss = vae.encode(video).latent_dist.mode()
-        sync(device)
-        miss_s = time.perf_counter() - t
-        hits = []
-        for _ in range(max(a.reps, 1)):
-            t = time.perf_counter()
-            hit = vae.encode(video).latent_dist.mode()
-            sync(device)
-            hits.append(time.perf_counter() - t)
-        return {"miss_s": round(miss_s, 4), "hit_s": round(statistics.median(hits), 4),
+        encode = lambda: vae.encode(video).latent_dist.mode()  # noqa: E731
+        miss_s, _, miss = time_call(encode, device, 0, 1)
+        hit_s, _, hit = time_call(encode, device, 0, max(a.reps, 1))
+        return {"miss_s": round(miss_s, 4), "hit_s": round(hit_s, 4),
                 "hits": cache.hits, "misses": cache.misses, "hit_bit_equal_to_miss": bool(torch.equal(hit, miss)),
                 "miss_rel_l2_vs_default": rel_l2(miss.float(), expected) if expected is not None else None}
     finally:

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
 def channels_last(vae, on: bool = True) -> None:
     """Every 5D weight NDHWC and every 4D one NHWC (``Module.to(memory_format=...)`` would ask rank 5 of both)."""
-    formats = {5: torch.channels_last_3d, 4: torch.channels_last} if on else {5: torch.contiguous_format,
-                                                                            4: torch.contiguous_format}
+    formats = {5: torch.channels_last_3d, 4: torch.channels_last}
     for p in vae.parameters():
         if p.dim() in formats:
-            p.data = p.data.contiguous(memory_format=formats[p.dim()])
+            p.data = p.data.contiguous(memory_format=formats[p.dim()] if on else torch.contiguous_format)
 
 
 class EncodeCache:
