@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,10 +30,35 @@ PG_USER = "wan"
 PG_PASSWORD = "wan-test-password"
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Below the kernel's ephemeral range and above Ray's worker ports (10002-19999).
+_PORTS = range(20000, max(_ephemeral_low(), 20100))
+_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 that no client socket will take as its own.
+
+    Not the kernel's pick (``bind(0)``): that is an ephemeral port, and a server that stops and comes back
+    (PostgreSQL in the outage tests) found it taken meanwhile by the local end of some client's
+    connection, a client retrying that very port included (TCP connects to itself there).
+    """
+    for _ in range(1000):
+        port = _rng.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def _wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:

@@ -31,6 +31,7 @@ from deployments.fetch import (
     vet_url,
 )
 from tests.http_server import LocalServer, local_server, loopback_only  # noqa: F401  (fixtures)
+from tests.services import free_port
 
 DEFAULT = FetchConfig()
 LOCAL = FetchConfig(allow_http=True, allowed_hosts=["127.0.0.1"], connect_timeout_s=2, read_timeout_s=2)
@@ -270,10 +271,7 @@ def test_total_timeout_on_a_slow_drip(local_server):  # noqa: F811
 
 
 def test_connection_refused():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = free_port()  # nothing listens there
     with pytest.raises(FetchFailed) as e:
         fetch_bytes(f"http://127.0.0.1:{port}/x", LOCAL, 10)
     assert _reason(e) == "connection"

@@ -23,6 +23,7 @@ from deployments.lora.actor import LoraCacheActor
 from deployments.lora.cache import TEMP_PREFIX, LoraStore
 from deployments.lora.refs import LoraRefInvalid, LoraSchemeUnsupported, check_in_root, validate_ref
 from tests.http_server import LocalServer, Route, local_server, loopback_only  # noqa: F401  (fixtures)
+from tests.services import free_port
 
 WAIT_S = 180  # generous: a loaded shared machine can take a minute to start an actor worker
 FETCH = FetchConfig(allow_http=True, allowed_hosts=["127.0.0.1"], connect_timeout_s=2, read_timeout_s=2)
@@ -281,12 +282,7 @@ def test_transient_failures_are_retried_until_the_file_comes(dirs, local_server,
 
 
 def test_connection_errors_are_retried(store):
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = free_port()  # nothing listens there
     with pytest.raises(LoraFetchFailed) as e:
         store.resolve(f"http://127.0.0.1:{port}/a.safetensors")
     assert e.value.details["reason"] == "connection" and e.value.details["attempts"] == FAST_RETRY.attempts
