@@ -224,6 +224,15 @@ class AppUnderTest:
                 raise AssertionError(f"job {request_id} still {status} after {timeout}s")
             time.sleep(0.1)
 
+    def wait_running(self, request_id: str, step: int = 1, headers: dict | None = None, timeout: float = 60) -> dict:
+        """Wait until the job is at a GPU replica, past denoising step ``step``: a job sent after this one
+        then queues behind it (one replica, one job at a time), whichever runner sends it."""
+        def running() -> dict | None:
+            status = self.http.get(f"/v1/requests/{request_id}/status", headers=headers or {}).json()
+            return status if status["status"] == "in_progress" and status["progress"]["step"] >= step else None
+
+        return wait_for(running, timeout, lambda: f"job {request_id} in progress at step >= {step}", interval=0.05)
+
     def run(self, request: dict, headers: dict | None = None, timeout: float = 120) -> dict:
         """Submit, wait, return the result (asserting the submit was accepted)."""
         r = self.submit(request, headers)

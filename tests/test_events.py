@@ -290,8 +290,7 @@ def test_a_quiet_stream_sends_keep_alive_comments(eapp):
     first = eapp.submit(_slow(12, seed=2), A).json()["request_id"]
     # The second job is sent only once the first holds the one GPU replica: two ingress runners could
     # otherwise bring the small job there first, and its stream would never be quiet.
-    wait_for(lambda: eapp.http.get(f"/v1/requests/{first}/status", headers=A).json()["progress"]["stage"]
-             == "denoising", timeout=60, what="the first job denoising")
+    eapp.wait_running(first, headers=A)
     rid = eapp.submit(small_request(seed=3), A).json()["request_id"]
     raw: list[str] = []
     r, events = _stream(eapp.http, rid, A, raw)

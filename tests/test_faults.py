@@ -84,11 +84,6 @@ def _wait_until(app, rid: str, check, timeout: float = 60, what: str = "") -> di
         time.sleep(0.05)
 
 
-def _running_at_step(app, rid: str, step: int = 1, timeout: float = 60) -> dict:
-    return _wait_until(app, rid, lambda s: s["status"] == "in_progress" and s["progress"]["step"] >= step,
-                       timeout, f"in_progress at step >= {step}")
-
-
 def _slow(steps: int, tag: str = "", **kw) -> dict:
     return small_request(prompt=f"{SLOW_PROMPT} {tag or uuid.uuid4().hex[:6]}", sample_steps=steps, **kw)
 
@@ -268,10 +263,12 @@ def test_bad_weights_fail_with_generation_failed_and_the_replica_serves_the_next
 def test_cancel_frees_the_replica_within_a_step(fapp):
     steps, step_s = 40, 0.25
     running = [fapp.submit(_slow(steps, f"cancel-run-{i}")).json()["request_id"] for i in range(2)]
-    # Two replicas, four jobs in flight at most: two wait at the replicas, one more in the database.
+    for rid in running:  # both replicas busy before the others are sent: none of those can start first
+        fapp.wait_running(rid, 1)
     queued = [fapp.submit(_slow(steps, f"cancel-queued-{i}")).json()["request_id"] for i in range(3)]
-    for rid in running:
-        _running_at_step(fapp, rid, 2)
+    # Two replicas, four jobs in flight at most: two wait at the replicas, one more in the database.
+    wait_for(lambda: len(_db_rows(fapp, "id IN (?,?,?) AND lease_until > 0", tuple(queued))) == 2, 30,
+             "two of the queued jobs sent to the busy replicas")
     assert all(_status(fapp, rid)["status"] == "in_queue" for rid in queued)  # both replicas are busy
     assert len(_db_rows(fapp, "id IN (?,?,?) AND lease_until > 0", tuple(queued))) == 2
 
@@ -309,7 +306,7 @@ def test_cancel_frees_the_replica_within_a_step(fapp):
 def test_gpu_replica_killed_mid_job_is_retried_elsewhere_and_replaced(fapp):
     jobs = [fapp.submit(_slow(12, f"kill-{i}")).json()["request_id"] for i in range(2)]
     for rid in jobs:
-        _running_at_step(fapp, rid, 1)
+        fapp.wait_running(rid, 1)
     where = {rid: _result(fapp, rid)["metadata"]["running_on"] for rid in jobs}
     victim_job = jobs[0]
     victim_pid = int(where[victim_job].rsplit(":", 1)[1])
@@ -366,7 +363,7 @@ def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop
         running = [fapp.submit(_slow(80, f"ingress-dies-{i}")).json()["request_id"] for i in range(2)]
         queued = fapp.submit(small_request(seed=22)).json()["request_id"]
         for rid in running:
-            _running_at_step(fapp, rid, 3)
+            fapp.wait_running(rid, 3)
         # one long run on each GPU replica: both will be orphaned
         assert len({_result(fapp, rid)["metadata"]["running_on"] for rid in running}) == 2
         (ingress,) = _replicas(fapp.name, "Ingress")
@@ -590,7 +587,7 @@ def test_database_lost_while_running_answers_503_fast_and_runs_every_job_once(se
     try:
         running = app.submit(_slow(16, "db-lost")).json()["request_id"]
         queued = [app.submit(small_request(seed=31 + i)).json()["request_id"] for i in range(3)]
-        _running_at_step(app, running, 1)
+        app.wait_running(running, 1)
         server.stop()
         for _ in range(2):  # the first calls find the pool's connections dead, the next know it is down
             for call in (lambda: app.submit(small_request(seed=39)),
@@ -642,7 +639,7 @@ def test_object_store_down_answers_503_on_download_and_a_write_waits_for_it(serv
         done = app.run(small_request(seed=61))
         assert done["status"] == "succeeded"
         rid = app.submit(_slow(12, "s3-down")).json()["request_id"]
-        _running_at_step(app, rid, 1)  # its control image was read: the replica has all it needs
+        app.wait_running(rid, 1)  # its control image was read: the replica has all it needs
         s3.down()
         r, took = _timed(lambda: app.http.get(f"/v1/requests/{done['request_id']}/outputs/0"))
         assert _unavailable(r, "OUTPUT_STORE_UNAVAILABLE"), r.text
@@ -667,7 +664,7 @@ def test_object_store_down_answers_503_on_download_and_a_write_waits_for_it(serv
 def test_object_store_down_past_the_retries_fails_the_job_with_a_code_and_no_half_file(serve_env):
     with _app_with_own_s3(serve_env, "s3lost", write_attempts=3, write_retry_s=60) as (app, s3):
         rid = app.submit(_slow(10, "s3-lost")).json()["request_id"]
-        _running_at_step(app, rid, 1)
+        app.wait_running(rid, 1)
         s3.down()
         final = app.wait(rid, timeout=120)
         assert final["status"] == "failed", final
