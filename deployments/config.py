@@ -329,6 +329,9 @@ class ReplicaConfig(StrictModel):
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 60.0
     graceful_shutdown_timeout_s: float = 60.0
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="how often a stopping replica looks whether its request has ended (Serve's "
+        "default); an idle one still waits this long once before it stops")
     generator_factory: str = Field(
         DEFAULT_GENERATOR_FACTORY,
         description="'module:name' of what makes each process's generator from the loaded model "

@@ -22,5 +22,6 @@ def build_app(args: dict | None = None) -> Application:
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_replicas_per_node=cfg.ingress.max_replicas_per_node,
+        graceful_shutdown_wait_loop_s=cfg.ingress.graceful_shutdown_wait_loop_s,
     )
     return ingress.bind(cfg.model_dump(mode="json"), replica)

@@ -215,6 +215,9 @@ class IngressConfig(StrictModel):
         None, ge=1, description="spread ingress replicas over nodes (1: one per node), so one node's loss leaves others"
     )
     replica_header: bool = Field(False, description="name the answering replica (host:pid) in X-Wan-Ingress")
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="how often a stopping ingress replica looks whether its requests have ended (Serve's "
+        "default); an idle one still waits this long once before it stops")
     lora_root_visible: bool = Field(
         True,
         description="the ingress sees gpu.lora.root as the GPU replicas do (one machine, shared storage, or an "

@@ -170,6 +170,8 @@ def small_spec():
 FAIL_PROMPT = "INJECT_FAULT"
 METRICS_PUSH_MS = 1000
 SLOW_PROMPT = "SLOWLY"
+# Serve stops an idle replica after one wait loop (2 s by default): each app deleted in a test paid it.
+SHUTDOWN_LOOP_S = 0.2
 
 
 # State backends: SQLite + a local directory, PostgreSQL + S3 (moto). Over HTTP (an app per backend)
@@ -389,10 +391,12 @@ def serve_env(request, tmp_path_factory, model_cache):
                     "generator_factory": "tests.fakes:FaultyGenerator",
                     "generator_options": {"fail_prompt_substring": FAIL_PROMPT, "fail_kind": "oom",
                                           "slow_prompt_substring": SLOW_PROMPT, "step_delay_s": 0.25},
+                    "graceful_shutdown_wait_loop_s": SHUTDOWN_LOOP_S,
                 },
                 "lora": {"root": str(lora_root), "cache_dir": str(root / name / "lora-cache")},
                 "fetch": {"allow_http": True, "allowed_hosts": ["127.0.0.1"]},
             },
+            "ingress": {"graceful_shutdown_wait_loop_s": SHUTDOWN_LOOP_S},
             "storage": storage_for(name, backend),
             "jobs": {"lease_s": 3.0, "sweep_interval_s": 0.5, "metrics_interval_s": 0.5},
             # Three quick tries (the loopback receivers are allowed by gpu.fetch above).

@@ -158,3 +158,18 @@ def test_production_config_keeps_full_memory():
     _, app = app_section("wan21-i2v-480p.yaml")
     cfg = AppConfig.model_validate({**app["args"], "auth": {"public_by_choice": True}})
     assert cfg.gpu.memory == "full" and cfg.gpu.model.speed.compile_blocks
+
+
+def test_the_shutdown_wait_loop_reaches_both_deployments_and_defaults_to_serves():
+    """A stopping replica sleeps one ``graceful_shutdown_wait_loop_s`` even when idle; tests set it short."""
+    from ray.serve._private.config import DeploymentConfig
+
+    ingress = build_app({})._bound_deployment
+    replica = ingress.init_args[1]._bound_deployment
+    serves = DeploymentConfig().graceful_shutdown_wait_loop_s
+    assert ingress._deployment_config.graceful_shutdown_wait_loop_s == serves
+    assert replica._deployment_config.graceful_shutdown_wait_loop_s == serves
+    ingress = build_app({"ingress": {"graceful_shutdown_wait_loop_s": 0.2},
+                         "gpu": {"replica": {"graceful_shutdown_wait_loop_s": 0.3}}})._bound_deployment
+    assert ingress._deployment_config.graceful_shutdown_wait_loop_s == 0.2
+    assert ingress.init_args[1]._bound_deployment._deployment_config.graceful_shutdown_wait_loop_s == 0.3

@@ -50,4 +50,5 @@ def make_deployment(cfg: GpuConfig):
         health_check_period_s=r.health_check_period_s,
         health_check_timeout_s=r.health_check_timeout_s,
         graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=r.graceful_shutdown_wait_loop_s,
     )
