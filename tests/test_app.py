@@ -330,21 +330,11 @@ def test_lora_errors_fail_the_job_clearly(app, serve_env, loras):
     assert app.run(small_request())["status"] == "succeeded"
 
 
-def _wait_step(app, request_id: str, min_step: int = 1, timeout: float = 60) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = app.http.get(f"/v1/requests/{request_id}/status").json()
-        if status["status"] == "in_progress" and status["progress"]["step"] >= min_step:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {request_id} never reached step {min_step}")
-
-
 def test_cancel_running_and_queued_jobs(app):
     slow = small_request(prompt=f"{SLOW_PROMPT} slow", sample_steps=40)
     running = app.submit(slow).json()["request_id"]
+    app.wait_running(running)  # holds the one replica: the next job waits
     queued = app.submit(slow).json()["request_id"]
-    _wait_step(app, running)
     assert app.http.get(f"/v1/requests/{queued}/status").json()["status"] == "in_queue"
     r = app.http.post(f"/v1/requests/{queued}/cancel")
     assert r.status_code == 200
@@ -428,8 +418,8 @@ def test_restart_keeps_results_and_runs_queued_jobs(serve_env, backend):
     done = app.run(small_request())
     slow = small_request(prompt=f"{SLOW_PROMPT} across a restart", sample_steps=12)
     running = app.submit(slow).json()["request_id"]
+    app.wait_running(running)  # holds the one replica: the next job waits
     queued = app.submit(small_request(seed=5)).json()["request_id"]
-    _wait_step(app, running)
     serve.delete("restart")
     app = serve_env.deploy("restart", "/restart", args)
     again = app.http.get(f"/v1/requests/{done['request_id']}/result").json()
