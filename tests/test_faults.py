@@ -262,7 +262,8 @@ def test_bad_weights_fail_with_generation_failed_and_the_replica_serves_the_next
 
 def test_cancel_frees_the_replica_within_a_step(fapp):
     steps, step_s = 40, 0.25
-    running = [fapp.submit(_slow(steps, f"cancel-run-{i}")).json()["request_id"] for i in range(2)]
+    # Twice as long as the others: the survivor must still run at the end, however slow the machine.
+    running = [fapp.submit(_slow(2 * steps, f"cancel-run-{i}")).json()["request_id"] for i in range(2)]
     for rid in running:  # both replicas busy before the others are sent: none of those can start first
         fapp.wait_running(rid, 1)
     queued = [fapp.submit(_slow(steps, f"cancel-queued-{i}")).json()["request_id"] for i in range(3)]
@@ -433,13 +434,14 @@ def test_webhook_of_a_finished_job_arrives_although_its_ingress_was_killed_while
     hold = threading.Event()
     with LocalServer() as srv:
         url = srv.add_sequence("/hook", Route(hold=hold), Route(status=200))
+        # Looked up first: the kill must follow the first attempt within its 3 s timeout.
+        (ingress,) = _replicas(fapp.name, "Ingress")
         rid = fapp.submit({**small_request(seed=51), "webhook_url": url}).json()["request_id"]
         assert fapp.wait(rid, timeout=60)["status"] == "succeeded"
         deadline = time.time() + 60
         while srv.count("/hook") == 0:
             assert time.time() < deadline, f"no delivery attempt: {_status(fapp, rid)}"
             time.sleep(0.02)
-        (ingress,) = _replicas(fapp.name, "Ingress")
         os.kill(ingress["pid"], signal.SIGKILL)  # mid-attempt: nothing about it was recorded
         hold.set()  # the held answer goes to a dead connection
         _wait_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
@@ -482,7 +484,7 @@ def test_lora_cache_killed_mid_download_refetches_and_never_loads_half_a_file(fa
 
     with LocalServer() as srv:
         route = f"/slow-{uuid.uuid4().hex[:6]}.safetensors"
-        url = srv.add(route, body, chunk_size=1024, chunk_delay_s=0.15)  # ~3 s a download
+        url = srv.add(route, body, chunk_size=1024, chunk_delay_s=0.3)  # ~6 s: time to find and kill the actor
         request = {**small_request(), "loras": [{"path": url, "network_multiplier": 1.0}]}
         rid = fapp.submit(request).json()["request_id"]
         wait_for(lambda: srv.count(route), 60, "the LoRA download started")
@@ -560,10 +562,8 @@ def test_database_down_when_the_ingress_starts_answers_503_then_serves_once_it_i
             assert _unavailable(r), r.text
             assert took < 5, took
         server.start()
-        back = time.monotonic()
         r = wait_for(lambda: (r := app.submit(small_request(seed=52))).status_code == 200 and r, 10,
                      "a submit accepted within 10 s of the database coming back")
-        assert time.monotonic() - back < 10
         rid = r.json()["request_id"]
         assert app.wait(rid, timeout=60)["status"] == "succeeded"
         assert app.http.get("/v1/webhook-secret").status_code == 200
@@ -597,11 +597,9 @@ def test_database_lost_while_running_answers_503_fast_and_runs_every_job_once(se
                 assert _unavailable(r), r.text
                 assert took < 5, took
         server.start()
-        back = time.monotonic()
         wait_for(lambda: app.http.get(f"/v1/requests/{running}/status").status_code == 200, 10,
                  "status answering within 10 s of the database coming back")
         assert app.submit(small_request(seed=40)).status_code == 200
-        assert time.monotonic() - back < 10
         # Everything accepted before the outage ends, once: the running one was stopped when its lease
         # could not be renewed and ran again (a second attempt); nothing was run twice to the end.
         for rid in (running, *queued):

@@ -66,7 +66,7 @@ def test_claims_take_the_oldest_first_and_never_the_same_job_twice(store_url):
 
 def test_expired_lease_is_taken_over_and_the_old_holder_can_write_nothing(store):
     job = new(store)
-    assert store.claim_next("old", 0.3).id == job.id
+    assert store.claim_next("old", 2).id == job.id  # 2 s: long enough to hold over the next call
     assert store.claim_next("new", 30) is None  # still leased
     deadline = time.time() + 10
     while (taken := store.claim_next("new", 30)) is None:
@@ -133,7 +133,7 @@ def test_active_counts_tell_waiting_dispatched_and_running_jobs_apart(store):
     assert store.claim_next("h", 30).id == dispatched.id  # held by a runner, not started on a replica
     assert store.claim_next("h", 30).id == running.id
     assert store.set_progress(running.id, "h", {"stage": "denoising"})
-    assert store.claim_next("dead", 0.3).id == expired.id  # started, then its runner died
+    assert store.claim_next("dead", 2).id == expired.id  # started, then its runner died (2 s: not before `done`)
     assert store.set_progress(expired.id, "dead", {"stage": "denoising"})
     assert store.claim_next("h", 30).id == done.id
     assert store.finish(done.id, "succeeded", holder="h")  # final: not active
@@ -221,7 +221,7 @@ def test_webhook_is_due_once_the_job_is_final_and_leased_to_one_holder(store):
     assert claimed.id == job.id and claimed.status == "succeeded" and claimed.webhook_url == HOOK
     assert store.claim_webhook("b", 30) is None  # leased; the job without a webhook is never due
     assert store.record_webhook_attempt(job.id, "b", {"at": "t0", "error": "x"}, "failed") is False
-    assert store.record_webhook_attempt(job.id, "a", {"at": "t1", "status_code": 500}, "pending", 0.3)
+    assert store.record_webhook_attempt(job.id, "a", {"at": "t1", "status_code": 500}, "pending", 2)
     assert store.claim_webhook("b", 30) is None  # the next attempt is not due yet
     again = _wait_claim(store, "b")
     assert again.id == job.id and again.webhook_attempts == [{"at": "t1", "status_code": 500}]

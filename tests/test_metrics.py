@@ -91,8 +91,11 @@ def test_counters_gauges_and_histograms_count_what_happened(app, serve_env, lora
         # Four slow jobs: the runner holds two (max_in_flight 2 x 1 replica), one of which runs;
         # two wait in the database. Then all four are canceled: two at once by the ingress (nobody
         # held them), the dispatched one withdrawn from Serve's queue, the running one stopped.
-        slow = [app.submit(small_request(prompt=f"{SLOW_PROMPT} {i}", sample_steps=40)).json()["request_id"]
-                for i in range(4)]
+        # The first runs before the others are sent, so the canceling order below is the queue's.
+        slow = [app.submit(small_request(prompt=f"{SLOW_PROMPT} 0", sample_steps=40)).json()["request_id"]]
+        app.wait_running(slow[0])
+        slow += [app.submit(small_request(prompt=f"{SLOW_PROMPT} {i}", sample_steps=40)).json()["request_id"]
+                 for i in range(1, 4)]
         wait_for(lambda: 2 in active_series(serve_env, app, "waiting")
                  and 1 in active_series(serve_env, app, "dispatched")
                  and 1 in active_series(serve_env, app, "running"),
