@@ -42,10 +42,16 @@ def _start_order(app, ids: list[str]) -> list[str]:
     return sorted(ids, key=lambda i: rows[i]["started_at"])
 
 
+def _running_blocker(app) -> str:
+    """A slow job that holds the one replica before the test sends the others (sent at once, any of
+    them could get there first)."""
+    blocker = app.submit(small_request(prompt=f"{SLOW_PROMPT} blocker", sample_steps=12)).json()["request_id"]
+    app.wait_running(blocker)
+    return blocker
+
+
 def test_jobs_without_loras_start_oldest_first(order_app):
-    blocker = order_app.submit(small_request(prompt=f"{SLOW_PROMPT} blocker", sample_steps=12)).json()["request_id"]
-    # The others are sent once the blocker holds the replica: sent at once, any of them could get there first.
-    order_app.wait_running(blocker)
+    blocker = _running_blocker(order_app)
     ids = [order_app.submit(small_request(seed=60 + i)).json()["request_id"] for i in range(6)]
     for rid in [blocker, *ids]:
         assert order_app.wait(rid, timeout=120)["status"] == "succeeded"
@@ -63,8 +69,7 @@ def _overtaken(order: list[str], ids: list[str]) -> dict[str, int]:
 def test_lora_affinity_overtakes_an_older_job_at_most_the_documented_bound(order_app):
     x = {"loras": [{"path": "order_x.safetensors"}]}
     assert order_app.run({**small_request(seed=70), **x})["status"] == "succeeded"  # X is resident now
-    blocker = order_app.submit(small_request(prompt=f"{SLOW_PROMPT} blocker", sample_steps=12)).json()["request_id"]
-    order_app.wait_running(blocker)
+    blocker = _running_blocker(order_app)
     older = order_app.submit({**small_request(seed=71), "loras": [{"path": "order_y.safetensors"}]}).json()
     younger = [order_app.submit({**small_request(seed=72 + i), **x}).json()["request_id"] for i in range(12)]
     ids = [blocker, older["request_id"], *younger]

@@ -44,7 +44,7 @@ def _replicas(app_name: str, deployment: str = "WanI2V") -> list[dict]:
     ]
 
 
-def _wait_running(app, n: int, deployment: str = "WanI2V", exclude_pids: set[int] = frozenset(),
+def _wait_replicas_running(app, n: int, deployment: str = "WanI2V", exclude_pids: set[int] = frozenset(),
                   timeout: float = 240) -> list[dict]:
     """Wait until Serve reports ``n`` RUNNING replicas (none of them ``exclude_pids``) and the app answers."""
     from ray import serve
@@ -71,17 +71,6 @@ def _status(app, rid: str) -> dict:
 
 def _result(app, rid: str) -> dict:
     return app.http.get(f"/v1/requests/{rid}/result").json()
-
-
-def _wait_until(app, rid: str, check, timeout: float = 60, what: str = "") -> dict:
-    deadline = time.time() + timeout
-    while True:
-        status = _status(app, rid)
-        if check(status):
-            return status
-        if time.time() > deadline:
-            raise AssertionError(f"job {rid}: {what or 'condition'} not met; last status {status}")
-        time.sleep(0.05)
 
 
 def _slow(steps: int, tag: str = "", **kw) -> dict:
@@ -151,7 +140,7 @@ def fapp(request, serve_env):
                               # out; an attempt's 3 s outlast the moment between its arrival and the kill.
                               webhooks={"timeout_s": 3.0})
     app = serve_env.deploy(name, f"/{name}", args)
-    _wait_running(app, 2)
+    _wait_replicas_running(app, 2)
     yield app
     serve.delete(name)
 
@@ -244,7 +233,7 @@ def test_bad_weights_fail_with_generation_failed_and_the_replica_serves_the_next
     args = serve_env.args_for("badweights", gpu={"replica": {"generator_options": {"fail_kind": "bad_weights"}}})
     app = serve_env.deploy("badweights", "/badweights", args)
     try:
-        (replica,) = _wait_running(app, 1)
+        (replica,) = _wait_replicas_running(app, 1)
         failed = app.run(small_request(prompt=f"{FAIL_PROMPT} nan"))
         assert failed["status"] == "failed" and failed["error"]["code"] == "GENERATION_FAILED", failed
         assert "NaN" in failed["error"]["message"]
@@ -321,7 +310,7 @@ def test_gpu_replica_killed_mid_job_is_retried_elsewhere_and_replaced(fapp):
     (made_by,) = _result(fapp, victim_job)["metadata"]["replicas"]
     assert not made_by.endswith(f":{victim_pid}")
     assert _result(fapp, jobs[1])["metadata"]["replicas"] == [where[jobs[1]]]
-    _wait_running(fapp, 2, exclude_pids={victim_pid})  # Serve replaced it
+    _wait_replicas_running(fapp, 2, exclude_pids={victim_pid})  # Serve replaced it
 
 
 @pytest.mark.full
@@ -345,7 +334,7 @@ def test_job_whose_replica_dies_every_time_fails_with_replica_died(fapp):
     final = fapp.wait(rid, timeout=60)
     assert final["status"] == "failed" and final["attempts"] == 2, final
     assert final["error"]["code"] == "REPLICA_DIED" and final["error"]["details"] == {"attempts": 2}
-    _wait_running(fapp, 2, exclude_pids=killed)
+    _wait_replicas_running(fapp, 2, exclude_pids=killed)
     assert fapp.run(small_request())["status"] == "succeeded"
 
 
@@ -369,7 +358,7 @@ def test_ingress_killed_jobs_recover_through_their_leases_and_orphaned_runs_stop
         assert len({_result(fapp, rid)["metadata"]["running_on"] for rid in running}) == 2
         (ingress,) = _replicas(fapp.name, "Ingress")
         os.kill(ingress["pid"], signal.SIGKILL)
-        _wait_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
+        _wait_replicas_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
 
         # finished results and their files survive
         again = _result(fapp, done["request_id"])
@@ -444,8 +433,9 @@ def test_webhook_of_a_finished_job_arrives_although_its_ingress_was_killed_while
             time.sleep(0.02)
         os.kill(ingress["pid"], signal.SIGKILL)  # mid-attempt: nothing about it was recorded
         hold.set()  # the held answer goes to a dead connection
-        _wait_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
-        status = _wait_until(fapp, rid, lambda s: s["webhook"]["state"] != "pending", 120, "the webhook delivered")
+        _wait_replicas_running(fapp, 1, "Ingress", exclude_pids={ingress["pid"]})
+        status = wait_for(lambda: (s := _status(fapp, rid))["webhook"]["state"] != "pending" and s, 120,
+                          lambda: f"the webhook of {rid} delivered: {_status(fapp, rid)}")
         assert status["webhook"]["state"] == "delivered", status
         assert [a["status_code"] for a in status["webhook"]["attempts"]] == [200]
         first, second = srv.requests

@@ -92,10 +92,12 @@ def test_counters_gauges_and_histograms_count_what_happened(app, serve_env, lora
         # two wait in the database. Then all four are canceled: two at once by the ingress (nobody
         # held them), the dispatched one withdrawn from Serve's queue, the running one stopped.
         # The first runs before the others are sent, so the canceling order below is the queue's.
-        slow = [app.submit(small_request(prompt=f"{SLOW_PROMPT} 0", sample_steps=40)).json()["request_id"]]
+        def submit_slow(i: int) -> str:
+            return app.submit(small_request(prompt=f"{SLOW_PROMPT} {i}", sample_steps=40)).json()["request_id"]
+
+        slow = [submit_slow(0)]
         app.wait_running(slow[0])
-        slow += [app.submit(small_request(prompt=f"{SLOW_PROMPT} {i}", sample_steps=40)).json()["request_id"]
-                 for i in range(1, 4)]
+        slow += [submit_slow(i) for i in range(1, 4)]
         wait_for(lambda: 2 in active_series(serve_env, app, "waiting")
                  and 1 in active_series(serve_env, app, "dispatched")
                  and 1 in active_series(serve_env, app, "running"),
