@@ -215,16 +215,11 @@ class AppUnderTest:
 
     def wait(self, request_id: str, timeout: float = 120, headers: dict | None = None,
              until: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict:
-        import time
+        def status() -> dict:
+            return self.http.get(f"/v1/requests/{request_id}/status", headers=headers or {}).json()
 
-        deadline = time.time() + timeout
-        while True:
-            status = self.http.get(f"/v1/requests/{request_id}/status", headers=headers or {}).json()
-            if status["status"] in until:
-                return status
-            if time.time() > deadline:
-                raise AssertionError(f"job {request_id} still {status} after {timeout}s")
-            time.sleep(0.1)
+        return wait_for(lambda: (s := status())["status"] in until and s, timeout,
+                        lambda: f"job {request_id} still {status()} after {timeout}s", interval=0.1)
 
     def wait_running(self, request_id: str, step: int = 1, headers: dict | None = None, timeout: float = 60) -> dict:
         """Wait until the job is at a GPU replica, past denoising step ``step``: a job sent after this one
