@@ -173,3 +173,9 @@ def test_the_shutdown_wait_loop_reaches_both_deployments_and_defaults_to_serves(
                          "gpu": {"replica": {"graceful_shutdown_wait_loop_s": 0.3}}})._bound_deployment
     assert ingress._deployment_config.graceful_shutdown_wait_loop_s == 0.2
     assert ingress.init_args[1]._bound_deployment._deployment_config.graceful_shutdown_wait_loop_s == 0.3
+    from pydantic import ValidationError
+
+    for bad in ({"ingress": {"graceful_shutdown_wait_loop_s": 0}},
+                {"gpu": {"replica": {"graceful_shutdown_wait_loop_s": -1}}}):
+        with pytest.raises(ValidationError, match="graceful_shutdown_wait_loop_s"):
+            build_app(bad)
